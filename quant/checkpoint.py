@@ -1,0 +1,180 @@
+"""Save and load quantized models: ``model.safetensors`` (INT8 weights and scales), the model config,
+the tokenizer, and ``manifest.json`` (recipe, per-layer alpha, fallback layers, versions, source).
+
+A checkpoint is written into a hidden sibling directory and renamed into place only when complete, so
+an interrupted run never leaves a directory that loads as valid. Loading builds the model on the meta
+device from its config, swaps in the INT8 modules the manifest lists, and assigns the stored tensors:
+no calibration and no float copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quant.families import set_submodule
+from quant.int8 import Int8Embedding, W8A8Linear
+
+log = logging.getLogger(__name__)
+
+FORMAT = "q8chat-int8"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or read; the message names the path and the reason."""
+
+
+@dataclass
+class QuantizedModel:
+    model: nn.Module
+    tokenizer: object
+    manifest: dict
+    path: Path | None
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in ("q8chat", "torch", "transformers", "safetensors"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def describe_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]:
+    """The INT8 modules of ``model`` as plain specs, and the LM heads tied to an embedding."""
+    specs: dict[str, dict] = {}
+    embeddings: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Embedding):
+            specs[name] = {"kind": "int8_embedding", "num_embeddings": module.num_embeddings,
+                           "embedding_dim": module.embedding_dim, "padding_idx": module.padding_idx}
+            embeddings[id(module.weight)] = name
+        elif isinstance(module, W8A8Linear):
+            specs[name] = {"kind": "w8a8_linear", "in_features": module.in_features,
+                           "out_features": module.out_features, "bias": module.bias is not None,
+                           "scheme": module.scheme, "smooth": module.smooth is not None}
+    tied = {name: embeddings[id(module.weight)] for name, module in model.named_modules()
+            if isinstance(module, W8A8Linear) and id(module.weight) in embeddings}
+    return specs, tied
+
+
+def _build_module(spec: dict) -> nn.Module:
+    if spec["kind"] == "int8_embedding":
+        return Int8Embedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"], device="meta")
+    if spec["kind"] == "w8a8_linear":
+        return W8A8Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                          scheme=spec["scheme"], smooth=spec["smooth"], device="meta")
+    raise CheckpointError(f"unknown module kind {spec['kind']!r}")
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, non-persistent ones included (rotary tables), each shared tensor once."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return {name: t.detach().contiguous() for name, t in tensors.items()}
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
+                    force: bool = False) -> Path:
+    """Write a complete checkpoint to ``out_dir`` atomically. ``manifest`` holds the recipe and report."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"{out}: exists and is not empty (use --force to overwrite)")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        specs, tied = describe_modules(model)
+        save_file(_tensors(model), tmp / WEIGHTS, metadata={"format": FORMAT})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "modules": specs,
+                "tied": tied, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved INT8 checkpoint to %s", out)
+    return out
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+    return manifest
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    for name, tensor in tensors.items():
+        parent, _, leaf = name.rpartition(".")
+        module = model.get_submodule(parent) if parent else model
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        elif leaf in module._buffers:
+            module._buffers[leaf] = tensor
+        else:
+            raise CheckpointError(f"{path}: tensor {name} does not belong to the model")
+
+
+def load_checkpoint(path: str | Path) -> QuantizedModel:
+    """Load an INT8 checkpoint written by ``save_checkpoint``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        for name, spec in manifest["modules"].items():
+            set_submodule(model, name, _build_module(spec))
+        _assign(model, load_file(path / WEIGHTS), path)
+        for head, embedding in manifest["tied"].items():
+            source = model.get_submodule(embedding)
+            target = model.get_submodule(head)
+            target.weight, target.weight_scale = source.weight, source.weight_scale
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load checkpoint ({exc})") from None
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks tensors: {', '.join(missing[:5])}")
+    model.eval()
+    return QuantizedModel(model, tokenizer, manifest, path)

@@ -1,0 +1,106 @@
+"""``q8chat quantize`` and ``q8chat eval``: the command-line faces of the quantization tool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from quant.checkpoint import CheckpointError, is_checkpoint, save_checkpoint
+from quant.evaluate import EvalDataError, evaluate_checkpoint, evaluate_variants, format_table
+from quant.families import UnsupportedModel
+from quant.int8 import SCHEMES
+from quant.load import ModelLoadError, load_float_model
+from quant.pipeline import quantize
+from quant.smoothquant import Recipe
+
+log = logging.getLogger("q8chat")
+
+USER_ERRORS = (ModelLoadError, CheckpointError, EvalDataError, UnsupportedModel, ValueError)
+
+
+def parse_alpha(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be 'auto' or a number in [0, 1], not {text!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], not {alpha}")
+    return alpha
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text}")
+    return value
+
+
+def add_quantize_parser(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="SmoothQuant a float model into an INT8 checkpoint",
+                              description="Calibrate, smooth (fixed or per-layer auto alpha), convert to W8A8 "
+                                          "INT8 and save a checkpoint that loads without calibration.")
+    p.add_argument("--model", default="default", help="HF directory, .gguf file, or 'default' (SmolLM2-135M)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (must be empty unless --force)")
+    p.add_argument("--alpha", default="auto", type=parse_alpha, help="'auto' (per-layer search) or a value")
+    p.add_argument("--scheme", default="dynamic", choices=SCHEMES,
+                   help="activations: per-token dynamic, or per-tensor static (SmoothQuant-O3)")
+    p.add_argument("--calib-samples", default=128, type=positive_int, help="calibration sequences")
+    p.add_argument("--calib-length", default=512, type=positive_int, help="tokens per calibration sequence")
+    p.add_argument("--fallback-error", default=None, type=float,
+                   help="keep layers whose relative quantization error exceeds this in float")
+    p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without smoothing (for comparison)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.set_defaults(run=run_quantize)
+
+
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="perplexity and LAMBADA accuracy of float vs INT8 variants",
+                              description="Compare variants on held-out text: perplexity, LAMBADA accuracy, "
+                                          "size on disk, load time and the matmul kernels that run.")
+    p.add_argument("--model", default="default", help="HF directory, .gguf file, 'default', or an INT8 checkpoint")
+    p.add_argument("--compare", default="float,naive,sq0.5,auto",
+                   help="variants: float, naive, sqALPHA, auto; ':static'/':dynamic' suffix picks the scheme")
+    p.add_argument("--scheme", default="dynamic", choices=SCHEMES, help="scheme for variants without a suffix")
+    p.add_argument("--limit", default=1000, type=positive_int, help="LAMBADA examples")
+    p.add_argument("--ppl-tokens", default=32768, type=positive_int, help="held-out tokens for perplexity")
+    p.add_argument("--calib-samples", default=128, type=positive_int, help="calibration sequences")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.set_defaults(run=run_eval)
+
+
+def run_quantize(args) -> int:
+    recipe = Recipe(alpha=args.alpha, scheme=args.scheme, smooth=not args.no_smooth,
+                    fallback_error=args.fallback_error, calib_samples=args.calib_samples,
+                    calib_length=args.calib_length)
+    out = args.out.expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise CheckpointError(f"{out}: exists and is not empty (use --force to overwrite)")
+    float_model = load_float_model(args.model)
+    quantized = quantize(float_model, recipe)
+    save_checkpoint(quantized.model, quantized.tokenizer, out, quantized.manifest, force=args.force)
+    fallback = quantized.manifest["fallback"]
+    print(f"wrote {out} ({recipe.name}); layers kept in float: {', '.join(fallback) if fallback else 'none'}")
+    return 0
+
+
+def run_eval(args) -> int:
+    if is_checkpoint(args.model):
+        results = [evaluate_checkpoint(Path(args.model), args.limit, args.ppl_tokens)]
+    else:
+        float_model = load_float_model(args.model)
+        results = evaluate_variants(float_model, [v.strip() for v in args.compare.split(",") if v.strip()],
+                                    scheme=args.scheme, limit=args.limit, ppl_tokens=args.ppl_tokens,
+                                    calib_samples=args.calib_samples)
+    print(format_table(results))
+    for r in results:
+        if r.fallback:
+            print(f"{r.name}: kept in float: {', '.join(r.fallback)}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0

@@ -1,0 +1,99 @@
+"""Where each supported model family keeps the layers SmoothQuant touches.
+
+One table instead of per-architecture branches: a family lists its decoder blocks and, per block, the
+smoothing groups: linears sharing one input, with the norm in front of them when there is one (1/s is
+folded into that norm) or none (1/s stays as a pre-scale inside the INT8 layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    norm: str | None          # path inside a block, or None when no norm precedes the linears
+    linears: tuple[str, ...]  # paths inside a block; all read the same input
+
+
+@dataclass(frozen=True)
+class Family:
+    blocks: str               # path of the ModuleList of decoder blocks
+    groups: tuple[SmoothGroup, ...]
+    embedding: str
+    lm_head: str
+
+
+FAMILIES: dict[str, Family] = {
+    # Llama, Vicuna, SmolLM2
+    "llama": Family(
+        blocks="model.layers",
+        groups=(
+            SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            SmoothGroup(None, ("self_attn.o_proj",)),
+            SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            SmoothGroup(None, ("mlp.down_proj",)),
+        ),
+        embedding="model.embed_tokens",
+        lm_head="lm_head",
+    ),
+    # MPT-7B-chat, the Q8-Chat model
+    "mpt": Family(
+        blocks="transformer.blocks",
+        groups=(
+            SmoothGroup("norm_1", ("attn.Wqkv",)),
+            SmoothGroup(None, ("attn.out_proj",)),
+            SmoothGroup("norm_2", ("ffn.up_proj",)),
+            SmoothGroup(None, ("ffn.down_proj",)),
+        ),
+        embedding="transformer.wte",
+        lm_head="lm_head",
+    ),
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def family_of(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModel(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}") from None
+
+
+@dataclass(frozen=True)
+class BoundGroup:
+    """A smoothing group of one concrete block, with full module names."""
+    block: int
+    norm: str | None
+    linears: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return self.linears[0]
+
+
+def bound_groups(model: nn.Module) -> list[BoundGroup]:
+    """Every smoothing group of the model, block by block."""
+    family = family_of(model.config.model_type)
+    blocks = model.get_submodule(family.blocks)
+    groups = []
+    for i in range(len(blocks)):
+        prefix = f"{family.blocks}.{i}."
+        for g in family.groups:
+            groups.append(BoundGroup(
+                block=i,
+                norm=prefix + g.norm if g.norm else None,
+                linears=tuple(prefix + name for name in g.linears),
+            ))
+    return groups
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,125 @@
+"""INT8 modules: W8A8 linear layers and an INT8 embedding, run with real integer matrix multiplies.
+
+Weights are symmetric INT8 per output channel. Activations are quantized to INT8 at run time, either
+per token (``dynamic``: scale from each row's max) or per tensor with a scale fixed at calibration
+(``static``: SmoothQuant-O3, what Q8-Chat used). The product runs in ``torch._int_mm`` (INT8 x INT8 ->
+INT32 on oneDNN/VNNI), and only the INT32 result is rescaled to float.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SCHEMES = ("dynamic", "static")
+QMAX = 127.0
+_EPS = 1e-8
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per row (output channel). Returns (int8 weight, float32 scale per row)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=_EPS) / QMAX
+    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dynamic INT8: each row gets its own scale. x is 2-D float."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=_EPS) / QMAX
+    return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def quantize_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor static INT8 with a calibrated scale; values beyond the calibrated range saturate."""
+    return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8)
+
+
+class W8A8Linear(nn.Module):
+    """Linear layer with INT8 weights and INT8 activations.
+
+    ``smooth`` (optional) holds 1/s of SmoothQuant for layers with no preceding norm to fold it into;
+    it multiplies the input before activation quantization.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, scheme: str,
+                 smooth: bool, device=None) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown activation scheme {scheme!r}; expected one of {SCHEMES}")
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self.register_buffer("input_scale", torch.empty((), device=device) if scheme == "static" else None)
+        self.register_buffer("smooth", torch.empty(in_features, device=device) if smooth else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, *, scheme: str, input_scale: float | None = None,
+                   smooth: torch.Tensor | None = None) -> "W8A8Linear":
+        return cls.from_weight(linear.weight, linear.bias, scheme=scheme, input_scale=input_scale,
+                               smooth=smooth)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, scheme: str,
+                    input_scale: float | None = None, smooth: torch.Tensor | None = None) -> "W8A8Linear":
+        """Quantize a float weight [out, in]. For ``static``, ``input_scale`` is max|input| / 127 from
+        calibration (of the input after ``smooth`` is applied)."""
+        if scheme == "static" and input_scale is None:
+            raise ValueError("the static scheme needs a calibrated input_scale")
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias=bias is not None, scheme=scheme, smooth=smooth is not None)
+        module.weight, module.weight_scale = quantize_per_channel(weight)
+        if bias is not None:
+            module.bias = bias.detach().float().clone()
+        if scheme == "static":
+            module.input_scale = torch.tensor(float(input_scale), dtype=torch.float32)
+        if smooth is not None:
+            module.smooth = smooth.detach().float().clone()
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.smooth is not None:
+            x2 = x2 * self.smooth
+        if self.input_scale is None:
+            xq, x_scale = quantize_rows(x2)
+        else:
+            x_scale = self.input_scale
+            xq = quantize_tensor(x2, x_scale)
+        y = torch._int_mm(xq, self.weight.t()).to(torch.float32) * x_scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
+                f"smooth={self.smooth is not None}, bias={self.bias is not None}")
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table stored as INT8 rows with one scale per row; rows are dequantized on lookup.
+
+    With tied word embeddings the LM head is a ``W8A8Linear`` sharing these very tensors.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, device=device))
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding) -> "Int8Embedding":
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
+        module.weight, module.weight_scale = quantize_per_channel(embedding.weight)
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float() * self.weight_scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"

@@ -1,0 +1,172 @@
+"""SmoothQuant: migrate activation outliers into the weights, then convert to W8A8.
+
+Per input channel j: ``s_j = max|X_j|^a / max|W_j|^(1-a)``; ``X W^T = (X / s)(W s)^T`` exactly. 1/s is
+folded into the norm in front of a group when there is one, else kept as a pre-scale in the INT8 layer.
+``alpha`` is fixed, or tuned per group ("auto", as in Intel Neural Compressor's enhanced SmoothQuant):
+try each alpha of a grid and keep the one whose quantized output is closest to the float output on
+calibration rows. A group whose error stays above ``fallback_error`` is kept in float, and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quant.families import BoundGroup, bound_groups, family_of, set_submodule
+from quant.int8 import QMAX, Int8Embedding, W8A8Linear
+
+DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80
+_FLOOR = 1e-5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a float model becomes INT8. ``alpha=None`` means auto-tuned per group."""
+    alpha: float | None = None
+    scheme: str = "dynamic"
+    smooth: bool = True
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    fallback_error: float | None = None
+    calib_samples: int = 64
+    calib_length: int = 512
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        if not self.smooth:
+            return f"naive-{self.scheme}"
+        return f"{'auto' if self.alpha is None else f'sq{self.alpha:g}'}-{self.scheme}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "alpha_grid": list(self.alpha_grid), "name": self.name}
+
+
+@dataclass
+class GroupResult:
+    linears: list[str]
+    alpha: float | None
+    error: float       # relative squared error of the quantized group output vs float
+    fallback: bool
+
+
+@dataclass
+class QuantReport:
+    groups: list[GroupResult] = field(default_factory=list)
+
+    @property
+    def fallback(self) -> list[str]:
+        return [name for g in self.groups if g.fallback for name in g.linears]
+
+    def alphas(self) -> dict[str, float | None]:
+        return {name: g.alpha for g in self.groups for name in g.linears}
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """Per-input-channel s for a group of linears that share one input."""
+    w_absmax = torch.cat([w.detach().float().abs() for w in weights]).amax(dim=0)
+    s = act_absmax.clamp(min=_FLOOR).pow(alpha) / w_absmax.clamp(min=_FLOOR).pow(1 - alpha)
+    return s.clamp(min=_FLOOR)
+
+
+def static_input_scale(act_absmax: torch.Tensor, s: torch.Tensor | None) -> float:
+    """Per-tensor activation scale after smoothing: max over channels of max|X_j| / s_j, over 127."""
+    smoothed = act_absmax if s is None else act_absmax / s
+    return max(float(smoothed.max()), _FLOOR) / QMAX
+
+
+def _quantized_group(linears: list[nn.Linear], s: torch.Tensor | None, scheme: str,
+                     act_absmax: torch.Tensor, prescale: bool) -> list[W8A8Linear]:
+    """W8A8 versions of ``linears`` with smoothing ``s`` (None: no smoothing). With ``prescale`` the
+    1/s stays inside the layers; otherwise the caller has divided the input (norm fold)."""
+    input_scale = static_input_scale(act_absmax, s) if scheme == "static" else None
+    smooth = (1.0 / s) if (s is not None and prescale) else None
+    return [W8A8Linear.from_weight(lin.weight.detach().float() * (1 if s is None else s), lin.bias,
+                                   scheme=scheme, input_scale=input_scale, smooth=smooth)
+            for lin in linears]
+
+
+@torch.no_grad()
+def group_error(x: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor | None, scheme: str,
+                act_absmax: torch.Tensor) -> float:
+    """Relative squared error of the quantized (and smoothed) group output on input rows ``x``."""
+    reference = torch.cat([lin(x) for lin in linears], dim=-1).float()
+    quantized = torch.cat([q(x) for q in _quantized_group(linears, s, scheme, act_absmax, prescale=True)],
+                          dim=-1)
+    return float(((quantized - reference) ** 2).sum() / (reference ** 2).sum().clamp(min=1e-12))
+
+
+@torch.no_grad()
+def search_alpha(x: torch.Tensor, linears: list[nn.Linear], act_absmax: torch.Tensor, scheme: str,
+                 grid: tuple[float, ...]) -> tuple[float, float]:
+    """The alpha of ``grid`` with the lowest group error, and that error."""
+    errors = {a: group_error(x, linears, smoothing_scale(act_absmax, [l.weight for l in linears], a),
+                             scheme, act_absmax) for a in grid}
+    best = min(errors, key=errors.get)
+    return best, errors[best]
+
+
+@torch.no_grad()
+def _convert_group(model: nn.Module, group: BoundGroup, linears: list[nn.Linear], s: torch.Tensor | None,
+                   scheme: str, act_absmax: torch.Tensor) -> None:
+    fold = s is not None and group.norm is not None
+    if fold:
+        norm = model.get_submodule(group.norm)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.div_(s.to(norm.bias.dtype))
+    quantized = _quantized_group(linears, s, scheme, act_absmax, prescale=not fold)
+    for name, module in zip(group.linears, quantized):
+        set_submodule(model, name, module)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], recipe: Recipe,
+                   progress: bool = True) -> QuantReport:
+    """Smooth and convert every group of ``model`` in place; embeddings and LM head become INT8 too."""
+    report = QuantReport()
+    desc = "alpha search + convert" if recipe.smooth and recipe.alpha is None else "converting"
+    for group in tqdm(bound_groups(model), desc=desc, unit="group", disable=not progress):
+        linears = [model.get_submodule(n) for n in group.linears]
+        x, act_absmax = stats[group.key]["sample"], stats[group.key]["absmax"]
+        alpha = None
+        if not recipe.smooth:
+            s = None
+        else:
+            alpha = recipe.alpha
+            if alpha is None:
+                alpha, _ = search_alpha(x, linears, act_absmax, recipe.scheme, recipe.alpha_grid)
+            s = smoothing_scale(act_absmax, [l.weight for l in linears], alpha)
+        error = group_error(x, linears, s, recipe.scheme, act_absmax)
+        fallback = recipe.fallback_error is not None and error > recipe.fallback_error
+        if not fallback:
+            _convert_group(model, group, linears, s, recipe.scheme, act_absmax)
+        report.groups.append(GroupResult(list(group.linears), alpha, error, fallback))
+    quantize_embeddings(model)
+    return report
+
+
+def quantize_embeddings(model: nn.Module) -> None:
+    """INT8 embedding table (per row) and INT8 LM head; a tied head shares the embedding's INT8 tensors."""
+    family = family_of(model.config.model_type)
+    embedding = model.get_submodule(family.embedding)
+    head = model.get_submodule(family.lm_head)
+    tied = head.weight is embedding.weight
+    q_embedding = Int8Embedding.from_float(embedding)
+    set_submodule(model, family.embedding, q_embedding)
+    if tied:
+        q_head = W8A8Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                            scheme="dynamic", smooth=False)
+        q_head.weight, q_head.weight_scale = q_embedding.weight, q_embedding.weight_scale
+        if head.bias is not None:
+            q_head.bias = head.bias.detach().float().clone()
+    else:
+        q_head = W8A8Linear.from_float(head, scheme="dynamic")
+    set_submodule(model, family.lm_head, q_head)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of every linear SmoothQuant converts, i.e. the modules calibration must hook."""
+    return [name for group in bound_groups(model) for name in group.linears]

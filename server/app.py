@@ -1,0 +1,200 @@
+"""The HTTP layer: routes, SSE framing, OpenAI-shaped errors. ``create_app`` builds it around a
+``ServiceSlot`` that holds the chat service once the model is loaded (until then: 503)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine import ContextLengthExceeded
+from server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse,
+                             UnsupportedParameter)
+from server.serving import ChatService, ModelNotFound, NotReady, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+class ServiceSlot:
+    """Where the composition root puts the service once the model is ready."""
+
+    def __init__(self, service: ChatService | None = None) -> None:
+        self.service = service
+
+    def get(self) -> ChatService:
+        if self.service is None:
+            raise NotReady("The model is still loading; retry shortly.")
+        return self.service
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    max_body_bytes: int = 1 << 20
+    keepalive_s: float = 10.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body, self.headers = status, ErrorBody(message=message, type=type, param=param, code=code), headers
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=error.body).model_dump(), status_code=error.status, headers=error.headers)
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p[:1].isupper())) or None
+    message = f"{first['msg']}" + (f" (at '{param}')" if param else "")
+    return ApiError(400, message, param=param.split(".")[0] if param else None)
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """Map the layers' exceptions to HTTP errors."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnsupportedParameter):
+        return ApiError(400, str(exc), param=exc.param, code="unsupported_parameter")
+    if isinstance(exc, ValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthExceeded):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    if isinstance(exc, NotReady):
+        return ApiError(503, str(exc), type="service_unavailable", headers={"Retry-After": "5"})
+    log.error("internal error: %r", exc, exc_info=exc)
+    return ApiError(500, "The server had an internal error while processing the request.", type="server_error")
+
+
+async def read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+
+
+def _sse(item: BaseModel | None) -> str:
+    return ": keep-alive\n\n" if item is None else f"data: {item.model_dump_json()}\n\n"
+
+
+async def with_keepalive(items: AsyncIterator[BaseModel], interval: float) -> AsyncIterator[BaseModel | None]:
+    """Yield ``items``, and None whenever ``interval`` passes without one (queue wait, long prefill)."""
+    iterator = items.__aiter__()
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await iterator.aclose()
+
+
+async def sse_stream(chunks: AsyncIterator[BaseModel], interval: float) -> AsyncIterator[str]:
+    try:
+        async for item in with_keepalive(chunks, interval):
+            yield _sse(item)
+    except Exception as exc:  # headers are sent: report the failure in the stream itself
+        yield f"data: {ErrorResponse(error=as_api_error(exc).body).model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def until_disconnected(request: Request, work: Awaitable) -> object:
+    """Await ``work``, cancelling it if the client goes away (which stops its generation)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise ApiError(499, "Client closed the request.", code="client_closed_request")
+
+
+def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAPI:
+    app = FastAPI(title="q8chat", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(Exception)
+    async def handle_error(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_api_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"No route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        return error_response(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if slot.service is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": slot.service.model_name})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(slot.get().models().model_dump())
+
+    async def complete(request: Request, model: type, prepare, stream, whole) -> Response:
+        try:
+            service = slot.get()
+            body = model.model_validate(await read_json(request, http.max_body_bytes))
+            generation = prepare(service)(body)
+        except Exception as exc:
+            return error_response(as_api_error(exc))
+        if body.stream:
+            return StreamingResponse(sse_stream(stream(service)(generation), http.keepalive_s),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            result = await until_disconnected(request, whole(service)(generation))
+        except Exception as exc:
+            return error_response(as_api_error(exc))
+        return JSONResponse(result.model_dump(exclude_none=False))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, ChatCompletionRequest, lambda s: s.prepare_chat, lambda s: s.chat_chunks,
+                              lambda s: s.chat_response)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, CompletionRequest, lambda s: s.prepare_completion,
+                              lambda s: s.completion_chunks, lambda s: s.completion_response)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(resources.files("server").joinpath("static/index.html").read_text("utf-8"))
+
+    return app

@@ -1,0 +1,118 @@
+"""Tokens in, tokens out, one generation at a time (batch size 1): prefill with KV-cache prefix reuse,
+a decode loop, sampling, stop strings and UTF-8-safe detokenization. No web imports.
+
+The KV cache of the previous generation is kept: a chat client resends the whole history, so the
+next prompt usually starts with the tokens already in the cache, and only the rest is prefilled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from server.sampling import SamplingParams, new_generator, sample
+from server.textstream import IncrementalDetokenizer, StopStrings
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthExceeded(ValueError):
+    pass
+
+
+@dataclass
+class StepOutput:
+    """What one generated token releases: new text (possibly empty), and the finish reason on the last."""
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    def __init__(self, model, tokenizer, context_length: int, eos_token_ids: set[int]) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.eos_token_ids = eos_token_ids
+        self._cache: DynamicCache | None = None
+        self._cache_ids: list[int] = []   # the tokens whose keys and values are in _cache
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> None:
+        if prompt_tokens >= self.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens; the prompt has "
+                f"{prompt_tokens} tokens, leaving no room for a completion.")
+        if max_tokens is not None and prompt_tokens + max_tokens > self.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.")
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        self._cache_ids.extend(ids)
+        return out.logits[0, -1]
+
+    def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits after the prompt, and how many prompt tokens came from the cache."""
+        reused = min(common_prefix_length(self._cache_ids, prompt_ids), len(prompt_ids) - 1)
+        if self._cache is None or reused == 0:
+            self._cache, self._cache_ids, reused = DynamicCache(), [], 0
+        else:
+            self._cache.crop(reused)
+            del self._cache_ids[reused:]
+        return self._forward(prompt_ids[reused:]), reused
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[StepOutput]:
+        """Yield one StepOutput per generated token; the last one carries ``finish_reason``.
+        Stops early, yielding nothing more, once ``cancelled()`` is true."""
+        stats = stats if stats is not None else GenerationStats()
+        self.check_length(len(prompt_ids), None)
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        stats.prompt_tokens = len(prompt_ids)
+        try:
+            logits, stats.cached_tokens = self._prefill(prompt_ids)
+            generator = new_generator(params.seed)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+            stops = StopStrings(params.stop)
+            generated: list[int] = []
+            while not cancelled():
+                token = sample(logits, params, generator, prompt_ids, generated)
+                generated.append(token)
+                stats.completion_tokens = len(generated)
+                if token in self.eos_token_ids and not params.ignore_eos:
+                    yield StepOutput(stops.flush(), "stop")
+                    return
+                text, stopped = stops.feed(detokenizer.push(token))
+                if stopped:
+                    yield StepOutput(text, "stop")
+                    return
+                if len(generated) >= budget:
+                    yield StepOutput(text + stops.flush(), "length")
+                    return
+                yield StepOutput(text)
+                logits = self._forward([token])
+        except Exception:
+            self._cache, self._cache_ids = None, []  # a half-updated cache must not be reused
+            raise

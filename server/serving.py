@@ -1,0 +1,228 @@
+"""Between the OpenAI protocol and the engine: prompts, the one-at-a-time queue, cancellation, chunks.
+
+Every request becomes one stream of protocol chunks; a non-streaming request drains the same stream.
+Validation, tokenization and the context-length and queue checks all happen in ``prepare``, before a
+response starts, so their errors can still carry a proper HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prompts import ChatTemplate, split_special
+from server.engine import Engine, GenerationStats, StepOutput
+from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                             ChunkChoice, CompletionChoice, CompletionRequest, CompletionResponse, Delta,
+                             ModelCard, ModelList, PromptTokensDetails, ResponseMessage, SamplingFields, Usage,
+                             new_id, now)
+from server.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class NotReady(RuntimeError):
+    pass
+
+
+class Prompter:
+    """Chat messages or raw text to token ids; user text never becomes special tokens."""
+
+    def __init__(self, tokenizer, template: ChatTemplate) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self._special = list(tokenizer.all_special_tokens) + [t for t in ("</s>",) if t in tokenizer.get_vocab()]
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        pieces = self.template.render(messages, add_generation_prompt=True,
+                                      bos_token=self.tokenizer.bos_token or "",
+                                      eos_token=self.tokenizer.eos_token or "")
+        ids: list[int] = []
+        for kind, value in split_special(pieces, self._special):
+            ids.extend([self.tokenizer.convert_tokens_to_ids(value)] if kind == "special" else self._text_ids(value))
+        return ids
+
+    def completion_ids(self, prompt: str) -> list[int]:
+        """A raw prompt belongs wholly to the client, special tokens included (as in vLLM)."""
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+class GenerationQueue:
+    """Batch size 1: one generation runs, at most ``max_queue`` wait in FIFO order.
+
+    Admission is checked when a request arrives (``check``) and the place is taken when its response
+    starts (``acquire``); nothing is held in between, so a client that vanishes in that gap leaks no place.
+    """
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.waiting = 0
+        self.running = 0
+        self._lock = asyncio.Lock()  # FIFO among waiters
+
+    def check(self) -> None:
+        if self._lock.locked() and self.waiting >= self.max_queue:
+            raise QueueFull(f"The server is busy: {self.waiting} requests are already waiting. Retry later.")
+
+    async def acquire(self) -> None:
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        self.running = 1
+
+    def release(self) -> None:
+        self.running = 0
+        self._lock.release()
+
+
+@dataclass
+class Generation:
+    """A validated, tokenized request, admitted to the queue."""
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    include_usage: bool
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    created: int = field(default_factory=now)
+
+    def usage(self) -> Usage:
+        s = self.stats
+        return Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
+                     total_tokens=s.prompt_tokens + s.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=s.cached_tokens))
+
+
+class ChatService:
+    def __init__(self, engine: Engine, prompter: Prompter, model_name: str, max_queue: int,
+                 default_max_tokens: int) -> None:
+        self.engine = engine
+        self.prompter = prompter
+        self.model_name = model_name
+        self.default_max_tokens = default_max_tokens
+        self.queue = GenerationQueue(max_queue)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-engine")
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=now())])
+
+    # -- preparing -----------------------------------------------------------------------------
+    def _params(self, request: SamplingFields, prompt_tokens: int, stops: tuple[str, ...]) -> SamplingParams:
+        if request.model != self.model_name:
+            raise ModelNotFound(f"The model '{request.model}' does not exist; this server serves '{self.model_name}'.")
+        limit = request.completion_limit
+        self.engine.check_length(prompt_tokens, limit)
+        return SamplingParams(
+            max_tokens=limit if limit is not None else self.default_max_tokens,
+            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=request.seed,
+            stop=request.stop_strings() + stops, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
+            ignore_eos=request.ignore_eos)
+
+    def _prepare(self, prefix: str, ids: list[int], request: SamplingFields, stops: tuple[str, ...]) -> Generation:
+        params = self._params(request, len(ids), stops)
+        self.queue.check()
+        return Generation(new_id(prefix), ids, params, request.include_usage)
+
+    def prepare_chat(self, request: ChatCompletionRequest) -> Generation:
+        ids = self.prompter.chat_ids([m.as_template_message() for m in request.messages])
+        return self._prepare("chatcmpl", ids, request, self.prompter.template.stop)
+
+    def prepare_completion(self, request: CompletionRequest) -> Generation:
+        return self._prepare("cmpl", self.prompter.completion_ids(request.prompt), request, ())
+
+    # -- running -------------------------------------------------------------------------------
+    async def run(self, generation: Generation) -> AsyncIterator[StepOutput]:
+        """Wait for the turn, then yield the engine's steps. Closing this iterator early (a client
+        that went away) stops the generation at its next token; the turn ends when the engine is free."""
+        await self.queue.acquire()
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for step in self.engine.generate(generation.prompt_ids, generation.params, generation.stats,
+                                                 cancelled=cancel.is_set):
+                    loop.call_soon_threadsafe(steps.put_nowait, step)
+            except Exception as exc:
+                log.exception("generation %s failed", generation.id)
+                loop.call_soon_threadsafe(steps.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(steps.put_nowait, done)
+
+        try:
+            future = loop.run_in_executor(self._executor, work)
+        except BaseException:
+            self.queue.release()
+            raise
+        future.add_done_callback(lambda _: self.queue.release())
+        try:
+            while (item := await steps.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+
+    async def chat_chunks(self, generation: Generation) -> AsyncIterator[ChatCompletionChunk]:
+        def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=generation.id, created=generation.created, model=self.model_name,
+                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+        yield chunk(Delta(role="assistant", content=""))
+        async for step in self.run(generation):
+            if step.text or step.finish_reason:
+                yield chunk(Delta(content=step.text or None), step.finish_reason)
+        if generation.include_usage:
+            yield ChatCompletionChunk(id=generation.id, created=generation.created, model=self.model_name,
+                                      choices=[], usage=generation.usage())
+
+    async def completion_chunks(self, generation: Generation) -> AsyncIterator[CompletionResponse]:
+        async for step in self.run(generation):
+            if step.text or step.finish_reason:
+                yield CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
+                                         choices=[CompletionChoice(text=step.text,
+                                                                   finish_reason=step.finish_reason)])
+        if generation.include_usage:
+            yield CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
+                                     choices=[], usage=generation.usage())
+
+    async def chat_response(self, generation: Generation) -> ChatCompletionResponse:
+        text, finish = await _drain(self.run(generation))
+        return ChatCompletionResponse(
+            id=generation.id, created=generation.created, model=self.model_name,
+            choices=[ChatChoice(message=ResponseMessage(content=text), finish_reason=finish)],
+            usage=generation.usage())
+
+    async def completion_response(self, generation: Generation) -> CompletionResponse:
+        text, finish = await _drain(self.run(generation))
+        return CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
+                                  choices=[CompletionChoice(text=text, finish_reason=finish)],
+                                  usage=generation.usage())
+
+
+async def _drain(steps: AsyncIterator[StepOutput]) -> tuple[str, str]:
+    parts, finish = [], "stop"
+    async for step in steps:
+        parts.append(step.text)
+        finish = step.finish_reason or finish
+    return "".join(parts), finish
+

@@ -1,0 +1,41 @@
+"""Settings of ``q8chat serve``: each is a CLI flag (``--max-queue``) and a ``Q8CHAT_*`` environment
+variable (``Q8CHAT_MAX_QUEUE``); the defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "q8chat"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="Q8CHAT_", cli_kebab_case=True, cli_prog_name="q8chat serve",
+                                      cli_implicit_flags=True, extra="ignore")
+
+    model: str = Field("default", description="INT8 checkpoint dir, HF model dir, .gguf file, or 'default'")
+    served_model_name: str | None = Field(None, description="name clients must send as 'model' (default: the model's)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    template: str = Field("auto", description="chat template: auto, vicuna, chatml, or a template file")
+    max_queue: int = Field(8, ge=0, description="requests that may wait while one generates; more get 429")
+    context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
+    default_max_tokens: int = Field(512, ge=1, description="completion limit when a request sets none")
+    alpha: str = Field("auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' or a number")
+    scheme: Literal["dynamic", "static"] = Field("dynamic", description="INT8 activation scheme when quantizing")
+    calib_samples: int = Field(128, ge=1, description="calibration sequences when quantizing")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="where quantized checkpoints are cached")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
+    keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
+    socket: int = Field(0, ge=0, description="CPU socket to pin to")
+    threads: int | None = Field(None, ge=1, description="compute threads (default: the socket's physical cores)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @classmethod
+    def from_args(cls, argv: list[str]) -> "Settings":
+        return cls(_cli_parse_args=argv)

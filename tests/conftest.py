@@ -1,0 +1,110 @@
+"""Shared fixtures: the real default tokenizer, tiny random Llama/MPT models, and the real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+E2E_CALIB_SAMPLES = 16  # enough for a working INT8 model; keeps the first start of the e2e server short
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+    from quant.load import default_model_path
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_mpt(vocab_size: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, MptConfig
+    torch.manual_seed(seed)
+    config = MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=vocab_size, max_seq_len=256,
+                       eos_token_id=2, bos_token_id=1)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(params=["llama", "mpt"])
+def tiny_model(request, tokenizer):
+    build = {"llama": tiny_llama, "mpt": tiny_mpt}[request.param]
+    return build(len(tokenizer))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real ``q8chat serve`` subprocess on loopback."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--port", str(self.port), *args],
+            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Quantized checkpoints shared by the tests of one session (the first server start quantizes)."""
+    return tmp_path_factory.mktemp("q8chat-cache")
+
+
+@pytest.fixture(scope="session")
+def server(cache_dir, tmp_path_factory):
+    proc = ServerProcess(["--max-queue", "2"],
+                         {"Q8CHAT_CACHE_DIR": str(cache_dir), "Q8CHAT_CALIB_SAMPLES": str(E2E_CALIB_SAMPLES)},
+                         tmp_path_factory.mktemp("logs") / "server.log")
+    try:
+        proc.wait_ready(timeout=600)
+        yield proc
+    finally:
+        proc.stop()

@@ -1,0 +1,138 @@
+"""SmoothQuant math: scales, exact invariance of smoothing, the win over naive W8A8 on outlier channels,
+and the per-layer alpha search."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from quant.calibrate import collect_activation_stats
+from quant.families import bound_groups
+from quant.int8 import W8A8Linear
+from quant.smoothquant import (Recipe, _convert_group, group_error, linear_names, quantize_model, search_alpha,
+                               smoothing_scale, static_input_scale)
+
+
+def test_smoothing_scale_formula():
+    act = torch.tensor([8.0, 1.0, 0.5])
+    w = [torch.tensor([[2.0, 1.0, 4.0]]), torch.tensor([[1.0, 3.0, 1.0]])]
+    s = smoothing_scale(act, w, alpha=0.5)
+    w_max = torch.tensor([2.0, 3.0, 4.0])
+    assert torch.allclose(s, act.sqrt() / w_max.sqrt())
+    assert torch.allclose(smoothing_scale(act, w, 1.0), act)
+    assert torch.allclose(smoothing_scale(act, w, 0.0), 1 / w_max)
+
+
+def test_static_scale_is_the_max_of_the_smoothed_activation():
+    act = torch.tensor([8.0, 1.0])
+    s = torch.tensor([4.0, 0.25])
+    assert static_input_scale(act, s) == pytest.approx(4.0 / 127)
+    assert static_input_scale(act, None) == pytest.approx(8.0 / 127)
+
+
+@torch.no_grad()
+def test_smoothing_alone_leaves_float_outputs_unchanged(tiny_model):
+    """Fold s into norms and weights, but keep everything float: the logits must not change."""
+    model = tiny_model
+    ids = torch.randint(0, 1000, (1, 24))
+    reference = model(input_ids=ids).logits
+    stats = collect_activation_stats(model, linear_names(model), [ids], progress=False)
+    for group in bound_groups(model):
+        if group.norm is None:
+            continue
+        linears = [model.get_submodule(n) for n in group.linears]
+        s = smoothing_scale(stats[group.key]["absmax"], [l.weight for l in linears], 0.5)
+        norm = model.get_submodule(group.norm)
+        norm.weight.div_(s)
+        for lin in linears:
+            lin.weight.mul_(s)
+    assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def outlier_layer(seed=0):
+    """A linear whose input has a few channels 50x larger than the rest (LLM activation outliers)."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(128, 64, bias=False)
+    x = torch.randn(512, 128)
+    x[:, [3, 40, 77]] *= 50
+    return linear, x
+
+
+def sqnr(y, ref):
+    return float(10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean()))
+
+
+@torch.no_grad()
+def test_smoothquant_beats_naive_w8a8_on_outlier_channels():
+    linear, x = outlier_layer()
+    absmax = x.abs().amax(0)
+    ref = linear(x)
+    naive = W8A8Linear.from_float(linear, scheme="dynamic")(x)
+    s = smoothing_scale(absmax, [linear.weight], 0.5)
+    smoothed = W8A8Linear.from_weight(linear.weight * s, None, scheme="dynamic", smooth=1 / s)(x)
+    assert sqnr(smoothed, ref) > sqnr(naive, ref) + 6, (sqnr(smoothed, ref), sqnr(naive, ref))
+    # the per-tensor static scheme suffers most from outliers, and gains the most
+    naive_static = W8A8Linear.from_float(linear, scheme="static", input_scale=static_input_scale(absmax, None))(x)
+    smoothed_static = W8A8Linear.from_weight(linear.weight * s, None, scheme="static",
+                                             input_scale=static_input_scale(absmax, s), smooth=1 / s)(x)
+    assert sqnr(smoothed_static, ref) > sqnr(naive_static, ref) + 10
+
+
+@torch.no_grad()
+def test_alpha_search_returns_the_grid_minimum():
+    linear, x = outlier_layer(1)
+    absmax = x.abs().amax(0)
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    best, error = search_alpha(x, [linear], absmax, "dynamic", grid)
+    errors = [group_error(x, [linear], smoothing_scale(absmax, [linear.weight], a), "dynamic", absmax) for a in grid]
+    assert error == pytest.approx(min(errors))
+    assert best == grid[errors.index(min(errors))]
+    assert best > 0  # some smoothing helps with outliers
+
+
+@torch.no_grad()
+def test_norm_fold_and_prescale_give_the_same_quantized_output(tiny_model):
+    """Folding 1/s into the norm or keeping it as a pre-scale are the same computation."""
+    model = tiny_model
+    ids = torch.randint(0, 1000, (1, 24))
+    stats = collect_activation_stats(model, linear_names(model), [ids], progress=False)
+    group = next(g for g in bound_groups(model) if g.norm is not None)
+    linears = [model.get_submodule(n) for n in group.linears]
+    absmax = stats[group.key]["absmax"]
+    s = smoothing_scale(absmax, [l.weight for l in linears], 0.5)
+    x = stats[group.key]["sample"]
+    expected = torch.cat([W8A8Linear.from_weight(l.weight * s, None, scheme="dynamic", smooth=1 / s)(x)
+                          for l in linears], -1)
+    folded = copy.deepcopy(model)
+    _convert_group(folded, group, [folded.get_submodule(n) for n in group.linears], s, "dynamic", absmax)
+    norm = folded.get_submodule(group.norm)
+    out = torch.cat([folded.get_submodule(n)(x / s) for n in group.linears], -1)
+    assert all(folded.get_submodule(n).smooth is None for n in group.linears)
+    assert torch.allclose(out, expected, atol=1e-4)
+    assert not torch.equal(norm.weight, model.get_submodule(group.norm).weight)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("recipe", [Recipe(alpha=None), Recipe(alpha=0.5, scheme="static"), Recipe(smooth=False)],
+                         ids=lambda r: r.name)
+def test_quantized_tiny_model_stays_close_to_float(tiny_model, recipe):
+    model = tiny_model
+    batches = [torch.randint(0, 2000, (1, 32)) for _ in range(4)]
+    ids = torch.randint(0, 2000, (1, 16))
+    reference = model(input_ids=ids).logits
+    stats = collect_activation_stats(model, linear_names(model), batches, progress=False)
+    report = quantize_model(model, stats, recipe, progress=False)
+    assert not report.fallback
+    logits = model(input_ids=ids).logits
+    assert sqnr(logits, reference) > 20  # random-init logits are near-flat: compare values, not argmax
+
+
+@torch.no_grad()
+def test_fallback_keeps_high_error_layers_in_float(tiny_model):
+    model = tiny_model
+    batches = [torch.randint(0, 2000, (1, 32))]
+    stats = collect_activation_stats(model, linear_names(model), batches, progress=False)
+    report = quantize_model(model, stats, Recipe(alpha=0.5, fallback_error=0.0), progress=False)
+    assert sorted(report.fallback) == sorted(linear_names(model))
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in report.fallback)
