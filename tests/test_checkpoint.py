@@ -1,0 +1,82 @@
+"""quantize -> save -> load -> generate on tiny random Llama and MPT models."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from quant.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
+from quant.calibrate import collect_activation_stats
+from quant.int8 import Int8Embedding, W8A8Linear
+from quant.smoothquant import Recipe, linear_names, quantize_model
+from server.engine import Engine
+from server.sampling import SamplingParams
+
+
+def quantized_tiny(model, recipe=Recipe(alpha=None)):
+    batches = [torch.randint(0, 2000, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    stats = collect_activation_stats(model, linear_names(model), batches, progress=False)
+    report = quantize_model(model, stats, recipe, progress=False)
+    return {"name": "tiny", "recipe": recipe.to_dict(), "alphas": report.alphas(), "fallback": report.fallback}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_roundtrip_gives_identical_logits_and_generation(tiny_model, tokenizer, tmp_path, scheme):
+    manifest = quantized_tiny(tiny_model, Recipe(alpha=None, scheme=scheme))
+    ids = torch.randint(0, 2000, (1, 20), generator=torch.Generator().manual_seed(7))
+    expected = tiny_model(input_ids=ids).logits
+    out = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", manifest)
+    loaded = load_checkpoint(out)
+    assert torch.equal(loaded.model(input_ids=ids).logits, expected)
+    # INT8 stays INT8 in memory; the tied LM head shares the embedding's tensors
+    kinds = {type(m) for m in loaded.model.modules()}
+    assert W8A8Linear in kinds and Int8Embedding in kinds and torch.nn.Linear not in kinds
+    head, emb = loaded.model.get_output_embeddings(), loaded.model.get_input_embeddings()
+    assert head.weight is emb.weight
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["recipe"]["scheme"] == scheme and saved["versions"]["torch"].startswith("2.13")
+    assert set(saved["alphas"]) == set(linear_names(tiny_model))
+    # and it generates, the same greedy tokens as the model that was saved
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompt = ids[0].tolist()
+    before = [s.text for s in Engine(tiny_model, tokenizer, 256, set()).generate(prompt, params)]
+    after = [s.text for s in Engine(loaded.model, tokenizer, 256, set()).generate(prompt, params)]
+    assert len(after) == 8 and after == before
+
+
+def test_refuses_to_overwrite_without_force(tiny_model, tokenizer, tmp_path):
+    manifest = quantized_tiny(tiny_model)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_checkpoint(tiny_model, tokenizer, out, manifest)
+    assert (out / "keep.txt").exists()
+    save_checkpoint(tiny_model, tokenizer, out, manifest, force=True)
+    assert is_checkpoint(out) and not (out / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or old copies left
+
+
+def test_interrupted_save_leaves_nothing_that_loads(tiny_model, tokenizer, tmp_path, monkeypatch):
+    manifest = quantized_tiny(tiny_model)
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", manifest)
+    assert not (tmp_path / "ckpt").exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_rejects_a_damaged_checkpoint(tiny_model, tokenizer, tmp_path):
+    out = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", quantized_tiny(tiny_model))
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="ckpt"):
+        load_checkpoint(out)
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a q8chat-int8"):
+        load_checkpoint(out)

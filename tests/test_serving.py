@@ -1,0 +1,122 @@
+"""The serving layer against a fake engine: chunk shapes, usage, queue bounds, cancellation."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from prompts import builtin_template
+from server.engine import ContextLengthExceeded, StepOutput
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving import ChatService, ModelNotFound, Prompter, QueueFull
+
+
+class FakeEngine:
+    """Emits the words of ``reply`` one per step, honouring max_tokens and cancellation."""
+
+    def __init__(self, reply="Hello there friend", step_s=0.0, context_length=100):
+        self.words = reply.split(" ")
+        self.step_s = step_s
+        self.context_length = context_length
+        self.steps_run = 0
+        self.running = threading.Event()
+
+    def check_length(self, prompt_tokens, max_tokens):
+        if prompt_tokens + (max_tokens or 0) > self.context_length:
+            raise ContextLengthExceeded("too long")
+
+    def generate(self, prompt_ids, params, stats, cancelled=lambda: False):
+        stats.prompt_tokens = len(prompt_ids)
+        self.running.set()
+        for i, word in enumerate(self.words):
+            if cancelled():
+                return
+            time.sleep(self.step_s)
+            self.steps_run += 1
+            stats.completion_tokens = i + 1
+            last = i == len(self.words) - 1 or i + 1 == params.max_tokens
+            yield StepOutput(("" if i == 0 else " ") + word, ("stop" if i == len(self.words) - 1 else "length") if last else None)
+            if last:
+                return
+
+
+def service(tokenizer, engine, max_queue=2):
+    return ChatService(engine, Prompter(tokenizer, builtin_template("chatml")), "tiny", max_queue, 64)
+
+
+def chat(**extra):
+    return ChatCompletionRequest.model_validate({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
+
+
+async def collect(aiter):
+    return [item async for item in aiter]
+
+
+def test_stream_chunks_follow_the_openai_shape(tokenizer):
+    svc = service(tokenizer, FakeEngine())
+    chunks = asyncio.run(collect(svc.chat_chunks(svc.prepare_chat(chat(stream=True, stream_options={"include_usage": True})))))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices].count("stop") == 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there friend"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+
+
+def test_non_stream_drains_the_same_stream(tokenizer):
+    svc = service(tokenizer, FakeEngine())
+    response = asyncio.run(svc.chat_response(svc.prepare_chat(chat(max_tokens=2))))
+    assert response.choices[0].message.content == "Hello there"
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 2
+
+
+def test_completion_stream(tokenizer):
+    svc = service(tokenizer, FakeEngine())
+    request = CompletionRequest.model_validate({"model": "tiny", "prompt": "Once", "max_tokens": 5})
+    chunks = asyncio.run(collect(svc.completion_chunks(svc.prepare_completion(request))))
+    assert "".join(c.choices[0].text for c in chunks) == "Hello there friend"
+
+
+def test_wrong_model_and_too_long_prompt_fail_before_streaming(tokenizer):
+    svc = service(tokenizer, FakeEngine(context_length=30))
+    with pytest.raises(ModelNotFound):
+        svc.prepare_chat(ChatCompletionRequest.model_validate({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
+    with pytest.raises(ContextLengthExceeded):
+        svc.prepare_chat(chat(max_tokens=25))
+
+
+def test_queue_admits_max_queue_waiters_then_refuses(tokenizer):
+    engine = FakeEngine(reply="a b c d e f g h", step_s=0.05)
+    svc = service(tokenizer, engine, max_queue=1)
+
+    async def scenario():
+        first = asyncio.ensure_future(svc.chat_response(svc.prepare_chat(chat())))
+        await asyncio.sleep(0.05)                 # first is running
+        second = asyncio.ensure_future(svc.chat_response(svc.prepare_chat(chat())))
+        await asyncio.sleep(0.05)                 # second is waiting
+        with pytest.raises(QueueFull):
+            svc.prepare_chat(chat())
+        results = await asyncio.gather(first, second)
+        assert svc.queue.waiting == 0 and svc.queue.running == 0
+        return results
+
+    assert all(r.choices[0].finish_reason == "stop" for r in asyncio.run(scenario()))
+
+
+def test_cancelled_stream_stops_the_engine_and_frees_the_turn(tokenizer):
+    engine = FakeEngine(reply=" ".join(["w"] * 200), step_s=0.01)
+    svc = service(tokenizer, engine)
+
+    async def scenario():
+        stream = svc.chat_chunks(svc.prepare_chat(chat(stream=True)))
+        async for chunk in stream:
+            if engine.steps_run >= 3:
+                break
+        await stream.aclose()
+        next_response = await asyncio.wait_for(svc.chat_response(svc.prepare_chat(chat(max_tokens=1))), 5)
+        return next_response
+
+    response = asyncio.run(scenario())
+    assert response.choices[0].message.content == "w"
+    assert engine.steps_run < 20  # stopped within a token or so, not after 200
