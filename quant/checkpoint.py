@@ -66,7 +66,8 @@ def describe_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]
     for name, module in model.named_modules():
         if isinstance(module, Int8Embedding):
             specs[name] = {"kind": "int8_embedding", "num_embeddings": module.num_embeddings,
-                           "embedding_dim": module.embedding_dim, "padding_idx": module.padding_idx}
+                           "embedding_dim": module.embedding_dim, "padding_idx": module.padding_idx,
+                           "column_scale": module.column_scale is not None}
             embeddings[id(module.weight)] = name
         elif isinstance(module, W8A8Linear):
             specs[name] = {"kind": "w8a8_linear", "in_features": module.in_features,
@@ -79,7 +80,8 @@ def describe_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]
 
 def _build_module(spec: dict) -> nn.Module:
     if spec["kind"] == "int8_embedding":
-        return Int8Embedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"], device="meta")
+        return Int8Embedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"],
+                             column_scale=spec["column_scale"], device="meta")
     if spec["kind"] == "w8a8_linear":
         return W8A8Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                           scheme=spec["scheme"], smooth=spec["smooth"], device="meta")

@@ -23,6 +23,7 @@ class Family:
     blocks: str               # path of the ModuleList of decoder blocks
     groups: tuple[SmoothGroup, ...]
     embedding: str
+    final_norm: str           # the norm in front of the LM head
     lm_head: str
 
 
@@ -37,6 +38,7 @@ FAMILIES: dict[str, Family] = {
             SmoothGroup(None, ("mlp.down_proj",)),
         ),
         embedding="model.embed_tokens",
+        final_norm="model.norm",
         lm_head="lm_head",
     ),
     # MPT-7B-chat, the Q8-Chat model
@@ -49,6 +51,7 @@ FAMILIES: dict[str, Family] = {
             SmoothGroup(None, ("ffn.down_proj",)),
         ),
         embedding="transformer.wte",
+        final_norm="transformer.norm_f",
         lm_head="lm_head",
     ),
 }
@@ -92,6 +95,13 @@ def bound_groups(model: nn.Module) -> list[BoundGroup]:
                 linears=tuple(prefix + name for name in g.linears),
             ))
     return groups
+
+
+def head_group(model: nn.Module) -> BoundGroup:
+    """The LM head with the final norm in front of it (smoothed like a block group; with tied
+    embeddings the embedding lookup undoes the scale, see ``quantize_head``)."""
+    family = family_of(model.config.model_type)
+    return BoundGroup(block=-1, norm=family.final_norm, linears=(family.lm_head,))
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

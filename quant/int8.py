@@ -102,24 +102,30 @@ class W8A8Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """Embedding table stored as INT8 rows with one scale per row; rows are dequantized on lookup.
 
-    With tied word embeddings the LM head is a ``W8A8Linear`` sharing these very tensors.
+    With tied word embeddings the LM head is a ``W8A8Linear`` sharing these very tensors. When that
+    head is smoothed, the shared table holds ``W * s`` and ``column_scale`` (1/s) restores ``W`` here.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 device=None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 column_scale: bool = False, device=None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(num_embeddings, device=device))
+        self.register_buffer("column_scale", torch.empty(embedding_dim, device=device) if column_scale else None)
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding) -> "Int8Embedding":
-        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
-        module.weight, module.weight_scale = quantize_per_channel(embedding.weight)
+    def from_weight(cls, weight: torch.Tensor, padding_idx: int | None = None,
+                    column_scale: torch.Tensor | None = None) -> "Int8Embedding":
+        module = cls(*weight.shape, padding_idx, column_scale=column_scale is not None)
+        module.weight, module.weight_scale = quantize_per_channel(weight)
+        if column_scale is not None:
+            module.column_scale = column_scale.detach().float().clone()
         return module
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).float() * self.weight_scale[ids].unsqueeze(-1)
+        rows = F.embedding(ids, self.weight).float() * self.weight_scale[ids].unsqueeze(-1)
+        return rows if self.column_scale is None else rows * self.column_scale
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"

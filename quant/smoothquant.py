@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quant.families import BoundGroup, bound_groups, family_of, set_submodule
+from quant.families import BoundGroup, bound_groups, family_of, head_group, set_submodule
 from quant.int8 import QMAX, Int8Embedding, W8A8Linear
 
-DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80
+DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
 _FLOOR = 1e-5
 
 
@@ -108,65 +108,85 @@ def search_alpha(x: torch.Tensor, linears: list[nn.Linear], act_absmax: torch.Te
     return best, errors[best]
 
 
+def _fold_into_norm(model: nn.Module, norm_name: str, s: torch.Tensor) -> None:
+    norm = model.get_submodule(norm_name)
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+
+
 @torch.no_grad()
 def _convert_group(model: nn.Module, group: BoundGroup, linears: list[nn.Linear], s: torch.Tensor | None,
                    scheme: str, act_absmax: torch.Tensor) -> None:
     fold = s is not None and group.norm is not None
     if fold:
-        norm = model.get_submodule(group.norm)
-        norm.weight.div_(s.to(norm.weight.dtype))
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.div_(s.to(norm.bias.dtype))
+        _fold_into_norm(model, group.norm, s)
     quantized = _quantized_group(linears, s, scheme, act_absmax, prescale=not fold)
     for name, module in zip(group.linears, quantized):
         set_submodule(model, name, module)
 
 
+def _smoothing(group: BoundGroup, linears: list[nn.Linear], stats: dict, recipe: Recipe,
+               scheme: str) -> tuple[float | None, torch.Tensor | None, float]:
+    """(alpha, s, relative error) for one group under ``recipe``; s is None without smoothing."""
+    x, act_absmax = stats[group.key]["sample"], stats[group.key]["absmax"]
+    alpha, s = None, None
+    if recipe.smooth:
+        alpha = recipe.alpha
+        if alpha is None:
+            alpha, _ = search_alpha(x, linears, act_absmax, scheme, recipe.alpha_grid)
+        s = smoothing_scale(act_absmax, [l.weight for l in linears], alpha)
+    return alpha, s, group_error(x, linears, s, scheme, act_absmax)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], recipe: Recipe,
                    progress: bool = True) -> QuantReport:
-    """Smooth and convert every group of ``model`` in place; embeddings and LM head become INT8 too."""
+    """Smooth and convert every group of ``model`` in place; embeddings and LM head become INT8 too
+    (the head always with dynamic activations: its input range varies most from token to token)."""
     report = QuantReport()
+    groups = bound_groups(model) + [head_group(model)]
     desc = "alpha search + convert" if recipe.smooth and recipe.alpha is None else "converting"
-    for group in tqdm(bound_groups(model), desc=desc, unit="group", disable=not progress):
+    for group in tqdm(groups, desc=desc, unit="group", disable=not progress):
         linears = [model.get_submodule(n) for n in group.linears]
-        x, act_absmax = stats[group.key]["sample"], stats[group.key]["absmax"]
-        alpha = None
-        if not recipe.smooth:
-            s = None
-        else:
-            alpha = recipe.alpha
-            if alpha is None:
-                alpha, _ = search_alpha(x, linears, act_absmax, recipe.scheme, recipe.alpha_grid)
-            s = smoothing_scale(act_absmax, [l.weight for l in linears], alpha)
-        error = group_error(x, linears, s, recipe.scheme, act_absmax)
-        fallback = recipe.fallback_error is not None and error > recipe.fallback_error
-        if not fallback:
-            _convert_group(model, group, linears, s, recipe.scheme, act_absmax)
+        is_head = group.block < 0
+        scheme = "dynamic" if is_head else recipe.scheme
+        alpha, s, error = _smoothing(group, linears, stats, recipe, scheme)
+        fallback = not is_head and recipe.fallback_error is not None and error > recipe.fallback_error
+        if is_head:
+            quantize_head(model, s)
+        elif not fallback:
+            _convert_group(model, group, linears, s, scheme, stats[group.key]["absmax"])
         report.groups.append(GroupResult(list(group.linears), alpha, error, fallback))
-    quantize_embeddings(model)
     return report
 
 
-def quantize_embeddings(model: nn.Module) -> None:
-    """INT8 embedding table (per row) and INT8 LM head; a tied head shares the embedding's INT8 tensors."""
+@torch.no_grad()
+def quantize_head(model: nn.Module, s: torch.Tensor | None) -> None:
+    """INT8 LM head (smoothed by ``s`` through the final norm) and INT8 embedding table. A tied head
+    shares the embedding's INT8 tensors: the table stores ``W * s``, the lookup multiplies by 1/s."""
     family = family_of(model.config.model_type)
     embedding = model.get_submodule(family.embedding)
     head = model.get_submodule(family.lm_head)
     tied = head.weight is embedding.weight
-    q_embedding = Int8Embedding.from_float(embedding)
-    set_submodule(model, family.embedding, q_embedding)
+    if s is not None:
+        _fold_into_norm(model, family.final_norm, s)
+    scaled_head = head.weight.detach().float() * (1 if s is None else s)
     if tied:
+        q_embedding = Int8Embedding.from_weight(scaled_head, embedding.padding_idx,
+                                                column_scale=None if s is None else 1.0 / s)
         q_head = W8A8Linear(head.in_features, head.out_features, bias=head.bias is not None,
                             scheme="dynamic", smooth=False)
         q_head.weight, q_head.weight_scale = q_embedding.weight, q_embedding.weight_scale
         if head.bias is not None:
             q_head.bias = head.bias.detach().float().clone()
     else:
-        q_head = W8A8Linear.from_float(head, scheme="dynamic")
+        q_embedding = Int8Embedding.from_weight(embedding.weight.detach().float(), embedding.padding_idx)
+        q_head = W8A8Linear.from_weight(scaled_head, head.bias, scheme="dynamic")
+    set_submodule(model, family.embedding, q_embedding)
     set_submodule(model, family.lm_head, q_head)
 
 
 def linear_names(model: nn.Module) -> list[str]:
     """Names of every linear SmoothQuant converts, i.e. the modules calibration must hook."""
-    return [name for group in bound_groups(model) for name in group.linears]
+    return [name for group in bound_groups(model) + [head_group(model)] for name in group.linears]

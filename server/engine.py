@@ -79,7 +79,7 @@ class Engine:
         if self._cache is None or reused == 0:
             self._cache, self._cache_ids, reused = DynamicCache(), [], 0
         else:
-            self._cache.crop(reused)
+            self._cache.crop(reused - len(self._cache_ids))  # negative: drop that many tokens from the end
             del self._cache_ids[reused:]
         return self._forward(prompt_ids[reused:]), reused
 

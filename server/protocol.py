@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 # Spec parameters q8chat does not implement, with the values that ask for nothing (accepted, dropped).
 NOT_IMPLEMENTED_CHAT: dict[str, tuple] = {
@@ -190,8 +190,13 @@ class ChatCompletionResponse(BaseModel):
 
 
 class Delta(BaseModel):
+    """Only the fields a chunk carries: the first has the role, the others just content."""
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):

@@ -62,6 +62,6 @@ def test_smooth_prescale_is_applied_before_quantization():
 def test_int8_embedding_looks_up_dequantized_rows():
     torch.manual_seed(0)
     emb = nn.Embedding(100, 16)
-    q = Int8Embedding.from_float(emb)
+    q = Int8Embedding.from_weight(emb.weight)
     ids = torch.tensor([[1, 5, 99]])
     assert torch.allclose(q(ids), emb(ids), atol=emb.weight.abs().max().item() / 127)
