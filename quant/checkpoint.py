@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quant.families import set_submodule
-from quant.int8 import Int8Embedding, W8A8Linear
+from quant.int8 import Int8Embedding, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,12 @@ def describe_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]
                            "embedding_dim": module.embedding_dim, "padding_idx": module.padding_idx,
                            "column_scale": module.column_scale is not None}
             embeddings[id(module.weight)] = name
-        elif isinstance(module, W8A8Linear):
+        elif isinstance(module, Int8Linear):
             specs[name] = {"kind": "w8a8_linear", "in_features": module.in_features,
                            "out_features": module.out_features, "bias": module.bias is not None,
                            "scheme": module.scheme, "smooth": module.smooth is not None}
     tied = {name: embeddings[id(module.weight)] for name, module in model.named_modules()
-            if isinstance(module, W8A8Linear) and id(module.weight) in embeddings}
+            if isinstance(module, Int8Linear) and id(module.weight) in embeddings}
     return specs, tied
 
 
@@ -83,7 +83,7 @@ def _build_module(spec: dict) -> nn.Module:
         return Int8Embedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"],
                              column_scale=spec["column_scale"], device="meta")
     if spec["kind"] == "w8a8_linear":
-        return W8A8Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+        return Int8Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                           scheme=spec["scheme"], smooth=spec["smooth"], device="meta")
     raise CheckpointError(f"unknown module kind {spec['kind']!r}")
 
@@ -141,8 +141,15 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """safetensors hands out views at arbitrary offsets of one buffer; torch's weight-only INT8 kernel
+    (``_weight_int8pack_mm``) crashes on a weight that is not 64-byte aligned, so copy those."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+
+
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     for name, tensor in tensors.items():
+        tensor = _aligned(tensor)
         parent, _, leaf = name.rpartition(".")
         module = model.get_submodule(parent) if parent else model
         if leaf in module._parameters:

@@ -15,7 +15,7 @@ from quant.families import UnsupportedModel
 from quant.int8 import SCHEMES
 from quant.load import ModelLoadError, load_float_model
 from quant.pipeline import quantize
-from quant.smoothquant import Recipe
+from quant.smoothquant import DEFAULT_FALLBACK_ERROR, Recipe
 
 log = logging.getLogger("q8chat")
 
@@ -32,6 +32,10 @@ def parse_alpha(text: str) -> float | None:
     if not 0.0 <= alpha <= 1.0:
         raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], not {alpha}")
     return alpha
+
+
+def parse_fallback(text: str) -> float | None:
+    return None if text == "none" else float(text)
 
 
 def positive_int(text: str) -> int:
@@ -52,8 +56,8 @@ def add_quantize_parser(subparsers) -> None:
                    help="activations: per-token dynamic, or per-tensor static (SmoothQuant-O3)")
     p.add_argument("--calib-samples", default=128, type=positive_int, help="calibration sequences")
     p.add_argument("--calib-length", default=512, type=positive_int, help="tokens per calibration sequence")
-    p.add_argument("--fallback-error", default=None, type=float,
-                   help="keep layers whose relative quantization error exceeds this in float")
+    p.add_argument("--fallback-error", default=DEFAULT_FALLBACK_ERROR, type=parse_fallback,
+                   help="layers whose relative INT8 error exceeds this keep BF16 activations ('none': never)")
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without smoothing (for comparison)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(run=run_quantize)
@@ -85,7 +89,7 @@ def run_quantize(args) -> int:
     quantized = quantize(float_model, recipe)
     save_checkpoint(quantized.model, quantized.tokenizer, out, quantized.manifest, force=args.force)
     fallback = quantized.manifest["fallback"]
-    print(f"wrote {out} ({recipe.name}); layers kept in float: {', '.join(fallback) if fallback else 'none'}")
+    print(f"wrote {out} ({recipe.name}); layers with BF16 activations: {', '.join(fallback) if fallback else 'none'}")
     return 0
 
 
@@ -100,7 +104,7 @@ def run_eval(args) -> int:
     print(format_table(results))
     for r in results:
         if r.fallback:
-            print(f"{r.name}: kept in float: {', '.join(r.fallback)}")
+            print(f"{r.name}: {len(r.fallback)} layers with BF16 activations: {', '.join(r.fallback)}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return 0

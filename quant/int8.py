@@ -1,9 +1,12 @@
-"""INT8 modules: W8A8 linear layers and an INT8 embedding, run with real integer matrix multiplies.
+"""INT8 modules: linear layers and an embedding with INT8 weights, run with real integer matmuls.
 
 Weights are symmetric INT8 per output channel. Activations are quantized to INT8 at run time, either
 per token (``dynamic``: scale from each row's max) or per tensor with a scale fixed at calibration
 (``static``: SmoothQuant-O3, what Q8-Chat used). The product runs in ``torch._int_mm`` (INT8 x INT8 ->
 INT32 on oneDNN/VNNI), and only the INT32 result is rescaled to float.
+
+A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) keeps INT8 weights
+but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it costs no extra memory.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-SCHEMES = ("dynamic", "static")
+SCHEMES = ("dynamic", "static")             # W8A8 activation schemes a recipe can ask for
+LINEAR_SCHEMES = SCHEMES + ("weight_only",)  # ... plus the fallback
 QMAX = 127.0
 _EPS = 1e-8
 
@@ -36,8 +40,8 @@ def quantize_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8)
 
 
-class W8A8Linear(nn.Module):
-    """Linear layer with INT8 weights and INT8 activations.
+class Int8Linear(nn.Module):
+    """Linear layer with INT8 weights and INT8 activations (W8A8), or BF16 ones (``weight_only``).
 
     ``smooth`` (optional) holds 1/s of SmoothQuant for layers with no preceding norm to fold it into;
     it multiplies the input before activation quantization.
@@ -46,8 +50,8 @@ class W8A8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, scheme: str,
                  smooth: bool, device=None) -> None:
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown activation scheme {scheme!r}; expected one of {SCHEMES}")
+        if scheme not in LINEAR_SCHEMES:
+            raise ValueError(f"unknown activation scheme {scheme!r}; expected one of {LINEAR_SCHEMES}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, device=device))
@@ -57,13 +61,13 @@ class W8A8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, scheme: str, input_scale: float | None = None,
-                   smooth: torch.Tensor | None = None) -> "W8A8Linear":
+                   smooth: torch.Tensor | None = None) -> "Int8Linear":
         return cls.from_weight(linear.weight, linear.bias, scheme=scheme, input_scale=input_scale,
                                smooth=smooth)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, scheme: str,
-                    input_scale: float | None = None, smooth: torch.Tensor | None = None) -> "W8A8Linear":
+                    input_scale: float | None = None, smooth: torch.Tensor | None = None) -> "Int8Linear":
         """Quantize a float weight [out, in]. For ``static``, ``input_scale`` is max|input| / 127 from
         calibration (of the input after ``smooth`` is applied)."""
         if scheme == "static" and input_scale is None:
@@ -79,17 +83,24 @@ class W8A8Linear(nn.Module):
             module.smooth = smooth.detach().float().clone()
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.smooth is not None:
-            x2 = x2 * self.smooth
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [tokens, in] float32 -> [tokens, out] float32."""
+        if self.scheme == "weight_only":
+            return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight,
+                                             self.weight_scale.to(torch.bfloat16)).float()
         if self.input_scale is None:
             xq, x_scale = quantize_rows(x2)
         else:
             x_scale = self.input_scale
             xq = quantize_tensor(x2, x_scale)
-        y = torch._int_mm(xq, self.weight.t()).to(torch.float32) * x_scale * self.weight_scale
+        return torch._int_mm(xq, self.weight.t()).to(torch.float32) * x_scale * self.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.smooth is not None:
+            x2 = x2 * self.smooth
+        y = self._matmul(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -102,7 +113,7 @@ class W8A8Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """Embedding table stored as INT8 rows with one scale per row; rows are dequantized on lookup.
 
-    With tied word embeddings the LM head is a ``W8A8Linear`` sharing these very tensors. When that
+    With tied word embeddings the LM head is a ``Int8Linear`` sharing these very tensors. When that
     head is smoothed, the shared table holds ``W * s`` and ``column_scale`` (1/s) restores ``W`` here.
     """
 

@@ -36,6 +36,6 @@ def quantize(float_model: FloatModel, recipe: Recipe, stats: dict | None = None,
     stats = stats if stats is not None else calibrate(float_model, recipe, progress)
     report = quantize_model(float_model.model, stats, recipe, progress=progress)
     if report.fallback:
-        log.warning("kept in float (quantized error above %s): %s", recipe.fallback_error,
-                    ", ".join(report.fallback))
+        log.warning("%d layers keep BF16 activations (INT8 weights; relative error above %g): %s",
+                    len(report.fallback), recipe.fallback_error, ", ".join(report.fallback))
     return QuantizedModel(float_model.model, float_model.tokenizer, manifest_for(float_model, recipe, report), None)

@@ -3,7 +3,9 @@ model loaded or quantized -> engine -> service -> health 200."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 import threading
 import time
@@ -13,7 +15,7 @@ from server.settings import Settings
 log = logging.getLogger("q8chat")
 
 
-def build_service(settings: Settings):
+def build_service(settings: Settings, metrics):
     """Load (or quantize and cache) the INT8 model and wire engine, prompter and service."""
     from prompts import load_template
     from quant.cli import parse_alpha
@@ -34,12 +36,14 @@ def build_service(settings: Settings):
     name = settings.served_model_name or quantized.name
     log.info("model %s ready: template %s, context %d tokens, scheme %s", name, template.name, context,
              quantized.manifest["recipe"]["scheme"])
-    return ChatService(engine, Prompter(tokenizer, template), name, settings.max_queue, settings.default_max_tokens)
+    return ChatService(engine, Prompter(tokenizer, template), name, settings.max_queue, settings.default_max_tokens,
+                       metrics, heartbeat_s=settings.keepalive_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.logs import configure_logging
+    configure_logging(settings.log_level, settings.log_format)
 
     from server.placement import place
     placement = place(settings.socket, settings.threads)
@@ -48,22 +52,35 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from server.app import HttpSettings, ServiceSlot, create_app
 
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: waiting requests get 503 at once; the running generation may finish
+        within the grace period. A SIGTERM shutdown is a success (exit 0): uvicorn would re-raise it."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if slot.service is not None:
+                asyncio.get_event_loop().call_soon_threadsafe(slot.service.queue.close)
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self._captured_signals.remove(sig)
+
     slot = ServiceSlot()
-    app = create_app(slot, HttpSettings(max_body_bytes=settings.max_body_bytes, keepalive_s=settings.keepalive_s))
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=30))
+    app = create_app(slot, HttpSettings(max_body_bytes=settings.max_body_bytes, api_keys=tuple(settings.api_key),
+                                        cors_origins=tuple(settings.cors_origins)))
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                           timeout_graceful_shutdown=settings.shutdown_grace_s))
     failed = threading.Event()
 
     def load() -> None:
         start = time.perf_counter()
         try:
-            slot.service = build_service(settings)
+            slot.service = build_service(settings, slot.metrics)
         except Exception as exc:  # one clear line, then stop the server
             log.error("cannot start: %s", exc)
             log.debug("start-up failure", exc_info=exc)
             failed.set()
             server.should_exit = True
             return
+        slot.metrics.model_load_seconds.set(time.perf_counter() - start)
         log.info("ready in %.1f s on http://%s:%d", time.perf_counter() - start, settings.host, settings.port)
 
     threading.Thread(target=load, name="q8chat-load", daemon=True).start()

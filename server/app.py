@@ -1,16 +1,20 @@
-"""The HTTP layer: routes, SSE framing, OpenAI-shaped errors. ``create_app`` builds it around a
-``ServiceSlot`` that holds the chat service once the model is loaded (until then: 503)."""
+"""The HTTP layer: routes, SSE framing, OpenAI-shaped errors, API keys, CORS, metrics, access log.
+``create_app`` builds it around a ``ServiceSlot`` that holds the chat service once the model is loaded
+(until then: 503)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.engine import ContextLengthExceeded
 from server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse,
                              UnsupportedParameter)
-from server.serving import ChatService, ModelNotFound, NotReady, QueueFull
+from server.metrics import Metrics
+from server.serving import ChatService, ModelNotFound, NotReady, QueueFull, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +31,9 @@ log = logging.getLogger(__name__)
 class ServiceSlot:
     """Where the composition root puts the service once the model is ready."""
 
-    def __init__(self, service: ChatService | None = None) -> None:
+    def __init__(self, service: ChatService | None = None, metrics: Metrics | None = None) -> None:
         self.service = service
+        self.metrics = metrics or (service.metrics if service else Metrics())
 
     def get(self) -> ChatService:
         if self.service is None:
@@ -38,7 +44,11 @@ class ServiceSlot:
 @dataclass(frozen=True)
 class HttpSettings:
     max_body_bytes: int = 1 << 20
-    keepalive_s: float = 10.0
+    api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+
+
+OPEN_PATHS = ("/", "/health")  # the page must load before a key can be typed into it
 
 
 class ApiError(Exception):
@@ -73,7 +83,7 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, QueueFull):
         return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
-    if isinstance(exc, NotReady):
+    if isinstance(exc, (NotReady, ShuttingDown)):
         return ApiError(503, str(exc), type="service_unavailable", headers={"Retry-After": "5"})
     log.error("internal error: %r", exc, exc_info=exc)
     return ApiError(500, "The server had an internal error while processing the request.", type="server_error")
@@ -95,37 +105,13 @@ async def read_json(request: Request, limit: int) -> object:
 
 
 def _sse(item: BaseModel | None) -> str:
+    """A data event, or for None (a heartbeat) a comment that keeps proxies and clients from timing out."""
     return ": keep-alive\n\n" if item is None else f"data: {item.model_dump_json()}\n\n"
 
 
-async def with_keepalive(items: AsyncIterator[BaseModel], interval: float) -> AsyncIterator[BaseModel | None]:
-    """Yield ``items``, and None whenever ``interval`` passes without one (queue wait, long prefill)."""
-    iterator = items.__aiter__()
-    pending: asyncio.Task | None = None
+async def sse_stream(chunks: AsyncIterator[BaseModel | None]) -> AsyncIterator[str]:
     try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            finally:
-                pending = None
-            yield item
-    finally:
-        if pending is not None:
-            pending.cancel()
-        await iterator.aclose()
-
-
-async def sse_stream(chunks: AsyncIterator[BaseModel], interval: float) -> AsyncIterator[str]:
-    try:
-        async for item in with_keepalive(chunks, interval):
+        async for item in chunks:
             yield _sse(item)
     except Exception as exc:  # headers are sent: report the failure in the stream itself
         yield f"data: {ErrorResponse(error=as_api_error(exc).body).model_dump_json()}\n\n"
@@ -144,8 +130,69 @@ async def until_disconnected(request: Request, work: Awaitable) -> object:
             raise ApiError(499, "Client closed the request.", code="client_closed_request")
 
 
+def authorized(request: Request, keys: tuple[str, ...]) -> bool:
+    supplied = request.headers.get("x-api-key") or ""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        supplied = token.strip()
+    return any(hmac.compare_digest(supplied.encode(), key.encode()) for key in keys)
+
+
+def generation_log(generation) -> dict:
+    s = generation.stats
+    return {"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
+            "completion_tokens": s.completion_tokens, "finish_reason": generation.finish_reason,
+            "ttft_s": round(generation.first_token_s, 4) if generation.first_token_s is not None else None}
+
+
+class GuardAndLog:
+    """Pure ASGI (it must not buffer or detach streaming bodies): API keys, then, once the whole
+    response is sent, one request count and one access-log line (never with headers or keys)."""
+
+    def __init__(self, app, metrics: Metrics, api_keys: tuple[str, ...]) -> None:
+        self.app, self.metrics, self.api_keys = app, metrics, api_keys
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        scope.setdefault("state", {})["generation"] = None
+        request = Request(scope)
+        status = 500
+
+        async def record_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_keys and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS" \
+                    and not authorized(request, self.api_keys):
+                await error_response(ApiError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY').",
+                                              type="authentication_error", code="invalid_api_key"))(
+                    scope, receive, record_status)
+            else:
+                await self.app(scope, receive, record_status)
+        finally:
+            generation = scope["state"].get("generation")
+            if generation is not None:
+                generation.abandon()  # a response that never ran must not keep its queue place
+            route = scope.get("route")
+            self.metrics.requests.labels(endpoint=getattr(route, "path", "unmatched"), status=str(status)).inc()
+            log.info("%s %s %d", scope["method"], scope["path"], status, extra={"http": {
+                "id": generation.id if generation else None, "method": scope["method"], "path": scope["path"],
+                "status": status, "duration_s": round(time.perf_counter() - start, 4),
+                **(generation_log(generation) if generation else {})}})
+
+
 def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAPI:
     app = FastAPI(title="q8chat", docs_url=None, redoc_url=None)
+    metrics = slot.metrics
+    app.add_middleware(GuardAndLog, metrics=metrics, api_keys=http.api_keys)
+    if http.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(http.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
 
     @app.exception_handler(Exception)
     async def handle_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -162,6 +209,10 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok", "model": slot.service.model_name})
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return JSONResponse(slot.get().models().model_dump())
@@ -169,12 +220,13 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
     async def complete(request: Request, model: type, prepare, stream, whole) -> Response:
         try:
             service = slot.get()
-            body = model.model_validate(await read_json(request, http.max_body_bytes))
+            body = model.parse(await read_json(request, http.max_body_bytes))
             generation = prepare(service)(body)
+            request.state.generation = generation
         except Exception as exc:
             return error_response(as_api_error(exc))
         if body.stream:
-            return StreamingResponse(sse_stream(stream(service)(generation), http.keepalive_s),
+            return StreamingResponse(sse_stream(stream(service)(generation)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:

@@ -74,14 +74,21 @@ class Engine:
         return out.logits[0, -1]
 
     def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Logits after the prompt, and how many prompt tokens came from the cache."""
+        """Logits after the prompt, and how many prompt tokens came from the cache.
+
+        The last prompt token always goes through alone, like a decode step: a repeated request then
+        reuses every other token and computes exactly what its first run computed, so greedy output is
+        the same whether a request streams or not (a bulk forward sums in another order than M=1).
+        """
         reused = min(common_prefix_length(self._cache_ids, prompt_ids), len(prompt_ids) - 1)
         if self._cache is None or reused == 0:
             self._cache, self._cache_ids, reused = DynamicCache(), [], 0
         else:
             self._cache.crop(reused - len(self._cache_ids))  # negative: drop that many tokens from the end
             del self._cache_ids[reused:]
-        return self._forward(prompt_ids[reused:]), reused
+        if len(prompt_ids) - 1 > reused:
+            self._forward(prompt_ids[reused:-1])
+        return self._forward(prompt_ids[-1:]), reused
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
                  cancelled: Callable[[], bool] = lambda: False) -> Iterator[StepOutput]:

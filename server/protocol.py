@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 # Spec parameters q8chat does not implement, with the values that ask for nothing (accepted, dropped).
 NOT_IMPLEMENTED_CHAT: dict[str, tuple] = {
@@ -119,15 +119,19 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    not_implemented: ClassVar[dict[str, tuple]] = {}
+
+    @classmethod
+    def parse(cls, data: Any):
+        """Validate a decoded JSON body; spec parameters this server lacks raise ``UnsupportedParameter``."""
+        return cls.model_validate(_drop_no_op_parameters(data, cls.not_implemented))
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data):
-        return _drop_no_op_parameters(data, NOT_IMPLEMENTED_CHAT)
+    not_implemented: ClassVar[dict[str, tuple]] = NOT_IMPLEMENTED_CHAT
 
     @property
     def completion_limit(self) -> int | None:
@@ -138,10 +142,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data):
-        return _drop_no_op_parameters(data, NOT_IMPLEMENTED_COMPLETION)
+    not_implemented: ClassVar[dict[str, tuple]] = NOT_IMPLEMENTED_COMPLETION
 
     @field_validator("prompt")
     @classmethod

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from prompts import ChatTemplate, split_special
 from server.engine import Engine, GenerationStats, StepOutput
+from server.metrics import Metrics
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                              ChunkChoice, CompletionChoice, CompletionRequest, CompletionResponse, Delta,
                              ModelCard, ModelList, PromptTokensDetails, ResponseMessage, SamplingFields, Usage,
@@ -34,6 +37,10 @@ class QueueFull(RuntimeError):
 
 
 class NotReady(RuntimeError):
+    pass
+
+
+class ShuttingDown(RuntimeError):
     pass
 
 
@@ -65,42 +72,86 @@ class Prompter:
 class GenerationQueue:
     """Batch size 1: one generation runs, at most ``max_queue`` wait in FIFO order.
 
-    Admission is checked when a request arrives (``check``) and the place is taken when its response
-    starts (``acquire``); nothing is held in between, so a client that vanishes in that gap leaks no place.
+    A request is admitted (``admit``) when it arrives, before its response starts, so a full queue is
+    still a proper 429; the place it holds becomes a turn in line when its response runs (``enter``)
+    or is given back if it never runs (``Generation.abandon``). ``close`` (shutdown) turns every
+    waiter away with ``ShuttingDown``.
     """
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self.waiting = 0
         self.running = 0
-        self._lock = asyncio.Lock()  # FIFO among waiters
+        self.closed = False
+        self.admitted = 0                           # admitted, response not started yet
+        self._waiters: deque[asyncio.Future] = deque()
 
-    def check(self) -> None:
-        if self._lock.locked() and self.waiting >= self.max_queue:
+    @property
+    def waiting(self) -> int:
+        return self.admitted + len(self._waiters)
+
+    def admit(self) -> None:
+        if self.closed:
+            raise ShuttingDown("The server is shutting down.")
+        if self.running + self.waiting >= 1 + self.max_queue:  # one generating, max_queue in line
             raise QueueFull(f"The server is busy: {self.waiting} requests are already waiting. Retry later.")
+        self.admitted += 1
 
-    async def acquire(self) -> None:
-        self.waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self.waiting -= 1
-        self.running = 1
+    def enter(self) -> asyncio.Future:
+        """Turn an admission into a place in line: a future that is done when it is this request's turn."""
+        self.admitted -= 1
+        if self.closed:
+            raise ShuttingDown("The server is shutting down.")
+        turn = asyncio.get_running_loop().create_future()
+        if not self.running and not self._waiters:
+            self.running = 1
+            turn.set_result(None)
+        else:
+            self._waiters.append(turn)
+        return turn
+
+    def leave(self, turn: asyncio.Future) -> None:
+        """A request that gives up before generating gives its place (or its turn) back."""
+        if turn in self._waiters:
+            self._waiters.remove(turn)
+        elif turn.done() and not turn.cancelled() and turn.exception() is None:
+            self.release()
 
     def release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # running stays 1: the turn passes directly
+                return
         self.running = 0
-        self._lock.release()
+
+    def close(self) -> None:
+        self.closed = True
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_exception(ShuttingDown("The server is shutting down."))
 
 
 @dataclass
 class Generation:
-    """A validated, tokenized request, admitted to the queue."""
+    """A validated, tokenized request, admitted to the queue (which it must run or ``abandon``)."""
     id: str
     prompt_ids: list[int]
     params: SamplingParams
     include_usage: bool
+    queue: GenerationQueue
     stats: GenerationStats = field(default_factory=GenerationStats)
     created: int = field(default_factory=now)
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None   # time to first token, once there is one
+    finish_reason: str | None = None
+    started: bool = False
+
+    def abandon(self) -> None:
+        """Give back the admission of a generation whose response never ran (safe to call always)."""
+        if not self.started:
+            self.started = True
+            self.queue.admitted -= 1
 
     def usage(self) -> Usage:
         s = self.stats
@@ -111,12 +162,15 @@ class Generation:
 
 class ChatService:
     def __init__(self, engine: Engine, prompter: Prompter, model_name: str, max_queue: int,
-                 default_max_tokens: int) -> None:
+                 default_max_tokens: int, metrics: Metrics | None = None, heartbeat_s: float = 10.0) -> None:
         self.engine = engine
         self.prompter = prompter
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.queue = GenerationQueue(max_queue)
+        self.heartbeat_s = heartbeat_s
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_queue(self.queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-engine")
 
     def models(self) -> ModelList:
@@ -137,8 +191,8 @@ class ChatService:
 
     def _prepare(self, prefix: str, ids: list[int], request: SamplingFields, stops: tuple[str, ...]) -> Generation:
         params = self._params(request, len(ids), stops)
-        self.queue.check()
-        return Generation(new_id(prefix), ids, params, request.include_usage)
+        self.queue.admit()
+        return Generation(new_id(prefix), ids, params, request.include_usage, self.queue)
 
     def prepare_chat(self, request: ChatCompletionRequest) -> Generation:
         ids = self.prompter.chat_ids([m.as_template_message() for m in request.messages])
@@ -148,10 +202,21 @@ class ChatService:
         return self._prepare("cmpl", self.prompter.completion_ids(request.prompt), request, ())
 
     # -- running -------------------------------------------------------------------------------
-    async def run(self, generation: Generation) -> AsyncIterator[StepOutput]:
-        """Wait for the turn, then yield the engine's steps. Closing this iterator early (a client
-        that went away) stops the generation at its next token; the turn ends when the engine is free."""
-        await self.queue.acquire()
+    async def run(self, generation: Generation) -> AsyncIterator[StepOutput | None]:
+        """Wait for the turn, then yield the engine's steps; ``None`` is a heartbeat, yielded after
+        ``heartbeat_s`` without a step (waiting in line, or a long prefill). Closing this iterator early
+        (a client that went away) stops the generation at its next token; the turn ends when the engine
+        is free."""
+        generation.started = True
+        turn = self.queue.enter()
+        try:
+            while not turn.done():
+                if not (await asyncio.wait({turn}, timeout=self.heartbeat_s))[0]:
+                    yield None
+            turn.result()  # ShuttingDown if the queue was closed meanwhile
+        except BaseException:
+            self.queue.leave(turn)
+            raise
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -174,30 +239,60 @@ class ChatService:
             self.queue.release()
             raise
         future.add_done_callback(lambda _: self.queue.release())
+        last = None
         try:
-            while (item := await steps.get()) is not done:
+            while True:
+                try:
+                    item = await asyncio.wait_for(steps.get(), self.heartbeat_s)
+                except TimeoutError:
+                    yield None
+                    continue
+                if item is done:
+                    break
                 if isinstance(item, Exception):
                     raise item
+                self._observe_token(generation, last)
+                last = time.perf_counter()
+                generation.finish_reason = item.finish_reason
                 yield item
         finally:
             cancel.set()
+            self._observe_finish(generation)
 
-    async def chat_chunks(self, generation: Generation) -> AsyncIterator[ChatCompletionChunk]:
+    def _observe_token(self, generation: Generation, last: float | None) -> None:
+        now_s = time.perf_counter()
+        if last is None:
+            generation.first_token_s = now_s - generation.arrived
+            self.metrics.time_to_first_token.observe(generation.first_token_s)
+        else:
+            self.metrics.inter_token_latency.observe(now_s - last)
+
+    def _observe_finish(self, generation: Generation) -> None:
+        self.metrics.prompt_tokens.inc(generation.stats.prompt_tokens)
+        self.metrics.cached_prompt_tokens.inc(generation.stats.cached_tokens)
+        self.metrics.generation_tokens.inc(generation.stats.completion_tokens)
+
+    async def chat_chunks(self, generation: Generation) -> AsyncIterator[ChatCompletionChunk | None]:
+        """The chunks of a streamed chat completion; ``None`` is a heartbeat (an SSE comment)."""
         def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=generation.id, created=generation.created, model=self.model_name,
                                        choices=[ChunkChoice(delta=delta, finish_reason=finish)])
 
         yield chunk(Delta(role="assistant", content=""))
         async for step in self.run(generation):
-            if step.text or step.finish_reason:
+            if step is None:
+                yield None
+            elif step.text or step.finish_reason:
                 yield chunk(Delta(content=step.text or None), step.finish_reason)
         if generation.include_usage:
             yield ChatCompletionChunk(id=generation.id, created=generation.created, model=self.model_name,
                                       choices=[], usage=generation.usage())
 
-    async def completion_chunks(self, generation: Generation) -> AsyncIterator[CompletionResponse]:
+    async def completion_chunks(self, generation: Generation) -> AsyncIterator[CompletionResponse | None]:
         async for step in self.run(generation):
-            if step.text or step.finish_reason:
+            if step is None:
+                yield None
+            elif step.text or step.finish_reason:
                 yield CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
                                          choices=[CompletionChoice(text=step.text,
                                                                    finish_reason=step.finish_reason)])
@@ -219,9 +314,11 @@ class ChatService:
                                   usage=generation.usage())
 
 
-async def _drain(steps: AsyncIterator[StepOutput]) -> tuple[str, str]:
+async def _drain(steps: AsyncIterator[StepOutput | None]) -> tuple[str, str]:
     parts, finish = [], "stop"
     async for step in steps:
+        if step is None:
+            continue
         parts.append(step.text)
         finish = step.finish_reason or finish
     return "".join(parts), finish

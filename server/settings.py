@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
     socket: int = Field(0, ge=0, description="CPU socket to pin to")
     threads: int | None = Field(None, ge=1, description="compute threads (default: the socket's physical cores)")
+    api_key: list[str] = Field(default_factory=list, description="accepted API keys (repeat the flag for several)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, how long the running generation may finish")
 
     @classmethod
     def from_args(cls, argv: list[str]) -> "Settings":

@@ -99,12 +99,25 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(cache_dir, tmp_path_factory):
-    proc = ServerProcess(["--max-queue", "2"],
-                         {"Q8CHAT_CACHE_DIR": str(cache_dir), "Q8CHAT_CALIB_SAMPLES": str(E2E_CALIB_SAMPLES)},
-                         tmp_path_factory.mktemp("logs") / "server.log")
-    try:
-        proc.wait_ready(timeout=600)
-        yield proc
-    finally:
-        proc.stop()
+def start_server(cache_dir, tmp_path_factory):
+    """Start real servers on the default INT8 model (quantized once per session into ``cache_dir``)."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
+        proc = ServerProcess(list(args), {"Q8CHAT_CACHE_DIR": str(cache_dir),
+                                          "Q8CHAT_CALIB_SAMPLES": str(E2E_CALIB_SAMPLES), **(env or {})},
+                             tmp_path_factory.mktemp("logs") / "server.log")
+        started.append(proc)
+        if wait:
+            proc.wait_ready(timeout=600)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server):
+    return start_server("--max-queue", "2", "--keepalive-s", "0.5")

@@ -8,7 +8,7 @@ import torch
 
 from quant.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
 from quant.calibrate import collect_activation_stats
-from quant.int8 import Int8Embedding, W8A8Linear
+from quant.int8 import Int8Embedding, Int8Linear
 from quant.smoothquant import Recipe, linear_names, quantize_model
 from server.engine import Engine
 from server.sampling import SamplingParams
@@ -32,7 +32,7 @@ def test_roundtrip_gives_identical_logits_and_generation(tiny_model, tokenizer, 
     assert torch.equal(loaded.model(input_ids=ids).logits, expected)
     # INT8 stays INT8 in memory; the tied LM head shares the embedding's tensors
     kinds = {type(m) for m in loaded.model.modules()}
-    assert W8A8Linear in kinds and Int8Embedding in kinds and torch.nn.Linear not in kinds
+    assert Int8Linear in kinds and Int8Embedding in kinds and torch.nn.Linear not in kinds
     head, emb = loaded.model.get_output_embeddings(), loaded.model.get_input_embeddings()
     assert head.weight is emb.weight
     saved = json.loads((out / "manifest.json").read_text())
@@ -44,6 +44,18 @@ def test_roundtrip_gives_identical_logits_and_generation(tiny_model, tokenizer, 
     before = [s.text for s in Engine(tiny_model, tokenizer, 256, set()).generate(prompt, params)]
     after = [s.text for s in Engine(loaded.model, tokenizer, 256, set()).generate(prompt, params)]
     assert len(after) == 8 and after == before
+
+
+@torch.no_grad()
+def test_loaded_weight_only_layers_run_prefill(tiny_model, tokenizer, tmp_path):
+    """Fallback layers load aligned: torch's weight-only kernel crashes on misaligned weights at M > 1."""
+    manifest = quantized_tiny(tiny_model, Recipe(alpha=0.5, fallback_error=0.0))
+    ids = torch.randint(0, 2000, (1, 12), generator=torch.Generator().manual_seed(3))
+    expected = tiny_model(input_ids=ids).logits
+    loaded = load_checkpoint(save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", manifest))
+    weights = [m.weight for m in loaded.model.modules() if isinstance(m, Int8Linear)]
+    assert weights and all(w.data_ptr() % 64 == 0 for w in weights)
+    assert torch.equal(loaded.model(input_ids=ids).logits, expected)
 
 
 def test_refuses_to_overwrite_without_force(tiny_model, tokenizer, tmp_path):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from quant.int8 import Int8Embedding, W8A8Linear, quantize_per_channel, quantize_rows
+from quant.int8 import Int8Embedding, Int8Linear, quantize_per_channel, quantize_rows
 
 
 def test_per_channel_weight_error_is_within_half_a_step():
@@ -25,7 +25,7 @@ def test_w8a8_linear_matches_float_closely_and_runs_int_mm():
     torch.manual_seed(0)
     linear = nn.Linear(256, 128, bias=True)
     x = torch.randn(3, 5, 256)
-    q = W8A8Linear.from_float(linear, scheme="dynamic")
+    q = Int8Linear.from_float(linear, scheme="dynamic")
     assert q.weight.dtype == torch.int8
     y, ref = q(x), linear(x)
     assert y.shape == ref.shape
@@ -42,8 +42,8 @@ def test_static_scheme_uses_the_calibrated_scale_and_saturates_beyond_it():
     linear = nn.Linear(16, 4, bias=False)
     x = torch.randn(10, 16)
     scale = float(x.abs().max()) / 127
-    static = W8A8Linear.from_float(linear, scheme="static", input_scale=scale)
-    dynamic = W8A8Linear.from_float(linear, scheme="dynamic")
+    static = Int8Linear.from_float(linear, scheme="static", input_scale=scale)
+    dynamic = Int8Linear.from_float(linear, scheme="dynamic")
     assert torch.allclose(static(x), linear(x), atol=0.05)
     # 10x out of the calibrated range: static clips, dynamic adapts
     big = x * 10
@@ -55,7 +55,7 @@ def test_smooth_prescale_is_applied_before_quantization():
     linear = nn.Linear(16, 8, bias=False)
     s = torch.rand(16) + 0.5
     x = torch.randn(4, 16)
-    scaled = W8A8Linear.from_weight(linear.weight * s, None, scheme="dynamic", smooth=1 / s)
+    scaled = Int8Linear.from_weight(linear.weight * s, None, scheme="dynamic", smooth=1 / s)
     assert torch.allclose(scaled(x), linear(x), atol=0.05)
 
 

@@ -46,7 +46,7 @@ def service(tokenizer, engine, max_queue=2):
 
 
 def chat(**extra):
-    return ChatCompletionRequest.model_validate({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
+    return ChatCompletionRequest.parse({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
 
 
 async def collect(aiter):
@@ -73,7 +73,7 @@ def test_non_stream_drains_the_same_stream(tokenizer):
 
 def test_completion_stream(tokenizer):
     svc = service(tokenizer, FakeEngine())
-    request = CompletionRequest.model_validate({"model": "tiny", "prompt": "Once", "max_tokens": 5})
+    request = CompletionRequest.parse({"model": "tiny", "prompt": "Once", "max_tokens": 5})
     chunks = asyncio.run(collect(svc.completion_chunks(svc.prepare_completion(request))))
     assert "".join(c.choices[0].text for c in chunks) == "Hello there friend"
 
@@ -81,7 +81,7 @@ def test_completion_stream(tokenizer):
 def test_wrong_model_and_too_long_prompt_fail_before_streaming(tokenizer):
     svc = service(tokenizer, FakeEngine(context_length=30))
     with pytest.raises(ModelNotFound):
-        svc.prepare_chat(ChatCompletionRequest.model_validate({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
+        svc.prepare_chat(ChatCompletionRequest.parse({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
     with pytest.raises(ContextLengthExceeded):
         svc.prepare_chat(chat(max_tokens=25))
 
@@ -120,3 +120,16 @@ def test_cancelled_stream_stops_the_engine_and_frees_the_turn(tokenizer):
     response = asyncio.run(scenario())
     assert response.choices[0].message.content == "w"
     assert engine.steps_run < 20  # stopped within a token or so, not after 200
+
+
+def test_a_burst_is_admitted_up_to_capacity_and_abandoned_admissions_are_returned(tokenizer):
+    svc = service(tokenizer, FakeEngine(), max_queue=2)
+    admitted = [svc.prepare_chat(chat()) for _ in range(3)]  # one to run, two to wait
+    with pytest.raises(QueueFull):
+        svc.prepare_chat(chat())
+    for generation in admitted:
+        generation.abandon()
+        generation.abandon()  # idempotent
+    assert svc.queue.waiting == 0
+    asyncio.run(svc.chat_response(svc.prepare_chat(chat())))
+    assert svc.queue.waiting == 0 and svc.queue.running == 0

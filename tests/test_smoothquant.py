@@ -9,7 +9,7 @@ from torch import nn
 
 from quant.calibrate import collect_activation_stats
 from quant.families import bound_groups
-from quant.int8 import W8A8Linear
+from quant.int8 import Int8Linear
 from quant.smoothquant import (Recipe, _convert_group, group_error, linear_names, quantize_model, search_alpha,
                                smoothing_scale, static_input_scale)
 
@@ -68,13 +68,13 @@ def test_smoothquant_beats_naive_w8a8_on_outlier_channels():
     linear, x = outlier_layer()
     absmax = x.abs().amax(0)
     ref = linear(x)
-    naive = W8A8Linear.from_float(linear, scheme="dynamic")(x)
+    naive = Int8Linear.from_float(linear, scheme="dynamic")(x)
     s = smoothing_scale(absmax, [linear.weight], 0.5)
-    smoothed = W8A8Linear.from_weight(linear.weight * s, None, scheme="dynamic", smooth=1 / s)(x)
+    smoothed = Int8Linear.from_weight(linear.weight * s, None, scheme="dynamic", smooth=1 / s)(x)
     assert sqnr(smoothed, ref) > sqnr(naive, ref) + 6, (sqnr(smoothed, ref), sqnr(naive, ref))
     # the per-tensor static scheme suffers most from outliers, and gains the most
-    naive_static = W8A8Linear.from_float(linear, scheme="static", input_scale=static_input_scale(absmax, None))(x)
-    smoothed_static = W8A8Linear.from_weight(linear.weight * s, None, scheme="static",
+    naive_static = Int8Linear.from_float(linear, scheme="static", input_scale=static_input_scale(absmax, None))(x)
+    smoothed_static = Int8Linear.from_weight(linear.weight * s, None, scheme="static",
                                              input_scale=static_input_scale(absmax, s), smooth=1 / s)(x)
     assert sqnr(smoothed_static, ref) > sqnr(naive_static, ref) + 10
 
@@ -102,7 +102,7 @@ def test_norm_fold_and_prescale_give_the_same_quantized_output(tiny_model):
     absmax = stats[group.key]["absmax"]
     s = smoothing_scale(absmax, [l.weight for l in linears], 0.5)
     x = stats[group.key]["sample"]
-    expected = torch.cat([W8A8Linear.from_weight(l.weight * s, None, scheme="dynamic", smooth=1 / s)(x)
+    expected = torch.cat([Int8Linear.from_weight(l.weight * s, None, scheme="dynamic", smooth=1 / s)(x)
                           for l in linears], -1)
     folded = copy.deepcopy(model)
     _convert_group(folded, group, [folded.get_submodule(n) for n in group.linears], s, "dynamic", absmax)
@@ -130,11 +130,21 @@ def test_quantized_tiny_model_stays_close_to_float(tiny_model, recipe):
 
 
 @torch.no_grad()
-def test_fallback_keeps_high_error_layers_in_float(tiny_model):
+def test_fallback_keeps_int8_weights_with_bf16_activations(tiny_model):
     model = tiny_model
+    ids = torch.randint(0, 2000, (1, 16))
+    reference = model(input_ids=ids).logits
     batches = [torch.randint(0, 2000, (1, 32))]
     stats = collect_activation_stats(model, linear_names(model), batches, progress=False)
     report = quantize_model(model, stats, Recipe(alpha=0.5, fallback_error=0.0), progress=False)
-    block_linears = [n for g in bound_groups(model) for n in g.linears]
-    assert sorted(report.fallback) == sorted(block_linears)  # the LM head never falls back
-    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in report.fallback)
+    assert sorted(report.fallback) == sorted(linear_names(model))
+    assert all(g.alpha is None for g in report.groups)  # nothing smoothed: nothing to migrate
+    for name in report.fallback:
+        module = model.get_submodule(name)
+        assert isinstance(module, Int8Linear) and module.scheme == "weight_only"
+        assert module.weight.dtype == torch.int8 and module.smooth is None
+    with torch.profiler.profile() as prof:
+        logits = model(input_ids=ids).logits
+    names = [e.name for e in prof.events()]
+    assert "aten::_weight_int8pack_mm" in names and "aten::_int_mm" not in names
+    assert sqnr(logits, reference) > 20
