@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup serve test test-fast quantize eval clean
+.PHONY: setup serve test test-fast system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,17 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(VENV)/bin/q8chat serve $(ARGS)
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest $(ARGS)
+
+# Chromium (web page test) and nginx (scale-out test) are Debian packages. Installed when running as
+# root with apt-get; otherwise those tests skip and say why.
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v nginx >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nginx-light; } \
+		|| echo "system-deps: apt-get failed: browser and nginx tests will skip"; \
+	else echo "system-deps: chromium/chromedriver/nginx missing and not root: browser and nginx tests will skip"; fi
 
 test-fast: setup
 	$(PY) -m pytest -m "not e2e" $(ARGS)

@@ -4,10 +4,10 @@ variable (``Q8CHAT_MAX_QUEUE``); the defaults live here and nowhere else."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_cache_dir() -> Path:
@@ -34,11 +34,18 @@ class Settings(BaseSettings):
     keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
     socket: int = Field(0, ge=0, description="CPU socket to pin to")
     threads: int | None = Field(None, ge=1, description="compute threads (default: the socket's physical cores)")
-    api_key: list[str] = Field(default_factory=list, description="accepted API keys (repeat the flag for several)")
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted API keys: repeat the flag, or Q8CHAT_API_KEY=key1,key2")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS (default: none), comma-separated in the env")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, how long the running generation may finish")
+
+    @field_validator("api_key", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @classmethod
     def from_args(cls, argv: list[str]) -> "Settings":

@@ -57,13 +57,13 @@ def free_port() -> int:
 class ServerProcess:
     """A real ``q8chat serve`` subprocess on loopback."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] = ()) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(self.port), *args],
+            [*launcher, sys.executable, "-m", "server", "--port", str(self.port), *args],
             cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float) -> None:
@@ -103,10 +103,11 @@ def start_server(cache_dir, tmp_path_factory):
     """Start real servers on the default INT8 model (quantized once per session into ``cache_dir``)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True,
+              launcher: list[str] = ()) -> ServerProcess:
         proc = ServerProcess(list(args), {"Q8CHAT_CACHE_DIR": str(cache_dir),
                                           "Q8CHAT_CALIB_SAMPLES": str(E2E_CALIB_SAMPLES), **(env or {})},
-                             tmp_path_factory.mktemp("logs") / "server.log")
+                             tmp_path_factory.mktemp("logs") / "server.log", launcher)
         started.append(proc)
         if wait:
             proc.wait_ready(timeout=600)

@@ -1,0 +1,19 @@
+"""Settings: one source of defaults for CLI flags and Q8CHAT_* variables."""
+
+from server.settings import Settings
+
+
+def test_flags_and_environment(monkeypatch):
+    monkeypatch.setenv("Q8CHAT_MAX_QUEUE", "3")
+    monkeypatch.setenv("Q8CHAT_API_KEY", "k1, k2")
+    s = Settings.from_args(["--port", "9000", "--template", "vicuna", "--cors-origins", "http://a.example"])
+    assert (s.port, s.max_queue, s.template) == (9000, 3, "vicuna")
+    assert s.api_key == ["k1", "k2"] and s.cors_origins == ["http://a.example"]
+    assert Settings.from_args(["--api-key", "x", "--api-key", "y"]).api_key == ["x", "y"]
+
+
+def test_defaults_listen_on_loopback_only(monkeypatch):
+    for var in ("Q8CHAT_HOST", "Q8CHAT_API_KEY", "Q8CHAT_CORS_ORIGINS"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings.from_args([])
+    assert s.host == "127.0.0.1" and s.api_key == [] and s.cors_origins == []
