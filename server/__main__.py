@@ -15,13 +15,14 @@ from server.settings import Settings
 log = logging.getLogger("q8chat")
 
 
-def build_service(settings: Settings, metrics):
+def build_service(settings: Settings, metrics, placement):
     """Load (or quantize and cache) the INT8 model and wire engine, prompter and service."""
     from prompts import load_template
     from quant.cli import parse_alpha
     from quant.smoothquant import Recipe
     from quant.store import load_int8_model
     from server.engine import Engine
+    from server.placement import cpu_isa
     from server.serving import ChatService, Prompter
 
     recipe = Recipe(alpha=parse_alpha(settings.alpha), scheme=settings.scheme, calib_samples=settings.calib_samples)
@@ -34,8 +35,10 @@ def build_service(settings: Settings, metrics):
     context = settings.context_length or quantized.model.config.max_position_embeddings
     engine = Engine(quantized.model, tokenizer, context, eos)
     name = settings.served_model_name or quantized.name
-    log.info("model %s ready: template %s, context %d tokens, scheme %s", name, template.name, context,
-             quantized.manifest["recipe"]["scheme"])
+    model_bytes = sum(t.numel() * t.element_size() for t in [*quantized.model.parameters(), *quantized.model.buffers()])
+    log.info("serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "
+             "context %d tokens", name, placement.describe(), cpu_isa(), model_bytes / 1e6,
+             quantized.manifest["recipe"]["scheme"], len(quantized.manifest["fallback"]), template.name, context)
     return ChatService(engine, Prompter(tokenizer, template), name, settings.max_queue, settings.default_max_tokens,
                        metrics, heartbeat_s=settings.keepalive_s)
 
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     def load() -> None:
         start = time.perf_counter()
         try:
-            slot.service = build_service(settings, slot.metrics)
+            slot.service = build_service(settings, slot.metrics, placement)
         except Exception as exc:  # one clear line, then stop the server
             log.error("cannot start: %s", exc)
             log.debug("start-up failure", exc_info=exc)

@@ -110,6 +110,21 @@ def choose(cpus: list[Cpu], socket: int, allowed: set[int] | None = None, thread
     return Placement(socket, chosen, node, min(threads or len(chosen), len(chosen)))
 
 
+ISA_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What the INT8 kernels can use, e.g. 'AVX512 + avx512_vnni avx512_bf16 amx_int8 amx_bf16'."""
+    import torch
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    found = [f for f in ISA_FLAGS if f in flags]
+    return f"{capability} + {' '.join(found)}" if found else capability
+
+
 def _prefer_node(node: int) -> None:
     """set_mempolicy(MPOL_PREFERRED, node): allocate on the socket's memory, fall back elsewhere."""
     try:

@@ -61,3 +61,13 @@ def test_affinity_mask_restricts_the_choice(tmp_path):
 def test_this_machine(tmp_path):
     placement = choose(read_topology(), socket=0)
     assert placement.threads >= 1 and placement.cpus
+
+
+def test_isa_names_the_int8_extensions(tmp_path):
+    from server.placement import cpu_isa
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni amx_int8 amx_tile\n")
+    isa = cpu_isa(cpuinfo)
+    assert isa.endswith("+ avx512_vnni amx_int8")
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2\n")
+    assert "+" not in cpu_isa(cpuinfo)
