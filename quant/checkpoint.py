@@ -95,12 +95,17 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous() for name, t in tensors.items()}
 
 
+def check_writable(out: Path, force: bool) -> None:
+    """Refuse a non-empty output directory unless ``force`` (checked before a long quantization too)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"{out}: exists and is not empty (use --force to overwrite)")
+
+
 def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
                     force: bool = False) -> Path:
     """Write a complete checkpoint to ``out_dir`` atomically. ``manifest`` holds the recipe and report."""
     out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise CheckpointError(f"{out}: exists and is not empty (use --force to overwrite)")
+    check_writable(out, force)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from quant.checkpoint import CheckpointError, is_checkpoint, save_checkpoint
+from quant.checkpoint import CheckpointError, check_writable, is_checkpoint, save_checkpoint
 from quant.evaluate import EvalDataError, evaluate_checkpoint, evaluate_variants, format_table
 from quant.families import UnsupportedModel
 from quant.int8 import SCHEMES
@@ -83,8 +82,7 @@ def run_quantize(args) -> int:
                     fallback_error=args.fallback_error, calib_samples=args.calib_samples,
                     calib_length=args.calib_length)
     out = args.out.expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise CheckpointError(f"{out}: exists and is not empty (use --force to overwrite)")
+    check_writable(out, args.force)
     float_model = load_float_model(args.model)
     quantized = quantize(float_model, recipe)
     save_checkpoint(quantized.model, quantized.tokenizer, out, quantized.manifest, force=args.force)

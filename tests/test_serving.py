@@ -53,6 +53,15 @@ async def collect(aiter):
     return [item async for item in aiter]
 
 
+async def until_idle(svc, timeout=5.0):
+    """The turn is released when the engine thread finishes, just after the response is complete."""
+    for _ in range(int(timeout / 0.01)):
+        if svc.queue.running == 0 and svc.queue.waiting == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def test_stream_chunks_follow_the_openai_shape(tokenizer):
     svc = service(tokenizer, FakeEngine())
     chunks = asyncio.run(collect(svc.chat_chunks(svc.prepare_chat(chat(stream=True, stream_options={"include_usage": True})))))
@@ -98,7 +107,7 @@ def test_queue_admits_max_queue_waiters_then_refuses(tokenizer):
         with pytest.raises(QueueFull):
             svc.prepare_chat(chat())
         results = await asyncio.gather(first, second)
-        assert svc.queue.waiting == 0 and svc.queue.running == 0
+        assert await until_idle(svc)
         return results
 
     assert all(r.choices[0].finish_reason == "stop" for r in asyncio.run(scenario()))
@@ -131,5 +140,9 @@ def test_a_burst_is_admitted_up_to_capacity_and_abandoned_admissions_are_returne
         generation.abandon()
         generation.abandon()  # idempotent
     assert svc.queue.waiting == 0
-    asyncio.run(svc.chat_response(svc.prepare_chat(chat())))
-    assert svc.queue.waiting == 0 and svc.queue.running == 0
+
+    async def one_more():
+        await svc.chat_response(svc.prepare_chat(chat()))
+        return await until_idle(svc)
+
+    assert asyncio.run(one_more())
