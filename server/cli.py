@@ -1,4 +1,4 @@
-"""The ``q8chat`` command: serve | quantize | eval."""
+"""The ``q8chat`` command: serve | quantize | eval | bench."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.__main__ import main as serve
         return serve(argv[1:])
 
+    from bench.speed import add_bench_parser
     from quant.cli import USER_ERRORS, add_eval_parser, add_quantize_parser
 
     parser = argparse.ArgumentParser(prog="q8chat", description="SmoothQuant INT8 chat models served on one CPU socket.")
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="OpenAI-compatible chat server (q8chat serve --help)")
     add_quantize_parser(commands)
     add_eval_parser(commands)
+    add_bench_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -55,6 +55,10 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._cache_ids: list[int] = []   # the tokens whose keys and values are in _cache
 
+    def reset(self) -> None:
+        """Forget the cached conversation (the next prompt is computed from scratch)."""
+        self._cache, self._cache_ids = None, []
+
     def check_length(self, prompt_tokens: int, max_tokens: int | None) -> None:
         if prompt_tokens >= self.context_length:
             raise ContextLengthExceeded(
@@ -82,7 +86,7 @@ class Engine:
         """
         reused = min(common_prefix_length(self._cache_ids, prompt_ids), len(prompt_ids) - 1)
         if self._cache is None or reused == 0:
-            self._cache, self._cache_ids, reused = DynamicCache(), [], 0
+            self._cache, self._cache_ids, reused = DynamicCache(), [], 0  # fresh
         else:
             self._cache.crop(reused - len(self._cache_ids))  # negative: drop that many tokens from the end
             del self._cache_ids[reused:]
@@ -121,5 +125,5 @@ class Engine:
                 yield StepOutput(text)
                 logits = self._forward([token])
         except Exception:
-            self._cache, self._cache_ids = None, []  # a half-updated cache must not be reused
+            self.reset()  # a half-updated cache must not be reused
             raise

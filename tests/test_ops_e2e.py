@@ -82,7 +82,8 @@ def test_gauges_return_to_zero_after_cancelled_requests(ops_server):
 
 @pytest.fixture(scope="module")
 def keyed_server(start_server):
-    return start_server("--api-key", "k1-secret-value", "--api-key", "k2-secret-value", "--log-format", "json")
+    return start_server("--api-key", "k1-secret-value", "--api-key", "k2-secret-value", "--log-format", "json",
+                        "--cors-origins", "http://chat.example")
 
 
 def test_api_keys(keyed_server):
@@ -97,6 +98,15 @@ def test_api_keys(keyed_server):
     assert httpx.get(keyed_server.base_url + "/health").status_code == 200  # open for health checks
     log = keyed_server.log()
     assert "secret-value" not in log
+
+
+def test_cors_allows_only_the_configured_origins(keyed_server):
+    url = keyed_server.base_url + "/v1/chat/completions"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(url, headers={"Origin": "http://chat.example", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://chat.example"
+    other = httpx.options(url, headers={"Origin": "http://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_json_access_log_has_one_line_per_request(keyed_server):
