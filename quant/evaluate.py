@@ -83,7 +83,8 @@ def kernel_counts(model: nn.Module, length: int = 16) -> Counter:
     ids = torch.zeros(1, length, dtype=torch.long)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(input_ids=ids, use_cache=False)
-    names = ("aten::_int_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::bmm", "aten::matmul")
+    names = ("aten::_int_mm", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::bmm",
+             "aten::matmul")
     return Counter(e.name for e in prof.events() if e.name in names)
 
 
