@@ -23,7 +23,8 @@ from server.engine import ContextLengthExceeded
 from server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse,
                              UnsupportedParameter)
 from server.metrics import Metrics
-from server.serving import ChatService, ModelNotFound, NotReady, QueueFull, ShuttingDown
+from server.scheduling import QueueFull, ShuttingDown
+from server.serving import ChatService, ModelNotFound, NotReady
 
 log = logging.getLogger(__name__)
 

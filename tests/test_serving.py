@@ -9,7 +9,8 @@ import pytest
 from prompts import builtin_template
 from server.engine import ContextLengthExceeded, StepOutput
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.serving import ChatService, ModelNotFound, Prompter, QueueFull
+from server.scheduling import QueueFull
+from server.serving import ChatService, ModelNotFound, Prompter
 
 
 class FakeEngine:
