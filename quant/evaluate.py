@@ -100,19 +100,20 @@ class VariantResult:
 
 
 def parse_variant(spec: str, scheme: str) -> Recipe | None:
-    """``float`` -> None; ``naive``, ``sq0.5``, ``auto`` -> a recipe (a ``:static``/``:dynamic`` suffix
-    overrides ``scheme``)."""
+    """``float`` -> None; ``naive`` (no smoothing) and ``sq0.5`` (fixed alpha) -> every layer W8A8, to
+    show what smoothing alone does; ``auto`` -> the full recipe (auto alpha, BF16-activation fallback).
+    A ``:static``/``:dynamic`` suffix overrides ``scheme``."""
     name, _, suffix = spec.partition(":")
     scheme = suffix or scheme
     if name == "float":
         return None
     if name == "naive":
-        return Recipe(smooth=False, scheme=scheme)
+        return Recipe(smooth=False, scheme=scheme, fallback_error=None)
     if name == "auto":
         return Recipe(alpha=None, scheme=scheme)
     if name.startswith("sq"):
         try:
-            return Recipe(alpha=float(name[2:]), scheme=scheme)
+            return Recipe(alpha=float(name[2:]), scheme=scheme, fallback_error=None)
         except ValueError:
             pass
     raise ValueError(f"unknown variant {spec!r}: expected float, naive, sqALPHA (e.g. sq0.5) or auto")

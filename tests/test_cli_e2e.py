@@ -59,7 +59,8 @@ def test_eval_compares_variants_and_shows_int8_kernels(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(report.read_text())
     assert [r["name"] for r in rows] == ["float", "naive (dynamic)", "auto (dynamic)"]
-    float_row, _, auto_row = rows
+    float_row, naive_row, auto_row = rows
+    assert naive_row["fallback"] == [] and "aten::_weight_int8pack_mm" not in naive_row["kernels"]  # all W8A8
     kernels = auto_row["kernels"]
     # every linear runs an INT8 kernel: INT8 x INT8, or INT8 weights with BF16 activations (reported fallback)
     assert kernels["aten::_int_mm"] + kernels.get("aten::_weight_int8pack_mm", 0) == 30 * 7 + 1
