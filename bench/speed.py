@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from prompts import heldout_text
+from quant.checkpoint import weight_bytes
 from quant.load import load_float_model
 from quant.smoothquant import Recipe
 from quant.store import load_int8_model
@@ -50,17 +51,6 @@ def memory_bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 7) -> float:
         x.sum()
         best = min(best, time.perf_counter() - start)
     return size_bytes / best / 1e9
-
-
-def weight_bytes(model) -> int:
-    """Bytes a decode step reads: every parameter and buffer once (an embedding row is negligible,
-    and a tied head shares its tensor)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def measure(engine: Engine, prompt: list[int], decode_tokens: int, new_tokens: int, result: Result) -> None:

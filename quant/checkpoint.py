@@ -70,7 +70,7 @@ def describe_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]
                            "column_scale": module.column_scale is not None}
             embeddings[id(module.weight)] = name
         elif isinstance(module, Int8Linear):
-            specs[name] = {"kind": "w8a8_linear", "in_features": module.in_features,
+            specs[name] = {"kind": "int8_linear", "in_features": module.in_features,
                            "out_features": module.out_features, "bias": module.bias is not None,
                            "scheme": module.scheme, "smooth": module.smooth is not None}
     tied = {name: embeddings[id(module.weight)] for name, module in model.named_modules()
@@ -82,10 +82,15 @@ def _build_module(spec: dict) -> nn.Module:
     if spec["kind"] == "int8_embedding":
         return Int8Embedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"],
                              column_scale=spec["column_scale"], device="meta")
-    if spec["kind"] == "w8a8_linear":
+    if spec["kind"] == "int8_linear":
         return Int8Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                           scheme=spec["scheme"], smooth=spec["smooth"], device="meta")
     raise CheckpointError(f"unknown module kind {spec['kind']!r}")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, a shared (tied) tensor once: what a decode step reads."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -104,6 +104,11 @@ def head_group(model: nn.Module) -> BoundGroup:
     return BoundGroup(block=-1, norm=family.final_norm, linears=(family.lm_head,))
 
 
+def all_groups(model: nn.Module) -> list[BoundGroup]:
+    """Every group SmoothQuant converts: the blocks' groups, then the LM head."""
+    return bound_groups(model) + [head_group(model)]
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quant.families import BoundGroup, bound_groups, family_of, head_group, set_submodule
+from quant.families import BoundGroup, all_groups, family_of, set_submodule
 from quant.int8 import QMAX, Int8Embedding, Int8Linear
 
 DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
@@ -134,13 +134,13 @@ def _smoothing(group: BoundGroup, linears: list[nn.Linear], stats: dict, recipe:
                scheme: str) -> tuple[float | None, torch.Tensor | None, float]:
     """(alpha, s, relative error) for one group under ``recipe``; s is None without smoothing."""
     x, act_absmax = stats[group.key]["sample"], stats[group.key]["absmax"]
-    alpha, s = None, None
-    if recipe.smooth:
-        alpha = recipe.alpha
-        if alpha is None:
-            alpha, _ = search_alpha(x, linears, act_absmax, scheme, recipe.alpha_grid)
-        s = smoothing_scale(act_absmax, [l.weight for l in linears], alpha)
-    return alpha, s, group_error(x, linears, s, scheme, act_absmax)
+    if not recipe.smooth:
+        return None, None, group_error(x, linears, None, scheme, act_absmax)
+    if recipe.alpha is None:
+        alpha, error = search_alpha(x, linears, act_absmax, scheme, recipe.alpha_grid)
+        return alpha, smoothing_scale(act_absmax, [l.weight for l in linears], alpha), error
+    s = smoothing_scale(act_absmax, [l.weight for l in linears], recipe.alpha)
+    return recipe.alpha, s, group_error(x, linears, s, scheme, act_absmax)
 
 
 @torch.no_grad()
@@ -149,7 +149,7 @@ def quantize_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], 
     """Smooth and convert every group of ``model`` in place; embeddings and LM head become INT8 too
     (the head always with dynamic activations: its input range varies most from token to token)."""
     report = QuantReport()
-    groups = bound_groups(model) + [head_group(model)]
+    groups = all_groups(model)
     desc = "alpha search + convert" if recipe.smooth and recipe.alpha is None else "converting"
     for group in tqdm(groups, desc=desc, unit="group", disable=not progress):
         linears = [model.get_submodule(n) for n in group.linears]
@@ -195,4 +195,4 @@ def quantize_head(model: nn.Module, s: torch.Tensor | None, scheme: str = "dynam
 
 def linear_names(model: nn.Module) -> list[str]:
     """Names of every linear SmoothQuant converts, i.e. the modules calibration must hook."""
-    return [name for group in bound_groups(model) + [head_group(model)] for name in group.linears]
+    return [name for group in all_groups(model) for name in group.linears]

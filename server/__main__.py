@@ -18,6 +18,7 @@ log = logging.getLogger("q8chat")
 def build_service(settings: Settings, metrics, placement):
     """Load (or quantize and cache) the INT8 model and wire engine, prompter and service."""
     from prompts import load_template
+    from quant.checkpoint import weight_bytes
     from quant.cli import parse_alpha
     from quant.smoothquant import Recipe
     from quant.store import load_int8_model
@@ -35,7 +36,7 @@ def build_service(settings: Settings, metrics, placement):
     context = settings.context_length or quantized.model.config.max_position_embeddings
     engine = Engine(quantized.model, tokenizer, context, eos)
     name = settings.served_model_name or quantized.name
-    model_bytes = sum(t.numel() * t.element_size() for t in [*quantized.model.parameters(), *quantized.model.buffers()])
+    model_bytes = weight_bytes(quantized.model)
     log.info("serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "
              "context %d tokens", name, placement.describe(), cpu_isa(), model_bytes / 1e6,
              quantized.manifest["recipe"]["scheme"], len(quantized.manifest["fallback"]), template.name, context)
