@@ -10,8 +10,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # jemalloc: returns memory in the background and avoids glibc malloc's fragmentation under torch.
+# g++: torch.compile (inductor) builds the decode step's C++ kernels at start-up.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && apt-get install -y --no-install-recommends libjemalloc2 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 # torch first, from the CPU-only index: the project pins torch==2.13.0, and from PyPI that would

@@ -24,12 +24,13 @@ serve: setup
 test: setup system-deps
 	$(PY) -m pytest $(ARGS)
 
-# Chromium (web page test) and nginx (scale-out test) are Debian packages. Installed when running as
-# root with apt-get; otherwise those tests skip and say why.
+# Chromium (web page test), nginx (scale-out test) and g++ (torch.compile's kernels) are Debian packages.
+# Installed when running as root with apt-get; otherwise those tests skip and say why.
 system-deps:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v nginx >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v nginx >/dev/null \
+		&& command -v g++ >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nginx-light; } \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nginx-light g++; } \
 		|| echo "system-deps: apt-get failed: browser and nginx tests will skip"; \
 	else echo "system-deps: chromium/chromedriver/nginx missing and not root: browser and nginx tests will skip"; fi
 

@@ -3,7 +3,9 @@
 Variants run interleaved (rep 1 of every variant, then rep 2, ...) and report medians, so a noisy
 shared machine slows them alike; results are ratios against the baselines of the same run and
 fractions of the memory-bandwidth roofline (bandwidth / weight bytes read per token). Every variant is
-driven by the same engine loop (server/engine.py), so differences are the model's, not the loop's.
+driven by the same engine loop (server/engine.py), so differences are the model's and the decoder's:
+Hugging Face eager for the float baselines (what Q8-Chat compared against), and for INT8 the decoder
+the server uses (compiled unless the variant ends in ``-eager``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from quant.checkpoint import weight_bytes
 from quant.load import load_float_model
 from quant.smoothquant import Recipe
 from quant.store import load_int8_model
+from server.decoder import HFDecoder, make_decoder
 from server.engine import Engine
 from server.sampling import SamplingParams
 from server.settings import default_cache_dir
@@ -70,30 +73,30 @@ def measure(engine: Engine, prompt: list[int], decode_tokens: int, new_tokens: i
     result.second_turn_ttft_s.append(time.perf_counter() - start)
 
 
-def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int):
-    """(name, model, tokenizer) for each requested variant, built from one float model."""
+def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int, context: int):
+    """(name, decoder, tokenizer, weight bytes) for each requested variant, built from one float model."""
     float_model = load_float_model(model_spec)
     for name in names:
-        if name == "hf-fp32":
-            yield name, float_model.model, float_model.tokenizer
-        elif name == "hf-bf16":
-            yield name, copy.deepcopy(float_model.model).to(torch.bfloat16), float_model.tokenizer
+        if name in ("hf-fp32", "hf-bf16"):
+            model = float_model.model if name == "hf-fp32" else copy.deepcopy(float_model.model).to(torch.bfloat16)
+            yield name, HFDecoder(model), float_model.tokenizer, weight_bytes(model)
         elif name.startswith("q8chat-int8-"):
-            recipe = Recipe(scheme=name.removeprefix("q8chat-int8-"), calib_samples=calib_samples)
-            quantized = load_int8_model(model_spec, recipe, cache_dir)
-            yield name, quantized.model, quantized.tokenizer
+            scheme = name.removeprefix("q8chat-int8-").removesuffix("-eager")
+            quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
+            decoder = make_decoder(quantized.model, context, compile=not name.endswith("-eager"))
+            yield name, decoder, quantized.tokenizer, weight_bytes(quantized.model)
         else:
             raise ValueError(f"unknown variant {name!r}")
 
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    loaded = list(variants(args.model, args.cache_dir, args.variants.split(","), args.calib_samples))
+    context = args.prompt_tokens * 2 + args.decode_tokens + 64
+    loaded = list(variants(args.model, args.cache_dir, args.variants.split(","), args.calib_samples, context))
     tokenizer = loaded[0][2]
     prompt = tokenizer(heldout_text(), add_special_tokens=False).input_ids[:args.prompt_tokens]
-    engines = {name: Engine(model, tok, args.prompt_tokens * 2 + args.decode_tokens + 64, set())
-               for name, model, tok in loaded}
-    results = {name: Result(name, weight_bytes(model) / 1e6) for name, model, _ in loaded}
+    engines = {name: Engine(decoder, tok, context, set()) for name, decoder, tok, _ in loaded}
+    results = {name: Result(name, size / 1e6) for name, _, _, size in loaded}
     for name, engine in engines.items():  # warm-up: first calls allocate and pick kernels
         measure(engine, prompt[:64], 4, 8, Result(name, 0))
     for rep in range(args.reps):
@@ -131,7 +134,8 @@ def markdown(report: dict, baseline: str = "hf-bf16") -> str:
 def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode speed and time to first token, float vs INT8, as ratios")
     p.add_argument("--model", default="default")
-    p.add_argument("--variants", default="hf-fp32,hf-bf16,q8chat-int8-dynamic,q8chat-int8-static")
+    p.add_argument("--variants", default="hf-fp32,hf-bf16,q8chat-int8-dynamic,q8chat-int8-static",
+                   help="comma-separated; q8chat-int8-SCHEME[-eager]: compiled unless -eager")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the second turn")

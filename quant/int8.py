@@ -110,6 +110,31 @@ class Int8Linear(nn.Module):
                 f"smooth={self.smooth is not None}, bias={self.bias is not None}")
 
 
+def fuse_linears(linears: list[Int8Linear]) -> Int8Linear:
+    """One Int8Linear computing ``cat([l(x) for l in linears], -1)``: layers reading the same input
+    (q/k/v, gate/up) as one larger INT8 matmul. Exact: per-channel weight scales and per-token (or
+    shared static) activation scales are unchanged by stacking output channels."""
+    first = linears[0]
+    for other in linears[1:]:
+        same = (other.in_features == first.in_features and other.scheme == first.scheme
+                and (other.bias is None) == (first.bias is None)
+                and _same(other.smooth, first.smooth) and _same(other.input_scale, first.input_scale))
+        if not same:
+            raise ValueError("only INT8 linears with the same input, scheme and scales can be fused")
+    fused = Int8Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                       scheme=first.scheme, smooth=first.smooth is not None)
+    fused.weight = torch.cat([m.weight for m in linears])
+    fused.weight_scale = torch.cat([m.weight_scale for m in linears])
+    if first.bias is not None:
+        fused.bias = torch.cat([m.bias for m in linears])
+    fused.input_scale, fused.smooth = first.input_scale, first.smooth
+    return fused
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
 class Int8Embedding(nn.Module):
     """Embedding table stored as INT8 rows with one scale per row; rows are dequantized on lookup.
 

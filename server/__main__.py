@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from server.settings import Settings
 
@@ -22,6 +24,7 @@ def build_service(settings: Settings, metrics, placement):
     from quant.cli import parse_alpha
     from quant.smoothquant import Recipe
     from quant.store import load_int8_model
+    from server.decoder import make_decoder
     from server.engine import Engine
     from server.placement import cpu_isa
     from server.serving import ChatService, Prompter
@@ -34,18 +37,22 @@ def build_service(settings: Settings, metrics, placement):
     generation_eos = getattr(quantized.model.generation_config, "eos_token_id", None)
     eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
     context = settings.context_length or quantized.model.config.max_position_embeddings
-    engine = Engine(quantized.model, tokenizer, context, eos)
+    decoder = make_decoder(quantized.model, context, settings.compile)
+    engine = Engine(decoder, tokenizer, context, eos)
     name = settings.served_model_name or quantized.name
     model_bytes = weight_bytes(quantized.model)
     log.info("serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "
-             "context %d tokens", name, placement.describe(), cpu_isa(), model_bytes / 1e6,
-             quantized.manifest["recipe"]["scheme"], len(quantized.manifest["fallback"]), template.name, context)
+             "context %d tokens; %s", name, placement.describe(), cpu_isa(), model_bytes / 1e6,
+             quantized.manifest["recipe"]["scheme"], len(quantized.manifest["fallback"]), template.name, context,
+             decoder.description)
     return ChatService(engine, Prompter(tokenizer, template), name, settings.max_queue, settings.default_max_tokens,
                        metrics, heartbeat_s=settings.keepalive_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(sys.argv[1:] if argv is None else argv)
+    # inductor's kernel cache lives with our checkpoints (and in the Docker volume); set before torch loads
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir).expanduser() / "inductor"))
     from server.logs import configure_logging
     configure_logging(settings.log_level, settings.log_format)
 

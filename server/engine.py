@@ -1,8 +1,9 @@
 """Tokens in, tokens out, one generation at a time (batch size 1): prefill with KV-cache prefix reuse,
 a decode loop, sampling, stop strings and UTF-8-safe detokenization. No web imports.
 
-The KV cache of the previous generation is kept: a chat client resends the whole history, so the
-next prompt usually starts with the tokens already in the cache, and only the rest is prefilled.
+The KV cache of the previous generation is kept (inside the decoder, see ``server/decoder.py``): a chat
+client resends the whole history, so the next prompt usually starts with the tokens already in the
+cache, and only the rest is prefilled.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from server.sampling import SamplingParams, new_generator, sample
 from server.textstream import IncrementalDetokenizer, StopStrings
@@ -47,17 +47,17 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, context_length: int, eos_token_ids: set[int]) -> None:
-        self.model = model
+    def __init__(self, decoder, tokenizer, context_length: int, eos_token_ids: set[int]) -> None:
+        self.decoder = decoder
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
-        self._cache: DynamicCache | None = None
-        self._cache_ids: list[int] = []   # the tokens whose keys and values are in _cache
+        self._cache_ids: list[int] = []   # the tokens whose keys and values the decoder's cache holds
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is computed from scratch)."""
-        self._cache, self._cache_ids = None, []
+        self._cache_ids = []
+        self.decoder.reset()
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None) -> None:
         if prompt_tokens >= self.context_length:
@@ -70,12 +70,11 @@ class Engine:
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                 f"completion). Please reduce the prompt or max_tokens.")
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: under it, inductor's freezing passes do not match the INT8 GEMMs
     def _forward(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, use_cache=True)
-        self._cache = out.past_key_values
+        logits = self.decoder.forward(ids, len(self._cache_ids))
         self._cache_ids.extend(ids)
-        return out.logits[0, -1]
+        return logits
 
     def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
         """Logits after the prompt, and how many prompt tokens came from the cache.
@@ -85,11 +84,7 @@ class Engine:
         the same whether a request streams or not (a bulk forward sums in another order than M=1).
         """
         reused = min(common_prefix_length(self._cache_ids, prompt_ids), len(prompt_ids) - 1)
-        if self._cache is None or reused == 0:
-            self._cache, self._cache_ids, reused = DynamicCache(), [], 0  # fresh
-        else:
-            self._cache.crop(reused - len(self._cache_ids))  # negative: drop that many tokens from the end
-            del self._cache_ids[reused:]
+        del self._cache_ids[reused:]  # the decoder overwrites or drops the cache from here on
         if len(prompt_ids) - 1 > reused:
             self._forward(prompt_ids[reused:-1])
         return self._forward(prompt_ids[-1:]), reused

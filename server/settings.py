@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     alpha: str = Field("auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' or a number")
     scheme: Literal["dynamic", "static"] = Field("dynamic", description="INT8 activation scheme when quantizing")
     calib_samples: int = Field(128, ge=1, description="calibration sequences when quantizing")
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="where quantized checkpoints are cached")
+    cache_dir: Path = Field(default_factory=default_cache_dir,
+                            description="where quantized checkpoints and compiled kernels are cached")
+    compile: bool = Field(True, description="compile the decode step at start-up (Llama family; about a "
+                                            "minute on 2 cores); --no-compile starts at once and decodes slower")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
     socket: int = Field(0, ge=0, description="CPU socket to pin to")

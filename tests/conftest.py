@@ -105,7 +105,8 @@ def start_server(cache_dir, tmp_path_factory):
 
     def start(*args: str, env: dict[str, str] | None = None, wait: bool = True,
               launcher: list[str] = ()) -> ServerProcess:
-        proc = ServerProcess(list(args), {"Q8CHAT_CACHE_DIR": str(cache_dir),
+        # eager decoding unless a test asks for --compile: compiling takes a minute per process
+        proc = ServerProcess(list(args), {"Q8CHAT_CACHE_DIR": str(cache_dir), "Q8CHAT_COMPILE": "false",
                                           "Q8CHAT_CALIB_SAMPLES": str(E2E_CALIB_SAMPLES), **(env or {})},
                              tmp_path_factory.mktemp("logs") / "server.log", launcher)
         started.append(proc)

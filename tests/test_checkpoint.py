@@ -10,6 +10,7 @@ from quant.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, sa
 from quant.calibrate import collect_activation_stats
 from quant.int8 import Int8Embedding, Int8Linear
 from quant.smoothquant import Recipe, linear_names, quantize_model
+from server.decoder import HFDecoder
 from server.engine import Engine
 from server.sampling import SamplingParams
 
@@ -41,8 +42,8 @@ def test_roundtrip_gives_identical_logits_and_generation(tiny_model, tokenizer, 
     # and it generates, the same greedy tokens as the model that was saved
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompt = ids[0].tolist()
-    before = [s.text for s in Engine(tiny_model, tokenizer, 256, set()).generate(prompt, params)]
-    after = [s.text for s in Engine(loaded.model, tokenizer, 256, set()).generate(prompt, params)]
+    before = [s.text for s in Engine(HFDecoder(tiny_model), tokenizer, 256, set()).generate(prompt, params)]
+    after = [s.text for s in Engine(HFDecoder(loaded.model), tokenizer, 256, set()).generate(prompt, params)]
     assert len(after) == 8 and after == before
 
 

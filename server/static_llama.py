@@ -1,0 +1,126 @@
+"""A compact Llama decoder over a quantized Hugging Face model, with a preallocated KV cache, made to be
+compiled whole (gpt-fast's way).
+
+Hugging Face's modeling code rebuilds masks and caches in Python at every step; here one step is a
+plain function of (token ids, positions) that inductor can trace without breaks. The INT8 layers are
+the model's own ``Int8Linear`` modules, with q/k/v and gate/up fused into one matmul each: fewer,
+larger INT8 GEMMs (oneDNN's small-N shapes are slow, and every call has a fixed cost).
+
+Positions beyond the current one are masked, so the cache needs no cropping: reusing a prefix is
+just writing the new tokens at their positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quant.int8 import Int8Linear, fuse_linears
+
+
+class UnsupportedForCompile(ValueError):
+    pass
+
+
+def _fuse(linears: list[nn.Module]) -> nn.Module:
+    """One layer for linears reading the same input: INT8 ones (the served model) or float ones."""
+    if all(isinstance(m, Int8Linear) for m in linears):
+        return fuse_linears(linears)
+    if all(type(m) is nn.Linear and m.bias is None for m in linears):
+        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
+        fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+        return fused
+    raise UnsupportedForCompile(f"cannot fuse {sorted({type(m).__name__ for m in linears})}")
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class StaticBlock(nn.Module):
+    def __init__(self, layer, config, max_len: int) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        for linear in (self.qkv, self.o_proj, self.gate_up, self.down_proj):
+            if isinstance(linear, Int8Linear) and linear.scheme == "weight_only":
+                # the weight-only kernel takes a BF16 scale, which eager converts at every call; convert it
+                # once, so the frozen graph holds a BF16 constant (inductor cannot lower that conversion)
+                linear.weight_scale = linear.weight_scale.to(torch.bfloat16)
+        # keys and values; one spare position keeps every attended slice shorter than the cache, so the
+        # compiler keeps its length symbolic. Buffers, not inputs: inductor updates them in place.
+        shape = (1, self.kv_heads, max_len + 1, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        q = _rotate(q.view(1, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        length = mask.shape[-1]
+        att = F.scaled_dot_product_attention(q, self.k_cache[:, :, :length], self.v_cache[:, :, :length],
+                                             attn_mask=mask,
+                                             enable_gqa=self.heads != self.kv_heads)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        gate, up = self.gate_up(_rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class StaticLlama(nn.Module):
+    """``forward(ids [1, T], pos [T], mask [T, L]) -> logits [1, vocab]`` of the last position.
+
+    Keys and values of positions ``pos`` are written into the blocks' caches; attention reads the first
+    L cache positions through ``mask`` (True: attend), so its cost follows the conversation, not the
+    cache size. The same module runs eagerly (prompts) and compiled (decode steps): both see one cache."""
+
+    def __init__(self, model, max_len: int) -> None:
+        super().__init__()
+        config = model.config
+        if config.model_type != "llama" or getattr(config, "attention_bias", False) \
+                or getattr(config, "mlp_bias", False) or config.hidden_act != "silu":
+            raise UnsupportedForCompile(f"no compact decoder for model type {config.model_type!r}")
+        self.max_len = max_len
+        self.embed = model.model.embed_tokens
+        self.blocks = nn.ModuleList(StaticBlock(layer, config, max_len) for layer in model.model.layers)
+        self.norm = model.model.norm.weight
+        self.eps = config.rms_norm_eps
+        self.lm_head = model.lm_head
+        positions = torch.arange(max_len)[None]
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        self.register_buffer("cos", cos[0].float(), persistent=False)
+        self.register_buffer("sin", sin[0].float(), persistent=False)
+
+    def attention_mask(self, start: int, count: int) -> torch.Tensor:
+        """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself."""
+        if start + count > self.max_len:
+            raise ValueError(f"positions up to {start + count} do not fit a cache of {self.max_len}")
+        return torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        cos, sin, mask = self.cos[pos], self.sin[pos], mask[None, None]
+        for block in self.blocks:
+            x = block(x, pos, cos, sin, mask)
+        return self.lm_head(_rms_norm(x[:, -1], self.norm, self.eps))

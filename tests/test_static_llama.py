@@ -1,0 +1,50 @@
+"""The compact Llama decoder computes what the Hugging Face model computes, float and INT8."""
+
+import pytest
+import torch
+
+from quant.smoothquant import Recipe
+from server.static_llama import StaticLlama, UnsupportedForCompile
+from tests.conftest import tiny_llama, tiny_mpt
+from tests.test_checkpoint import quantized_tiny
+
+
+def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]:
+    """Run ``ids`` through the compact model in chunks of the given sizes; logits after each chunk."""
+    start, out = 0, []
+    for size in chunks:
+        part = ids[start:start + size]
+        out.append(net(torch.tensor([part]), torch.arange(start, start + size), net.attention_mask(start, size))[0])
+        start += size
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("recipe", [None, Recipe(alpha=None), Recipe(alpha=None, scheme="static"),
+                                    Recipe(alpha=0.5, fallback_error=0.0)], ids=["float", "dynamic", "static",
+                                                                                  "weight-only"])
+def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe):
+    model = tiny_llama(len(tokenizer))
+    if recipe is not None:
+        quantized_tiny(model, recipe)
+    ids = torch.randint(0, 2000, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = model(input_ids=torch.tensor([ids])).logits[0]
+    net = StaticLlama(model, 64).eval()
+    # a prompt in one piece, then token by token, as the engine runs it
+    chunks = [16] + [1] * 8
+    ends = [sum(chunks[:i + 1]) - 1 for i in range(len(chunks))]
+    for logits, end in zip(compact_logits(net, ids, chunks), ends):
+        assert torch.allclose(logits, expected[end], atol=2e-3, rtol=1e-3), end
+
+
+def test_attention_mask_sees_each_position_up_to_itself():
+    net = StaticLlama(tiny_llama(100), 8)
+    mask = net.attention_mask(3, 2)
+    assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
+    with pytest.raises(ValueError):
+        net.attention_mask(7, 2)
+
+
+def test_other_families_are_refused():
+    with pytest.raises(UnsupportedForCompile, match="mpt"):
+        StaticLlama(tiny_mpt(100), 8)
