@@ -1,7 +1,8 @@
 """Calibration: token windows of shipped text, and per-channel activation statistics from forward hooks.
 
 The statistics are plain data: for every hooked linear, the per-input-channel max |x| over all
-calibration tokens, and a random sample of its input rows (used to tune alpha and measure error).
+calibration tokens, and a random sample of its input rows (used to tune alpha, measure error and
+round weights by GPTQ).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def calibration_windows(tokenizer, count: int, length: int, seed: int = 0) -> li
 
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, names: Iterable[str], batches: list[torch.Tensor],
-                             sample_rows: int = 512, seed: int = 0,
+                             sample_rows: int = 2048, seed: int = 0,
                              progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """Run ``batches`` through ``model``; return ``{name: {"absmax": [in], "sample": [rows, in]}}``."""
     names = list(names)

@@ -14,7 +14,7 @@ from quant.families import UnsupportedModel
 from quant.int8 import SCHEMES
 from quant.load import ModelLoadError, load_float_model
 from quant.pipeline import quantize
-from quant.smoothquant import DEFAULT_FALLBACK_ERROR, Recipe
+from quant.smoothquant import DEFAULT_FALLBACK_ERROR, HEAD_SCHEMES, Recipe
 
 log = logging.getLogger("q8chat")
 
@@ -57,6 +57,8 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--calib-length", default=512, type=positive_int, help="tokens per calibration sequence")
     p.add_argument("--fallback-error", default=DEFAULT_FALLBACK_ERROR, type=parse_fallback,
                    help="layers whose relative INT8 error exceeds this keep BF16 activations ('none': never)")
+    p.add_argument("--head-scheme", default="weight_only", choices=HEAD_SCHEMES,
+                   help="LM head activations: BF16 (weight_only, default) or per-token INT8 (dynamic)")
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without smoothing (for comparison)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(run=run_quantize)
@@ -79,8 +81,8 @@ def add_eval_parser(subparsers) -> None:
 
 def run_quantize(args) -> int:
     recipe = Recipe(alpha=args.alpha, scheme=args.scheme, smooth=not args.no_smooth,
-                    fallback_error=args.fallback_error, calib_samples=args.calib_samples,
-                    calib_length=args.calib_length)
+                    fallback_error=args.fallback_error, head_scheme=args.head_scheme,
+                    calib_samples=args.calib_samples, calib_length=args.calib_length)
     out = args.out.expanduser()
     check_writable(out, args.force)
     float_model = load_float_model(args.model)

@@ -101,19 +101,20 @@ class VariantResult:
 
 def parse_variant(spec: str, scheme: str) -> Recipe | None:
     """``float`` -> None; ``naive`` (no smoothing) and ``sq0.5`` (fixed alpha) -> every layer W8A8, to
-    show what smoothing alone does; ``auto`` -> the full recipe (auto alpha, BF16-activation fallback).
+    show what smoothing alone does; ``auto`` -> the full recipe (auto alpha, BF16-activation fallback
+    and LM head).
     A ``:static``/``:dynamic`` suffix overrides ``scheme``."""
     name, _, suffix = spec.partition(":")
     scheme = suffix or scheme
     if name == "float":
         return None
     if name == "naive":
-        return Recipe(smooth=False, scheme=scheme, fallback_error=None)
+        return Recipe(smooth=False, scheme=scheme, fallback_error=None, head_scheme="dynamic")
     if name == "auto":
         return Recipe(alpha=None, scheme=scheme)
     if name.startswith("sq"):
         try:
-            return Recipe(alpha=float(name[2:]), scheme=scheme, fallback_error=None)
+            return Recipe(alpha=float(name[2:]), scheme=scheme, fallback_error=None, head_scheme="dynamic")
         except ValueError:
             pass
     raise ValueError(f"unknown variant {spec!r}: expected float, naive, sqALPHA (e.g. sq0.5) or auto")

@@ -1,8 +1,8 @@
 """INT8 modules: linear layers and an embedding with INT8 weights, run with real integer matmuls.
 
-Weights are symmetric INT8 per output channel. Activations are quantized to INT8 at run time, either
-per token (``dynamic``: scale from each row's max) or per tensor with a scale fixed at calibration
-(``static``: SmoothQuant-O3, what Q8-Chat used). The product runs in ``torch._int_mm`` (INT8 x INT8 ->
+Weights are symmetric INT8 per output channel, each row's range clipped where that lowers its error.
+Activations are quantized to INT8 at run time, either per token (``dynamic``: scale from each row's max)
+or per tensor with a scale fixed at calibration (``static``: SmoothQuant-O3, what Q8-Chat used). The product runs in ``torch._int_mm`` (INT8 x INT8 ->
 INT32 on oneDNN/VNNI), and only the INT32 result is rescaled to float.
 
 A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) keeps INT8 weights
@@ -18,15 +18,31 @@ from torch.nn import functional as F
 SCHEMES = ("dynamic", "static")             # W8A8 activation schemes a recipe can ask for
 LINEAR_SCHEMES = SCHEMES + ("weight_only",)  # ... plus the fallback
 QMAX = 127.0
+CLIP_RATIOS = tuple(round(1 - 0.02 * i, 2) for i in range(26))  # weight range clipping: 1.00 .. 0.50
+WEIGHT_ROUNDING = "per-row mse clip"  # recorded in recipes: a change of rounding invalidates cached checkpoints
 _EPS = 1e-8
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric INT8 per row (output channel). Returns (int8 weight, float32 scale per row)."""
+    """Symmetric INT8 per row (output channel). Returns (int8 weight, float32 scale per row).
+
+    Each row's range is its max |w| times the ratio of ``CLIP_RATIOS`` with the least squared error:
+    a few outlier weights would otherwise coarsen the step for the whole row, and clipping them costs
+    less than rounding everything else more coarsely.
+    """
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=_EPS) / QMAX
-    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    absmax = w.abs().amax(dim=1).clamp(min=_EPS)
+    scale, error = absmax / QMAX, torch.full_like(absmax, float("inf"))
+    for ratio in CLIP_RATIOS:
+        candidate = absmax * (ratio / QMAX)
+        candidate_error = (_round(w, candidate) * candidate[:, None] - w).pow(2).sum(dim=1)
+        better = candidate_error < error
+        scale, error = torch.where(better, candidate, scale), torch.where(better, candidate_error, error)
+    return _round(w, scale).to(torch.int8), scale
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(w / scale[:, None]).clamp(-QMAX, QMAX)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import logging
 from quant.calibrate import calibration_windows, collect_activation_stats
 from quant.checkpoint import QuantizedModel
 from quant.load import FloatModel
-from quant.smoothquant import QuantReport, Recipe, linear_names, quantize_model
+from quant.smoothquant import QuantReport, Recipe, group_inputs, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ def calibrate(float_model: FloatModel, recipe: Recipe, progress: bool = True) ->
     """Activation statistics of the float model on the shipped calibration text."""
     model = float_model.model
     batches = calibration_windows(float_model.tokenizer, recipe.calib_samples, recipe.calib_length, recipe.seed)
-    return collect_activation_stats(model, linear_names(model), batches, seed=recipe.seed, progress=progress)
+    return collect_activation_stats(model, group_inputs(model), batches, seed=recipe.seed, progress=progress)
 
 
 def manifest_for(float_model: FloatModel, recipe: Recipe, report: QuantReport) -> dict:

@@ -5,7 +5,8 @@ folded into the norm in front of a group when there is one, else kept as a pre-s
 ``alpha`` is fixed, or tuned per group ("auto", as in Intel Neural Compressor's enhanced SmoothQuant):
 try each alpha of a grid and keep the one whose quantized output is closest to the float output on
 calibration rows. A group whose error stays above ``fallback_error`` keeps its INT8 weights but runs
-with BF16 activations instead (``weight_only``); the manifest and the report list it.
+with BF16 activations instead (``weight_only``); the manifest and the report list it. Weights are then
+rounded by GPTQ on the same calibration rows.
 """
 
 from __future__ import annotations
@@ -17,20 +18,31 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.families import BoundGroup, all_groups, family_of, set_submodule
-from quant.int8 import QMAX, Int8Embedding, Int8Linear
+from quant.gptq import gptq_round
+from quant.int8 import QMAX, WEIGHT_ROUNDING, Int8Embedding, Int8Linear
 
 DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
 # Relative output error above which a group's activations stay BF16. On SmolLM2-135M the typical group
 # errs by 1e-4 to 4e-4; most down_proj groups (inputs silu(gate) * up, the largest outliers) by 8e-4.
 DEFAULT_FALLBACK_ERROR = 5e-4
+HEAD_SCHEMES = ("weight_only", "dynamic")
 _FLOOR = 1e-5
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a float model becomes INT8. ``alpha=None`` means auto-tuned per group."""
+    """How a float model becomes INT8. ``alpha=None`` means auto-tuned per group.
+
+    ``head_scheme``: the LM head's error goes straight into the logits with no layer after it to
+    dilute it, so by default it keeps BF16 activations (its weights stay INT8, so no memory is lost).
+    ``gptq``: round the block linears' weights by GPTQ (quant/gptq.py); the alpha search itself uses
+    round-to-nearest, which ranks alphas alike at a fraction of the cost. The tied head and embedding
+    share one table and round to nearest: a lookup wants each row's own error small.
+    """
     alpha: float | None = None
     scheme: str = "dynamic"
+    head_scheme: str = "weight_only"
+    gptq: bool = True
     smooth: bool = True
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     fallback_error: float | None = DEFAULT_FALLBACK_ERROR
@@ -45,7 +57,8 @@ class Recipe:
         return f"{'auto' if self.alpha is None else f'sq{self.alpha:g}'}-{self.scheme}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "alpha_grid": list(self.alpha_grid), "name": self.name}
+        return {**asdict(self), "alpha_grid": list(self.alpha_grid), "name": self.name,
+                "weight_rounding": WEIGHT_ROUNDING}
 
 
 @dataclass
@@ -82,14 +95,21 @@ def static_input_scale(act_absmax: torch.Tensor, s: torch.Tensor | None) -> floa
 
 
 def _quantized_group(linears: list[nn.Linear], s: torch.Tensor | None, scheme: str,
-                     act_absmax: torch.Tensor, prescale: bool) -> list[Int8Linear]:
+                     act_absmax: torch.Tensor, prescale: bool,
+                     gptq_inputs: torch.Tensor | None = None) -> list[Int8Linear]:
     """W8A8 versions of ``linears`` with smoothing ``s`` (None: no smoothing). With ``prescale`` the
-    1/s stays inside the layers; otherwise the caller has divided the input (norm fold)."""
+    1/s stays inside the layers; otherwise the caller has divided the input (norm fold). Weights are
+    rounded to nearest, or by GPTQ on ``gptq_inputs`` (calibration rows before smoothing)."""
     input_scale = static_input_scale(act_absmax, s) if scheme == "static" else None
     smooth = (1.0 / s) if (s is not None and prescale) else None
-    return [Int8Linear.from_weight(lin.weight.detach().float() * (1 if s is None else s), lin.bias,
-                                   scheme=scheme, input_scale=input_scale, smooth=smooth)
-            for lin in linears]
+    quantized = []
+    for lin in linears:
+        weight = lin.weight.detach().float() * (1 if s is None else s)
+        module = Int8Linear.from_weight(weight, lin.bias, scheme=scheme, input_scale=input_scale, smooth=smooth)
+        if gptq_inputs is not None:
+            module.weight = gptq_round(weight, module.weight_scale, gptq_inputs / (1 if s is None else s))
+        quantized.append(module)
+    return quantized
 
 
 @torch.no_grad()
@@ -121,11 +141,11 @@ def _fold_into_norm(model: nn.Module, norm_name: str, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _convert_group(model: nn.Module, group: BoundGroup, linears: list[nn.Linear], s: torch.Tensor | None,
-                   scheme: str, act_absmax: torch.Tensor) -> None:
+                   scheme: str, act_absmax: torch.Tensor, gptq_inputs: torch.Tensor | None = None) -> None:
     fold = s is not None and group.norm is not None
     if fold:
         _fold_into_norm(model, group.norm, s)
-    quantized = _quantized_group(linears, s, scheme, act_absmax, prescale=not fold)
+    quantized = _quantized_group(linears, s, scheme, act_absmax, prescale=not fold, gptq_inputs=gptq_inputs)
     for name, module in zip(group.linears, quantized):
         set_submodule(model, name, module)
 
@@ -147,22 +167,27 @@ def _smoothing(group: BoundGroup, linears: list[nn.Linear], stats: dict, recipe:
 def quantize_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], recipe: Recipe,
                    progress: bool = True) -> QuantReport:
     """Smooth and convert every group of ``model`` in place; embeddings and LM head become INT8 too
-    (the head always with dynamic activations: its input range varies most from token to token)."""
+    (the head never with static activations: its input range varies most from token to token)."""
     report = QuantReport()
     groups = all_groups(model)
     desc = "alpha search + convert" if recipe.smooth and recipe.alpha is None else "converting"
     for group in tqdm(groups, desc=desc, unit="group", disable=not progress):
         linears = [model.get_submodule(n) for n in group.linears]
         is_head = group.block < 0
-        scheme = "dynamic" if is_head else recipe.scheme
-        alpha, s, error = _smoothing(group, linears, stats, recipe, scheme)
-        fallback = recipe.fallback_error is not None and error > recipe.fallback_error
+        scheme = recipe.head_scheme if is_head else recipe.scheme
+        if scheme == "weight_only":  # BF16 activations: nothing to migrate, nothing to fall back from
+            alpha, s, fallback = None, None, False
+            error = group_error(stats[group.key]["sample"], linears, None, scheme, stats[group.key]["absmax"])
+        else:
+            alpha, s, error = _smoothing(group, linears, stats, recipe, scheme)
+            fallback = recipe.fallback_error is not None and error > recipe.fallback_error
         if fallback:  # INT8 weights without smoothing (nothing to migrate), BF16 activations
             alpha, s, scheme = None, None, "weight_only"
         if is_head:
             quantize_head(model, s, scheme)
         else:
-            _convert_group(model, group, linears, s, scheme, stats[group.key]["absmax"])
+            _convert_group(model, group, linears, s, scheme, stats[group.key]["absmax"],
+                           stats[group.key]["sample"] if recipe.gptq else None)
         report.groups.append(GroupResult(list(group.linears), alpha, error, fallback))
     return report
 
@@ -194,5 +219,10 @@ def quantize_head(model: nn.Module, s: torch.Tensor | None, scheme: str = "dynam
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Names of every linear SmoothQuant converts, i.e. the modules calibration must hook."""
+    """Names of every linear SmoothQuant converts."""
     return [name for group in all_groups(model) for name in group.linears]
+
+
+def group_inputs(model: nn.Module) -> list[str]:
+    """The modules calibration hooks: one linear per group (its linears read the same input)."""
+    return [group.key for group in all_groups(model)]

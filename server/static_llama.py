@@ -34,6 +34,13 @@ def _fuse(linears: list[nn.Module]) -> nn.Module:
     raise UnsupportedForCompile(f"cannot fuse {sorted({type(m).__name__ for m in linears})}")
 
 
+def _bf16_weight_only_scale(linear: nn.Module) -> None:
+    """The weight-only kernel takes a BF16 scale, which eager converts at every call; convert it once,
+    so the frozen graph holds a BF16 constant (inductor cannot lower that conversion)."""
+    if isinstance(linear, Int8Linear) and linear.scheme == "weight_only":
+        linear.weight_scale = linear.weight_scale.to(torch.bfloat16)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -58,10 +65,7 @@ class StaticBlock(nn.Module):
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
         for linear in (self.qkv, self.o_proj, self.gate_up, self.down_proj):
-            if isinstance(linear, Int8Linear) and linear.scheme == "weight_only":
-                # the weight-only kernel takes a BF16 scale, which eager converts at every call; convert it
-                # once, so the frozen graph holds a BF16 constant (inductor cannot lower that conversion)
-                linear.weight_scale = linear.weight_scale.to(torch.bfloat16)
+            _bf16_weight_only_scale(linear)
         # keys and values; one spare position keeps every attended slice shorter than the cache, so the
         # compiler keeps its length symbolic. Buffers, not inputs: inductor updates them in place.
         shape = (1, self.kv_heads, max_len + 1, self.head_dim)
@@ -107,6 +111,7 @@ class StaticLlama(nn.Module):
         self.norm = model.model.norm.weight
         self.eps = config.rms_norm_eps
         self.lm_head = model.lm_head
+        _bf16_weight_only_scale(self.lm_head)
         positions = torch.arange(max_len)[None]
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         self.register_buffer("cos", cos[0].float(), persistent=False)

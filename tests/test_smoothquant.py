@@ -114,10 +114,12 @@ def test_norm_fold_and_prescale_give_the_same_quantized_output(tiny_model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("recipe", [Recipe(alpha=None), Recipe(alpha=0.5, scheme="static"), Recipe(smooth=False)],
-                         ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [Recipe(alpha=None), Recipe(alpha=None, head_scheme="dynamic"),
+                                    Recipe(alpha=0.5, scheme="static"), Recipe(smooth=False)],
+                         ids=lambda r: f"{r.name}-head-{r.head_scheme}")
 def test_quantized_tiny_model_stays_close_to_float(tiny_model, recipe):
-    """Every block group, the smoothed tied LM head and the embedding in INT8: logits stay close."""
+    """Every block group, the tied LM head (smoothed W8A8, or INT8 weights with BF16 activations) and
+    the embedding in INT8: logits stay close."""
     model = tiny_model
     batches = [torch.randint(0, 2000, (1, 32)) for _ in range(4)]
     ids = torch.randint(0, 2000, (1, 16))
@@ -136,7 +138,8 @@ def test_fallback_keeps_int8_weights_with_bf16_activations(tiny_model):
     reference = model(input_ids=ids).logits
     batches = [torch.randint(0, 2000, (1, 32))]
     stats = collect_activation_stats(model, linear_names(model), batches, progress=False)
-    report = quantize_model(model, stats, Recipe(alpha=0.5, fallback_error=0.0), progress=False)
+    recipe = Recipe(alpha=0.5, fallback_error=0.0, head_scheme="dynamic")
+    report = quantize_model(model, stats, recipe, progress=False)
     assert sorted(report.fallback) == sorted(linear_names(model))
     assert all(g.alpha is None for g in report.groups)  # nothing smoothed: nothing to migrate
     for name in report.fallback:
@@ -148,3 +151,16 @@ def test_fallback_keeps_int8_weights_with_bf16_activations(tiny_model):
     names = [e.name for e in prof.events()]
     assert "aten::_weight_int8pack_mm" in names and "aten::_int_mm" not in names
     assert sqnr(logits, reference) > 20
+
+
+@torch.no_grad()
+def test_the_head_keeps_bf16_activations_by_recipe_not_as_a_fallback(tiny_model):
+    model = tiny_model
+    stats = collect_activation_stats(model, linear_names(model), [torch.randint(0, 2000, (1, 32))],
+                                     progress=False)
+    report = quantize_model(model, stats, Recipe(alpha=None), progress=False)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.scheme == "weight_only" and head.smooth is None and embedding.column_scale is None
+    assert head.weight is embedding.weight and head.weight.dtype == torch.int8
+    assert report.groups[-1].linears == ["lm_head"] and report.groups[-1].alpha is None
+    assert "lm_head" not in report.fallback
