@@ -2,8 +2,9 @@
 
 Weights are symmetric INT8 per output channel, each row's range clipped where that lowers its error.
 Activations are quantized to INT8 at run time, either per token (``dynamic``: scale from each row's max)
-or per tensor with a scale fixed at calibration (``static``: SmoothQuant-O3, what Q8-Chat used). The product runs in ``torch._int_mm`` (INT8 x INT8 ->
-INT32 on oneDNN/VNNI), and only the INT32 result is rescaled to float.
+or per tensor with a scale fixed at calibration (``static``: SmoothQuant-O3, what Q8-Chat used). The
+product runs in ``torch._int_mm`` (INT8 x INT8 -> INT32 on oneDNN/VNNI), and only the INT32 result is
+rescaled to float.
 
 A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) keeps INT8 weights
 but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it costs no extra memory.

@@ -102,13 +102,14 @@ def _quantized_group(linears: list[nn.Linear], s: torch.Tensor | None, scheme: s
     rounded to nearest, or by GPTQ on ``gptq_inputs`` (calibration rows before smoothing)."""
     input_scale = static_input_scale(act_absmax, s) if scheme == "static" else None
     smooth = (1.0 / s) if (s is not None and prescale) else None
-    quantized = []
-    for lin in linears:
-        weight = lin.weight.detach().float() * (1 if s is None else s)
-        module = Int8Linear.from_weight(weight, lin.bias, scheme=scheme, input_scale=input_scale, smooth=smooth)
-        if gptq_inputs is not None:
-            module.weight = gptq_round(weight, module.weight_scale, gptq_inputs / (1 if s is None else s))
-        quantized.append(module)
+    weights = [lin.weight.detach().float() * (1 if s is None else s) for lin in linears]
+    quantized = [Int8Linear.from_weight(w, lin.bias, scheme=scheme, input_scale=input_scale, smooth=smooth)
+                 for w, lin in zip(weights, linears)]
+    if gptq_inputs is not None:  # the group shares one input, so one Hessian: GPTQ rounds rows independently
+        values = gptq_round(torch.cat(weights), torch.cat([m.weight_scale for m in quantized]),
+                            gptq_inputs / (1 if s is None else s))
+        for module, part in zip(quantized, values.split([m.out_features for m in quantized])):
+            module.weight = part.clone()  # own, aligned storage (checkpoints refuse shared views)
     return quantized
 
 
