@@ -4,45 +4,36 @@ Variants run interleaved (rep 1 of every variant, then rep 2, ...) and report me
 shared machine slows them alike; results are ratios against the baselines of the same run and
 fractions of the memory-bandwidth roofline (bandwidth / weight bytes read per token). Every variant is
 driven by the same engine loop (server/engine.py), so differences are the model's and the decoder's:
-Hugging Face eager for the float baselines (what Q8-Chat compared against), and for INT8 the decoder
-the server uses (compiled unless the variant ends in ``-eager``).
+Hugging Face eager for the float baselines (what Q8-Chat compared against), for INT8 the decoder
+the server uses (compiled unless the variant ends in ``-eager``), and llama.cpp on Q8_0 weights where
+llama-cpp-python is installed (bench/llamacpp.py).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import statistics
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from prompts import heldout_text
+from bench import llamacpp
+from bench.results import Result, Sample
+from bench.served import Served
 from quant.checkpoint import weight_bytes
-from quant.load import load_float_model
+from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import load_int8_model
 from server.decoder import HFDecoder, make_decoder
 from server.engine import Engine
 from server.sampling import SamplingParams
 from server.settings import default_cache_dir
+from server.static_llama import kv_cache_bytes
 
-
-@dataclass
-class Result:
-    variant: str
-    weight_mb: float
-    decode_tok_s: list[float] = field(default_factory=list)
-    ttft_s: list[float] = field(default_factory=list)           # prompt of --prompt-tokens, empty cache
-    second_turn_ttft_s: list[float] = field(default_factory=list)  # history reused, --new-tokens new
-
-    def summary(self) -> dict:
-        return {"variant": self.variant, "weight_mb": round(self.weight_mb, 1),
-                "decode_tok_s": round(statistics.median(self.decode_tok_s), 2),
-                "ttft_s": round(statistics.median(self.ttft_s), 4),
-                "second_turn_ttft_s": round(statistics.median(self.second_turn_ttft_s), 4)}
+SERVED_NAME = "q8chat-bench"
 
 
 def memory_bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 7) -> float:
@@ -56,35 +47,61 @@ def memory_bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 7) -> float:
     return size_bytes / best / 1e9
 
 
-def measure(engine: Engine, prompt: list[int], decode_tokens: int, new_tokens: int, result: Result) -> None:
-    params = SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True)
-    engine.reset()  # a cold start for the first turn
-    start = time.perf_counter()
-    times, text = [], []
-    for step in engine.generate(prompt, params):
-        times.append(time.perf_counter())
-        text.append(step.text)
-    result.ttft_s.append(times[0] - start)
-    result.decode_tok_s.append((len(times) - 1) / (times[-1] - times[0]))
-    history = prompt + engine.tokenizer("".join(text), add_special_tokens=False).input_ids
-    follow_up = history + prompt[:new_tokens]
-    start = time.perf_counter()
-    next(iter(engine.generate(follow_up, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))))
-    result.second_turn_ttft_s.append(time.perf_counter() - start)
+class InProcess:
+    """A decoder driven by the server's engine loop in this process (no HTTP)."""
+
+    def __init__(self, decoder, tokenizer, context: int) -> None:
+        self.tokenizer = tokenizer
+        self.engine = Engine(decoder, tokenizer, context, set())
+
+    def measure(self, prompt: list[int], decode_tokens: int, new_tokens: int) -> Sample:
+        engine = self.engine
+        engine.reset()  # a cold start for the first turn
+        start = time.perf_counter()
+        times, text = [], []
+        for step in engine.generate(prompt, SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True)):
+            times.append(time.perf_counter())
+            text.append(step.text)
+        history = prompt + engine.tokenizer("".join(text), add_special_tokens=False).input_ids
+        follow_up = history + prompt[:new_tokens]
+        second = time.perf_counter()
+        next(iter(engine.generate(follow_up, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))))
+        return Sample(ttft_s=times[0] - start, decode_tok_s=(len(times) - 1) / (times[-1] - times[0]),
+                      second_turn_ttft_s=time.perf_counter() - second)
+
+    def close(self) -> dict:
+        return {}
 
 
-def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int, context: int):
-    """(name, decoder, tokenizer, weight bytes) for each requested variant, built from one float model."""
+def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool) -> list[str]:
+    """``q8chat serve`` flags serving the in-process variants' INT8 checkpoint with the same context."""
+    return ["--model", str(checkpoint), "--served-model-name", SERVED_NAME, "--cache-dir", str(cache_dir),
+            "--context-length", str(context), "--compile" if compile else "--no-compile"]
+
+
+def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int, context: int, log_dir: Path):
+    """(name, runner, weight bytes) for each requested variant, built from one float model."""
     float_model = load_float_model(model_spec)
+    tokenizer = float_model.tokenizer
     for name in names:
         if name in ("hf-fp32", "hf-bf16"):
             model = float_model.model if name == "hf-fp32" else copy.deepcopy(float_model.model).to(torch.bfloat16)
-            yield name, HFDecoder(model), float_model.tokenizer, weight_bytes(model)
+            yield name, InProcess(HFDecoder(model), tokenizer, context), weight_bytes(model)
         elif name.startswith("q8chat-int8-"):
             scheme = name.removeprefix("q8chat-int8-").removesuffix("-eager")
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
             decoder = make_decoder(quantized.model, context, compile=not name.endswith("-eager"))
-            yield name, decoder, quantized.tokenizer, weight_bytes(quantized.model)
+            yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
+        elif name in ("q8chat-served", "q8chat-served-eager"):
+            quantized = load_int8_model(model_spec, Recipe(calib_samples=calib_samples), cache_dir)
+            args = served_args(quantized.path, cache_dir, context, compile=not name.endswith("-eager"))
+            served = Served(args, SERVED_NAME, tokenizer, log_dir)
+            served.extra["kv_cache_mb"] = round(kv_cache_bytes(quantized.model.config, context) / 1e6, 1)
+            yield name, served, weight_bytes(quantized.model)
+        elif name == llamacpp.VARIANT:
+            path = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, torch.get_num_threads())
+            decoder = llamacpp.LlamaCppDecoder(path, context, torch.get_num_threads())
+            yield name, InProcess(decoder, tokenizer, context), llamacpp.tensor_bytes(path)
         else:
             raise ValueError(f"unknown variant {name!r}")
 
@@ -92,18 +109,20 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
 def run(args) -> dict:
     torch.manual_seed(0)
     context = args.prompt_tokens * 2 + args.decode_tokens + 64
-    loaded = list(variants(args.model, args.cache_dir, args.variants.split(","), args.calib_samples, context))
-    tokenizer = loaded[0][2]
-    prompt = tokenizer(heldout_text(), add_special_tokens=False).input_ids[:args.prompt_tokens]
-    engines = {name: Engine(decoder, tok, context, set()) for name, decoder, tok, _ in loaded}
-    results = {name: Result(name, size / 1e6) for name, _, _, size in loaded}
-    for name, engine in engines.items():  # warm-up: first calls allocate and pick kernels
-        measure(engine, prompt[:64], 4, 8, Result(name, 0))
+    log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
+    loaded = list(variants(args.model, args.cache_dir, args.variants.split(","), args.calib_samples, context, log_dir))
+    prompt = loaded[0][1].tokenizer(heldout_text(), add_special_tokens=False).input_ids[:args.prompt_tokens]
+    results = {name: Result(name, size / 1e6) for name, _, size in loaded}
+    for _, runner, _ in loaded:  # warm-up: first calls allocate and pick kernels
+        runner.measure(prompt[:64], 4, 8)
     for rep in range(args.reps):
-        for name, engine in engines.items():
-            measure(engine, prompt, args.decode_tokens, args.new_tokens, results[name])
-            print(f"rep {rep + 1}/{args.reps} {name}: {results[name].decode_tok_s[-1]:.1f} tok/s, "
-                  f"TTFT {results[name].ttft_s[-1]:.3f} s", flush=True)
+        for name, runner, _ in loaded:
+            sample = runner.measure(prompt, args.decode_tokens, args.new_tokens)
+            results[name].samples.append(sample)
+            print(f"rep {rep + 1}/{args.reps} {name}: {sample.decode_tok_s:.1f} tok/s, TTFT {sample.ttft_s:.3f} s",
+                  flush=True)
+    for name, runner, _ in loaded:
+        results[name].extra.update(runner.close())
     bandwidth = memory_bandwidth_gb_s()
     rows = [r.summary() for r in results.values()]
     for row in rows:
@@ -112,30 +131,48 @@ def run(args) -> dict:
     return {"machine": {"threads": torch.get_num_threads(), "bandwidth_gb_s": round(bandwidth, 1),
                         "isa": torch.backends.cpu.get_cpu_capability()},
             "workload": {"model": args.model, "prompt_tokens": len(prompt), "decode_tokens": args.decode_tokens,
-                         "second_turn_new_tokens": args.new_tokens, "reps": args.reps},
+                         "second_turn_new_tokens": args.new_tokens, "reps": args.reps, "server_logs": str(log_dir)},
             "results": rows}
 
 
-def markdown(report: dict, baseline: str = "hf-bf16") -> str:
+def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VARIANT)) -> str:
+    """The results as a table of ratios against each baseline present, and the served variants' start-up
+    and memory figures."""
     rows = {r["variant"]: r for r in report["results"]}
-    base = rows.get(baseline) or next(iter(rows.values()))
+    bases = [rows[name] for name in baselines if name in rows] or [next(iter(rows.values()))]
     lines = [f"Memory bandwidth {report['machine']['bandwidth_gb_s']} GB/s, {report['machine']['threads']} threads; "
              f"prompt {report['workload']['prompt_tokens']} tokens, {report['workload']['decode_tokens']} decoded, "
              f"median of {report['workload']['reps']}.", "",
-             f"| variant | weights MB | decode tok/s | × {base['variant']} | roofline tok/s | of roofline "
-             f"| TTFT s | 2nd-turn TTFT s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| variant | weights MB | decode tok/s | " + " | ".join(f"× {b['variant']}" for b in bases)
+             + " | of roofline | TTFT s | × TTFT " + bases[-1]["variant"] + " | 2nd-turn TTFT s |",
+             "| --- |" + " ---: |" * (7 + len(bases))]
     for r in rows.values():
-        lines.append(f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']} | "
-                     f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['roofline_tok_s']} | "
-                     f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']} | {r['second_turn_ttft_s']} |")
+        ratios = " | ".join(f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}" for b in bases)
+        lines.append(f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']} | {ratios} | "
+                     f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']} | {r['ttft_s'] / bases[-1]['ttft_s']:.2f} | "
+                     f"{r['second_turn_ttft_s']} |")
+    for r in rows.values():
+        if "rss_mb" in r:
+            budget = r["weight_mb"] + r["kv_cache_mb"]
+            lines.append(f"\n{r['variant']}: first start {r['first_start_s']} s, restart {r['restart_s']} s; resident "
+                         f"{r['rss_mb']} MB (peak {r['peak_rss_mb']}) = {r['rss_mb'] / budget:.2f}× weights + KV cache "
+                         f"({budget:.1f} MB); prompt {r['prompt_tokens']} tokens, second turn "
+                         f"{r['second_turn_cached_tokens']} of {r['second_turn_prompt_tokens']} cached.")
     return "\n".join(lines)
+
+
+def default_variants() -> list[str]:
+    names = ["hf-fp32", "hf-bf16", "q8chat-int8-dynamic", "q8chat-int8-static", "q8chat-served"]
+    return names + [llamacpp.VARIANT] if llamacpp.available() else names
 
 
 def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode speed and time to first token, float vs INT8, as ratios")
     p.add_argument("--model", default="default")
-    p.add_argument("--variants", default="hf-fp32,hf-bf16,q8chat-int8-dynamic,q8chat-int8-static",
-                   help="comma-separated; q8chat-int8-SCHEME[-eager]: compiled unless -eager")
+    p.add_argument("--variants", default=",".join(default_variants()),
+                   help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
+                        f"q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; {llamacpp.VARIANT}: "
+                        "llama.cpp on the GGUF requantized to Q8_0 (a default when llama-cpp-python is installed)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the second turn")

@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.__main__ import main as serve
         return serve(argv[1:])
 
+    from bench.llamacpp import LlamaCppUnavailable
     from bench.speed import add_bench_parser
     from quant.cli import USER_ERRORS, add_eval_parser, add_quantize_parser
 
@@ -24,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request; the bench polls /health
     try:
         return args.run(args)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, LlamaCppUnavailable) as exc:
         print(f"q8chat {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

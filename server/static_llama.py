@@ -12,6 +12,8 @@ just writing the new tokens at their positions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -41,6 +43,18 @@ def _bf16_weight_only_scale(linear: nn.Module) -> None:
         linear.weight_scale = linear.weight_scale.to(torch.bfloat16)
 
 
+def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
+    """One layer's key (or value) cache: one spare position keeps every attended slice shorter than the
+    cache, so the compiler keeps its length symbolic."""
+    heads = config.num_key_value_heads
+    return 1, heads, max_len + 1, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_cache_bytes(config, max_len: int) -> int:
+    """Bytes of all layers' float32 key and value caches for ``max_len`` positions."""
+    return 2 * config.num_hidden_layers * 4 * math.prod(kv_cache_shape(config, max_len))
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -66,9 +80,8 @@ class StaticBlock(nn.Module):
         self.down_proj = mlp.down_proj
         for linear in (self.qkv, self.o_proj, self.gate_up, self.down_proj):
             _bf16_weight_only_scale(linear)
-        # keys and values; one spare position keeps every attended slice shorter than the cache, so the
-        # compiler keeps its length symbolic. Buffers, not inputs: inductor updates them in place.
-        shape = (1, self.kv_heads, max_len + 1, self.head_dim)
+        # keys and values: buffers, not inputs, so inductor updates them in place
+        shape = kv_cache_shape(config, max_len)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
+
+from bench.served import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 E2E_CALIB_SAMPLES = 16  # enough for a working INT8 model; keeps the first start of the e2e server short
@@ -46,50 +42,6 @@ def tiny_mpt(vocab_size: int, seed: int = 0):
 def tiny_model(request, tokenizer):
     build = {"llama": tiny_llama, "mpt": tiny_mpt}[request.param]
     return build(len(tokenizer))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A real ``q8chat serve`` subprocess on loopback."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] = ()) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [*launcher, sys.executable, "-m", "server", "--port", str(self.port), *args],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-5000:]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from string import Template
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from bench.served import free_port
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 

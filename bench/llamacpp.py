@@ -1,0 +1,123 @@
+"""llama.cpp as a benchmark competitor, through ``llama-cpp-python``'s C API (an optional extra: it
+builds from source for about 10 minutes on 2 cores, so it is never a test or serving dependency).
+
+It runs the same weights as q8chat, the source GGUF requantized to Q8_0 by llama.cpp's own quantizer,
+and is driven by the same engine loop as every other variant through a decoder adapter, so
+tokenization, sampling and timing are identical; only the forward pass differs.
+
+ggml's AMX buffer type is switched off (``use_extra_bufts``): on a VM that advertises AMX, its tile
+set-up faults (a general-protection fault at ``ldtilecfg`` in the first decode), and for Q8_0 on x86
+that buffer type is the only extra one, so what runs is llama.cpp's AVX-512/VNNI Q8_0 path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+VARIANT = "llama.cpp-q8_0"
+INSTALL_HINT = "pip install 'llama-cpp-python==0.3.36' (or: pip install '.[llamacpp]'); it builds from source"
+
+
+class LlamaCppUnavailable(RuntimeError):
+    pass
+
+
+def available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class _Library:
+    """The imported binding, with llama.cpp's C-side log silenced. The log hook is process-wide and
+    llama.cpp calls it from any later call, so there is one instance per process (``_library``)."""
+
+    def __init__(self) -> None:
+        if not available():
+            raise LlamaCppUnavailable(f"the {VARIANT} variant needs llama-cpp-python: {INSTALL_HINT}")
+        import llama_cpp
+        self.api = llama_cpp
+        self._log_callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(self._log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+
+
+@functools.cache
+def _library() -> _Library:
+    return _Library()
+
+
+def q8_0_gguf(source: Path, cache_dir: Path, threads: int) -> Path:
+    """The source GGUF requantized to Q8_0 by llama.cpp (cached next to q8chat's INT8 checkpoints)."""
+    if source.suffix != ".gguf":
+        raise LlamaCppUnavailable(f"{source}: the {VARIANT} variant needs a GGUF source model")
+    api = _library().api
+    out = Path(cache_dir).expanduser() / "llama.cpp" / f"{source.stem}.Q8_0.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = api.llama_model_quantize_default_params()
+    params.ftype = api.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True  # the shipped default model is Q4_1
+    params.nthread = threads
+    partial = out.with_suffix(".partial")
+    log.info("requantizing %s to Q8_0 with llama.cpp", source)
+    if api.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        partial.unlink(missing_ok=True)
+        raise LlamaCppUnavailable(f"llama.cpp could not quantize {source} to Q8_0")
+    partial.rename(out)
+    return out
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the tensors in a GGUF file (what decoding reads), without metadata and vocabulary."""
+    from gguf import GGUFReader
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+
+
+class LlamaCppDecoder:
+    """The engine's decoder interface over a llama.cpp context: logits after ``ids`` at ``start...``."""
+
+    def __init__(self, path: Path, context: int, threads: int) -> None:
+        api = self.api = _library().api
+        model_params = api.llama_model_default_params()
+        model_params.use_extra_bufts = False  # see the module docstring
+        self._model = api.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise LlamaCppUnavailable(f"llama.cpp could not load {path}")
+        ctx_params = api.llama_context_default_params()
+        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = context
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        self._ctx = api.llama_init_from_model(self._model, ctx_params)
+        self._batch = api.llama_batch_init(context, 0, 1)
+        self._vocab = api.llama_vocab_n_tokens(api.llama_model_get_vocab(self._model))
+        self.description = f"llama.cpp {api.__version__} ({path.name}, {threads} threads, no AMX buffers)"
+
+    def forward(self, ids: list[int], start: int) -> torch.Tensor:
+        api, batch = self.api, self._batch
+        api.llama_memory_seq_rm(api.llama_get_memory(self._ctx), 0, start, -1)  # drop the cache from start on
+        batch.n_tokens = len(ids)
+        for i, token in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(ids) - 1
+        if (status := api.llama_decode(self._ctx, batch)) != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        logits = np.ctypeslib.as_array(api.llama_get_logits_ith(self._ctx, -1), shape=(self._vocab,))
+        return torch.from_numpy(logits.copy())
+
+    def reset(self) -> None:
+        self.api.llama_memory_clear(self.api.llama_get_memory(self._ctx), True)
+
+    def __del__(self) -> None:
+        if getattr(self, "_ctx", None):
+            self.api.llama_batch_free(self._batch)
+            self.api.llama_free(self._ctx)
+            self.api.llama_model_free(self._model)

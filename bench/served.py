@@ -1,0 +1,137 @@
+"""Speed as a client sees it: start ``q8chat serve`` the way a user does, time it until healthy, stream
+chat completions over HTTP (SSE), and read the server process's resident memory.
+
+``ServerProcess`` is also what the end-to-end tests start servers with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.results import Sample
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real ``q8chat serve`` subprocess on loopback."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] = ()) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [*launcher, sys.executable, "-m", "server", "--port", str(self.port), *args],
+            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from launch until ``/health`` answered 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Resident memory now (VmRSS) and at its peak (VmHWM), from /proc."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines())
+        return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+@dataclass
+class StreamTiming:
+    ttft_s: float           # request sent -> first chunk with text (or the last chunk, if none has text)
+    decode_tok_s: float     # completion tokens after the first / time from first to last content chunk
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+def stream_chat(base_url: str, model: str, messages: list[dict], max_tokens: int) -> StreamTiming:
+    """One greedy streamed chat completion (EOS ignored, so exactly ``max_tokens`` tokens), timed per chunk."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    chunk_times, text, usage = [], [], None
+    start = time.perf_counter()
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            usage = chunk.get("usage") or usage
+            choice = chunk["choices"][0] if chunk["choices"] else {}
+            if choice.get("delta", {}).get("content") or (choice.get("finish_reason") and not chunk_times):
+                chunk_times.append(time.perf_counter())  # a token's text, or the end of a reply without any
+                text.append(choice["delta"].get("content") or "")
+    tokens = usage["completion_tokens"]
+    span = chunk_times[-1] - chunk_times[0]
+    return StreamTiming(ttft_s=chunk_times[0] - start, decode_tok_s=(tokens - 1) / span if span else 0.0,
+                        text="".join(text), prompt_tokens=usage["prompt_tokens"],
+                        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+
+
+class Served:
+    """``q8chat serve`` in its own process, measured over HTTP as a client sees it. It is started twice:
+    the second start is a restart with the quantized checkpoint and compiled kernels already cached."""
+
+    def __init__(self, server_args: list[str], model_name: str, tokenizer, log_dir: Path,
+                 timeout_s: float = 3600) -> None:
+        self.model_name, self.tokenizer = model_name, tokenizer
+        first = ServerProcess(server_args, {}, log_dir / "serve-first-start.log")
+        self.extra = {"first_start_s": round(first.wait_ready(timeout_s), 1)}
+        first.stop()
+        self.server = ServerProcess(server_args, {}, log_dir / "serve.log")
+        self.extra["restart_s"] = round(self.server.wait_ready(timeout_s), 1)
+        self._conversations = 0
+
+    def measure(self, prompt: list[int], decode_tokens: int, new_tokens: int):
+        self._conversations += 1  # a new system message each time: the server cannot reuse the last one
+        system = {"role": "system", "content": f"Conversation {self._conversations}."}
+        user = {"role": "user", "content": self.tokenizer.decode(prompt)}
+        first = stream_chat(self.server.base_url, self.model_name, [system, user], decode_tokens)
+        follow_up = [system, user, {"role": "assistant", "content": first.text},
+                     {"role": "user", "content": self.tokenizer.decode(prompt[:new_tokens])}]
+        second = stream_chat(self.server.base_url, self.model_name, follow_up, 1)
+        self.extra.update(prompt_tokens=first.prompt_tokens, first_turn_cached_tokens=first.cached_tokens,
+                          second_turn_prompt_tokens=second.prompt_tokens,
+                          second_turn_cached_tokens=second.cached_tokens)
+        return Sample(ttft_s=first.ttft_s, decode_tok_s=first.decode_tok_s, second_turn_ttft_s=second.ttft_s)
+
+    def close(self) -> dict:
+        memory = self.server.resident_bytes()
+        self.server.stop()
+        return {**self.extra, "rss_mb": round(memory["VmRSS"] / 1e6, 1), "peak_rss_mb": round(memory["VmHWM"] / 1e6, 1)}
