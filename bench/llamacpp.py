@@ -16,6 +16,9 @@ import ctypes
 import functools
 import importlib.util
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,26 +57,49 @@ def _library() -> _Library:
     return _Library()
 
 
-def q8_0_gguf(source: Path, cache_dir: Path, threads: int) -> Path:
-    """The source GGUF requantized to Q8_0 by llama.cpp (cached next to q8chat's INT8 checkpoints)."""
-    if source.suffix != ".gguf":
-        raise LlamaCppUnavailable(f"{source}: the {VARIANT} variant needs a GGUF source model")
+def q8_0_gguf(source: Path, cache_dir: Path, threads: int, converter: Path | None = None) -> Path:
+    """The source model as a Q8_0 GGUF made by llama.cpp's own tools, cached next to q8chat's INT8
+    checkpoints: a GGUF source is requantized by its quantizer; a Hugging Face directory is converted by
+    its ``convert_hf_to_gguf.py`` (``converter``: in the llama-cpp-python source, vendor/llama.cpp)."""
     api = _library().api
-    out = Path(cache_dir).expanduser() / "llama.cpp" / f"{source.stem}.Q8_0.gguf"
+    out = Path(cache_dir).expanduser() / "llama.cpp" / f"{source.stem if source.is_file() else source.name}.Q8_0.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    if source.suffix == ".gguf":
+        _requantize(api, source, partial, threads)
+    elif source.is_dir() and converter is not None:
+        _convert(converter, source, partial)
+    else:
+        raise LlamaCppUnavailable(f"{source}: the {VARIANT} variant needs a GGUF model, or for a Hugging Face "
+                                  "directory, llama.cpp's convert_hf_to_gguf.py (--llama-cpp-converter)")
+    partial.rename(out)
+    return out
+
+
+def _requantize(api, source: Path, out: Path, threads: int) -> None:
     params = api.llama_model_quantize_default_params()
     params.ftype = api.LLAMA_FTYPE_MOSTLY_Q8_0
     params.allow_requantize = True  # the shipped default model is Q4_1
     params.nthread = threads
-    partial = out.with_suffix(".partial")
     log.info("requantizing %s to Q8_0 with llama.cpp", source)
-    if api.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
-        partial.unlink(missing_ok=True)
+    if api.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        out.unlink(missing_ok=True)
         raise LlamaCppUnavailable(f"llama.cpp could not quantize {source} to Q8_0")
-    partial.rename(out)
-    return out
+
+
+def _convert(converter: Path, source: Path, out: Path) -> None:
+    """Run the converter with the gguf-py package that ships beside it (newer than PyPI's, as it expects)."""
+    log.info("converting %s to Q8_0 GGUF with %s", source, converter)
+    paths = [str(converter.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    done = subprocess.run([sys.executable, str(converter), str(source), "--outtype", "q8_0", "--outfile", str(out)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        out.unlink(missing_ok=True)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LlamaCppUnavailable(f"{converter} failed on {source}: {last}")
 
 
 def tensor_bytes(path: Path) -> int:

@@ -22,6 +22,7 @@ import torch
 from prompts import heldout_text
 from bench import llamacpp
 from bench.results import Result, Sample
+from bench.random_model import is_random_spec, random_model_dir
 from bench.served import Served
 from quant.checkpoint import weight_bytes
 from quant.load import load_float_model, resolve_model_path
@@ -79,7 +80,8 @@ def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool) 
             "--context-length", str(context), "--compile" if compile else "--no-compile"]
 
 
-def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int, context: int, log_dir: Path):
+def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int, context: int, log_dir: Path,
+             converter: Path | None):
     """(name, runner, weight bytes) for each requested variant, built from one float model."""
     float_model = load_float_model(model_spec)
     tokenizer = float_model.tokenizer
@@ -99,7 +101,7 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
             served.extra["kv_cache_mb"] = round(kv_cache_bytes(quantized.model.config, context) / 1e6, 1)
             yield name, served, weight_bytes(quantized.model)
         elif name == llamacpp.VARIANT:
-            path = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, torch.get_num_threads())
+            path = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, torch.get_num_threads(), converter)
             decoder = llamacpp.LlamaCppDecoder(path, context, torch.get_num_threads())
             yield name, InProcess(decoder, tokenizer, context), llamacpp.tensor_bytes(path)
         else:
@@ -110,7 +112,9 @@ def run(args) -> dict:
     torch.manual_seed(0)
     context = args.prompt_tokens * 2 + args.decode_tokens + 64
     log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
-    loaded = list(variants(args.model, args.cache_dir, args.variants.split(","), args.calib_samples, context, log_dir))
+    model = str(random_model_dir(args.model, args.cache_dir)) if is_random_spec(args.model) else args.model
+    loaded = list(variants(model, args.cache_dir, args.variants.split(","), args.calib_samples, context, log_dir,
+                           args.llama_cpp_converter))
     prompt = loaded[0][1].tokenizer(heldout_text(), add_special_tokens=False).input_ids[:args.prompt_tokens]
     results = {name: Result(name, size / 1e6) for name, _, size in loaded}
     for _, runner, _ in loaded:  # warm-up: first calls allocate and pick kernels
@@ -145,7 +149,7 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
              f"median of {report['workload']['reps']}.", "",
              "| variant | weights MB | decode tok/s | " + " | ".join(f"× {b['variant']}" for b in bases)
              + " | of roofline | TTFT s | × TTFT " + bases[-1]["variant"] + " | 2nd-turn TTFT s |",
-             "| --- |" + " ---: |" * (7 + len(bases))]
+             "| --- |" + " ---: |" * (6 + len(bases))]
     for r in rows.values():
         ratios = " | ".join(f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}" for b in bases)
         lines.append(f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']} | {ratios} | "
@@ -168,7 +172,8 @@ def default_variants() -> list[str]:
 
 def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode speed and time to first token, float vs INT8, as ratios")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default",
+                   help="as for serve, or random:llama-1b (a 1.1B Llama shape with random weights, built once)")
     p.add_argument("--variants", default=",".join(default_variants()),
                    help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
                         f"q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; {llamacpp.VARIANT}: "
@@ -179,6 +184,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="INT8 checkpoints (as serve uses)")
     p.add_argument("--calib-samples", type=int, default=Recipe.calib_samples)
+    p.add_argument("--llama-cpp-converter", type=Path, default=None,
+                   help="llama.cpp's convert_hf_to_gguf.py, for the llama.cpp variant of a non-GGUF model")
     p.add_argument("--json", type=Path, default=Path("bench-results.json"))
     p.set_defaults(run=run_bench)
 

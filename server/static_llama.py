@@ -86,7 +86,7 @@ class StaticBlock(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor | None) -> torch.Tensor:
         t = x.shape[1]
         qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -96,9 +96,9 @@ class StaticBlock(nn.Module):
         v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
-        length = mask.shape[-1]
+        length = t if mask is None else mask.shape[-1]
         att = F.scaled_dot_product_attention(q, self.k_cache[:, :, :length], self.v_cache[:, :, :length],
-                                             attn_mask=mask,
+                                             attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.heads != self.kv_heads)
         x = x + self.o_proj(att.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
         gate, up = self.gate_up(_rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
@@ -106,7 +106,7 @@ class StaticBlock(nn.Module):
 
 
 class StaticLlama(nn.Module):
-    """``forward(ids [1, T], pos [T], mask [T, L]) -> logits [1, vocab]`` of the last position.
+    """``forward(ids [1, T], pos [T], mask [T, L] or None) -> logits [1, vocab]`` of the last position.
 
     Keys and values of positions ``pos`` are written into the blocks' caches; attention reads the first
     L cache positions through ``mask`` (True: attend), so its cost follows the conversation, not the
@@ -130,15 +130,19 @@ class StaticLlama(nn.Module):
         self.register_buffer("cos", cos[0].float(), persistent=False)
         self.register_buffer("sin", sin[0].float(), persistent=False)
 
-    def attention_mask(self, start: int, count: int) -> torch.Tensor:
-        """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself."""
+    def attention_mask(self, start: int, count: int) -> torch.Tensor | None:
+        """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself.
+        None for several tokens from position 0: plain causal attention, which skips the masked half."""
         if start + count > self.max_len:
             raise ValueError(f"positions up to {start + count} do not fit a cache of {self.max_len}")
+        if start == 0 and count > 1:
+            return None
         return torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(ids)
-        cos, sin, mask = self.cos[pos], self.sin[pos], mask[None, None]
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = None if mask is None else mask[None, None]
         for block in self.blocks:
             x = block(x, pos, cos, sin, mask)
         return self.lm_head(_rms_norm(x[:, -1], self.norm, self.eps))

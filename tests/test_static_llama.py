@@ -41,6 +41,8 @@ def test_attention_mask_sees_each_position_up_to_itself():
     net = StaticLlama(tiny_llama(100), 8)
     mask = net.attention_mask(3, 2)
     assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
+    assert net.attention_mask(0, 1).tolist() == [[True]]
+    assert net.attention_mask(0, 4) is None  # a fresh prompt: causal attention without a mask
     with pytest.raises(ValueError):
         net.attention_mask(7, 2)
 
