@@ -111,12 +111,18 @@ class Served:
     def __init__(self, server_args: list[str], model_name: str, tokenizer, log_dir: Path,
                  timeout_s: float = 3600) -> None:
         self.model_name, self.tokenizer = model_name, tokenizer
-        first = ServerProcess(server_args, {}, log_dir / "serve-first-start.log")
-        self.extra = {"first_start_s": round(first.wait_ready(timeout_s), 1)}
-        first.stop()
-        self.server = ServerProcess(server_args, {}, log_dir / "serve.log")
-        self.extra["restart_s"] = round(self.server.wait_ready(timeout_s), 1)
+        self.extra = {"first_start_s": self._start(server_args, log_dir / "serve-first-start.log", timeout_s)}
+        self.server.stop()
+        self.extra["restart_s"] = self._start(server_args, log_dir / "serve.log", timeout_s)
         self._conversations = 0
+
+    def _start(self, server_args: list[str], log_path: Path, timeout_s: float) -> float:
+        self.server = ServerProcess(server_args, {}, log_path)
+        try:
+            return round(self.server.wait_ready(timeout_s), 1)
+        except Exception:
+            self.server.stop()
+            raise
 
     def measure(self, prompt: list[int], decode_tokens: int, new_tokens: int):
         self._conversations += 1  # a new system message each time: the server cannot reuse the last one
@@ -131,7 +137,9 @@ class Served:
                           second_turn_cached_tokens=second.cached_tokens)
         return Sample(ttft_s=first.ttft_s, decode_tok_s=first.decode_tok_s, second_turn_ttft_s=second.ttft_s)
 
-    def close(self) -> dict:
+    def figures(self) -> dict:
         memory = self.server.resident_bytes()
-        self.server.stop()
         return {**self.extra, "rss_mb": round(memory["VmRSS"] / 1e6, 1), "peak_rss_mb": round(memory["VmHWM"] / 1e6, 1)}
+
+    def stop(self) -> None:
+        self.server.stop()

@@ -70,8 +70,11 @@ class InProcess:
         return Sample(ttft_s=times[0] - start, decode_tok_s=(len(times) - 1) / (times[-1] - times[0]),
                       second_turn_ttft_s=time.perf_counter() - second)
 
-    def close(self) -> dict:
+    def figures(self) -> dict:
         return {}
+
+    def stop(self) -> None:
+        pass
 
 
 def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool) -> list[str]:
@@ -108,13 +111,8 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
             raise ValueError(f"unknown variant {name!r}")
 
 
-def run(args) -> dict:
-    torch.manual_seed(0)
-    context = args.prompt_tokens * 2 + args.decode_tokens + 64
-    log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
-    model = str(random_model_dir(args.model, args.cache_dir)) if is_random_spec(args.model) else args.model
-    loaded = list(variants(model, args.cache_dir, args.variants.split(","), args.calib_samples, context, log_dir,
-                           args.llama_cpp_converter))
+def measure_all(loaded: list, args) -> dict[str, Result]:
+    """Every variant, rep by rep (interleaved), after a warm-up call each; then each runner's own figures."""
     prompt = loaded[0][1].tokenizer(heldout_text(), add_special_tokens=False).input_ids[:args.prompt_tokens]
     results = {name: Result(name, size / 1e6) for name, _, size in loaded}
     for _, runner, _ in loaded:  # warm-up: first calls allocate and pick kernels
@@ -126,7 +124,24 @@ def run(args) -> dict:
             print(f"rep {rep + 1}/{args.reps} {name}: {sample.decode_tok_s:.1f} tok/s, TTFT {sample.ttft_s:.3f} s",
                   flush=True)
     for name, runner, _ in loaded:
-        results[name].extra.update(runner.close())
+        results[name].extra.update(runner.figures())
+    return results
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    context = args.prompt_tokens * 2 + args.decode_tokens + 64
+    log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
+    model = str(random_model_dir(args.model, args.cache_dir)) if is_random_spec(args.model) else args.model
+    loaded = []
+    try:  # served variants run a server process: stop it whatever fails
+        for variant in variants(model, args.cache_dir, args.variants.split(","), args.calib_samples, context,
+                                log_dir, args.llama_cpp_converter):
+            loaded.append(variant)
+        results = measure_all(loaded, args)
+    finally:
+        for _, runner, _ in loaded:
+            runner.stop()
     bandwidth = memory_bandwidth_gb_s()
     rows = [r.summary() for r in results.values()]
     for row in rows:
@@ -134,8 +149,9 @@ def run(args) -> dict:
         row["roofline_fraction"] = round(row["decode_tok_s"] / row["roofline_tok_s"], 3)
     return {"machine": {"threads": torch.get_num_threads(), "bandwidth_gb_s": round(bandwidth, 1),
                         "isa": torch.backends.cpu.get_cpu_capability()},
-            "workload": {"model": args.model, "prompt_tokens": len(prompt), "decode_tokens": args.decode_tokens,
-                         "second_turn_new_tokens": args.new_tokens, "reps": args.reps, "server_logs": str(log_dir)},
+            "workload": {"model": args.model, "prompt_tokens": args.prompt_tokens,
+                         "decode_tokens": args.decode_tokens, "second_turn_new_tokens": args.new_tokens,
+                         "reps": args.reps, "server_logs": str(log_dir)},
             "results": rows}
 
 
@@ -158,9 +174,9 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
     for r in rows.values():
         if "rss_mb" in r:
             budget = r["weight_mb"] + r["kv_cache_mb"]
-            lines.append(f"\n{r['variant']}: first start {r['first_start_s']} s, restart {r['restart_s']} s; resident "
-                         f"{r['rss_mb']} MB (peak {r['peak_rss_mb']}) = {r['rss_mb'] / budget:.2f}× weights + KV cache "
-                         f"({budget:.1f} MB); prompt {r['prompt_tokens']} tokens, second turn "
+            lines.append(f"\n{r['variant']}: first start {r['first_start_s']} s, restart {r['restart_s']} s; "
+                         f"resident {r['rss_mb']} MB (peak {r['peak_rss_mb']}) = {r['rss_mb'] / budget:.2f}× "
+                         f"weights + KV cache ({budget:.1f} MB); prompt {r['prompt_tokens']} tokens, second turn "
                          f"{r['second_turn_cached_tokens']} of {r['second_turn_prompt_tokens']} cached.")
     return "\n".join(lines)
 
@@ -176,8 +192,9 @@ def add_bench_parser(subparsers) -> None:
                    help="as for serve, or random:llama-1b (a 1.1B Llama shape with random weights, built once)")
     p.add_argument("--variants", default=",".join(default_variants()),
                    help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
-                        f"q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; {llamacpp.VARIANT}: "
-                        "llama.cpp on the GGUF requantized to Q8_0 (a default when llama-cpp-python is installed)")
+                        "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; "
+                        f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
+                        "installed)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the second turn")
