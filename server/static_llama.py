@@ -52,7 +52,7 @@ def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
 
 def kv_cache_bytes(config, max_len: int) -> int:
     """Bytes of all layers' float32 key and value caches for ``max_len`` positions."""
-    return 2 * config.num_hidden_layers * 4 * math.prod(kv_cache_shape(config, max_len))
+    return 2 * config.num_hidden_layers * torch.float32.itemsize * math.prod(kv_cache_shape(config, max_len))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,8 +69,8 @@ class StaticBlock(nn.Module):
     def __init__(self, layer, config, max_len: int) -> None:
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        shape = kv_cache_shape(config, max_len)
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, shape[1], shape[3]
         self.eps = config.rms_norm_eps
         self.input_norm = layer.input_layernorm.weight
         self.post_norm = layer.post_attention_layernorm.weight
@@ -81,7 +81,6 @@ class StaticBlock(nn.Module):
         for linear in (self.qkv, self.o_proj, self.gate_up, self.down_proj):
             _bf16_weight_only_scale(linear)
         # keys and values: buffers, not inputs, so inductor updates them in place
-        shape = kv_cache_shape(config, max_len)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
@@ -132,7 +131,7 @@ class StaticLlama(nn.Module):
 
     def attention_mask(self, start: int, count: int) -> torch.Tensor | None:
         """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself.
-        None for several tokens from position 0: plain causal attention, which skips the masked half."""
+        None for several tokens from position 0: SDPA's causal attention, with no mask tensor to build."""
         if start + count > self.max_len:
             raise ValueError(f"positions up to {start + count} do not fit a cache of {self.max_len}")
         if start == 0 and count > 1:
