@@ -2,34 +2,24 @@
 
 The engine owns the token bookkeeping (which tokens the cache holds); a decoder owns the cache itself.
 ``StaticDecoder`` is the fast path for the Llama family: a compact model with a preallocated cache and
-the one-token decode step compiled by inductor (frozen INT8 weights prepacked for oneDNN, GEMMs from
-inductor's CPU templates: VNNI here, AMX where the CPU has it). ``HFDecoder`` runs the Hugging Face
-model eagerly and serves every other family.
+the one-token decode step compiled ahead of time (``compiled_step``: frozen INT8 weights prepacked for
+oneDNN, GEMMs from inductor's CPU templates: VNNI here, AMX where the CPU has it). ``HFDecoder`` runs
+the Hugging Face model eagerly and serves every other family.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from server import compiled_step
 from server.static_llama import StaticLlama, UnsupportedForCompile
 
 log = logging.getLogger(__name__)
-
-
-
-def configure_inductor() -> None:
-    """Freezing turns weights into constants, which lets inductor prepack the INT8 ones for oneDNN;
-    max-autotune picks between oneDNN and inductor's own GEMM templates (VNNI/AMX micro-kernels).
-    Process-wide settings: freezing is not honoured as a per-compile option."""
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True
-    inductor.max_autotune = True
-    inductor.max_autotune_gemm_backends = "CPP,ATEN"
 
 
 class HFDecoder:
@@ -52,52 +42,59 @@ class HFDecoder:
 
 
 class StaticDecoder:
-    def __init__(self, model, max_len: int, compile: bool) -> None:
-        self.net = StaticLlama(model, max_len).eval()
-        self.compiled = compile
-        if compile:
-            configure_inductor()
-        self._step = torch.compile(self.net, fullgraph=True) if compile else self.net
-        self.description = ("compiled decode step (inductor, frozen INT8 weights), static KV cache" if compile
-                            else "eager compact model, static KV cache")
+    """The compact model: prompts run eagerly; single tokens after the first position run ``step`` (the
+    compiled package, or the same module eagerly). Position 0 always runs eagerly: the package's attended
+    length starts at 2."""
+
+    def __init__(self, net: StaticLlama, step=None) -> None:
+        self.net = net
+        self._step = step or net
+        self.description = ("compiled decode step (AOTInductor package, frozen INT8 weights), static KV cache"
+                            if step else "eager compact model, static KV cache")
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
-        """Logits after ``ids`` at positions ``start...``. Prompts run eagerly; single tokens after the
-        first position run the compiled step, with the attended length symbolic so one graph serves
-        every position (a length of 1 would be specialized by the compiler: position 0 runs eagerly)."""
-        mask = self.net.attention_mask(start, len(ids))
-        step = self.net
-        if len(ids) == 1 and start > 0:
-            step = self._step
-            if self.compiled:
-                torch._dynamo.mark_dynamic(mask, 1)
-        return step(torch.tensor([ids]), torch.arange(start, start + len(ids)), mask)[0]
-
-    def warm_up(self) -> float:
-        """Compile now rather than on the first request; returns the seconds it took."""
-        begin = time.perf_counter()
-        with torch.no_grad():  # as the engine runs it: another mode would compile again
-            for position in (1, 2):  # two lengths: the second call must hit the same graph
-                self.forward([0], position)
-        return time.perf_counter() - begin
+        """Logits after ``ids`` at positions ``start...``."""
+        step = self._step if len(ids) == 1 and start > 0 else self.net
+        return step(torch.tensor([ids]), torch.arange(start, start + len(ids)),
+                    self.net.attention_mask(start, len(ids)))[0]
 
     def reset(self) -> None:
         pass  # positions are overwritten before they are attended to: nothing to forget
 
 
-def make_decoder(model, max_len: int, compile: bool):
-    """The fastest decoder this model supports, warmed up."""
+def _compiled_step(net: StaticLlama, package: Path):
+    """The package's step, built first if it is not there (or cannot be loaded), and checked to run."""
+    if package.exists():
+        try:
+            step = compiled_step.load(net, package)
+            log.info("loaded the compiled decode step %s", package)
+            return step
+        except Exception as exc:  # a package from a crashed build or another torch: build it again
+            log.warning("cannot load %s (%s); compiling again", package, str(exc).splitlines()[0] if str(exc) else exc)
+    log.info("compiling the decode step into %s (a minute or more on few cores; once per model and machine)...",
+             package)
+    begin = time.perf_counter()
+    compiled_step.build(net, package)
+    log.info("decode step compiled in %.1f s", time.perf_counter() - begin)
+    return compiled_step.load(net, package)
+
+
+def make_decoder(model, max_len: int, package: Path | None = None):
+    """The fastest decoder this model supports. ``package``: the compiled step's file (see
+    ``compiled_step.package_path``), built when absent; None decodes eagerly."""
     try:
-        decoder = StaticDecoder(model, max_len, compile)
+        net = StaticLlama(model, max_len).eval()
     except UnsupportedForCompile as exc:
         log.info("%s; decoding eagerly with the Hugging Face model", exc)
         return HFDecoder(model)
-    if compile:
-        log.info("compiling the decode step (a minute or more on few cores)...")
-        try:
-            log.info("decode step compiled in %.1f s", decoder.warm_up())
-        except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
-            log.warning("cannot compile the decode step (%s: %s); decoding eagerly",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return StaticDecoder(model, max_len, compile=False)
-    return decoder
+    if package is None:
+        return StaticDecoder(net)
+    try:
+        decoder = StaticDecoder(net, _compiled_step(net, package))
+        with torch.no_grad():  # one step, so that a broken package fails here and not on a request
+            decoder.forward([0], 1)
+        return decoder
+    except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
+        log.warning("cannot compile the decode step (%s: %s); decoding eagerly",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return StaticDecoder(net)

@@ -1,5 +1,5 @@
 """The compiled decode path, end to end: a server started with --compile starts its greedy answers with
-exactly the tokens the eager server gives.
+exactly the tokens the eager server gives, and a restart loads the compiled step instead of compiling.
 
 Not whole answers: fused kernels round differently in the last float bit, per-token INT8 turns such a
 bit into a whole quantization step now and then, and after some tokens two near-tied candidates swap.
@@ -28,11 +28,16 @@ def greedy(server, content: str) -> dict:
             "tokens": answer["usage"]["completion_tokens"]}
 
 
-def test_compiled_server_starts_with_the_eager_greedy_tokens(start_server, server):
+def test_compiled_server_starts_with_the_eager_greedy_tokens_and_restarts_without_compiling(start_server, server):
     compiled = start_server("--compile", env={"Q8CHAT_COMPILE": "true"})
     log = compiled.log()
-    assert "decode step compiled in" in log and "compiled decode step" in log
-    for content in PROMPTS:
-        eager = greedy(server, content)
-        assert eager["tokens"] == 8
-        assert greedy(compiled, content) == eager
+    assert "decode step compiled in" in log and "compiled decode step (AOTInductor package" in log
+    eager = [greedy(server, content) for content in PROMPTS]
+    assert [answer["tokens"] for answer in eager] == [8] * len(PROMPTS)
+    assert [greedy(compiled, content) for content in PROMPTS] == eager
+    compiled.stop()
+
+    restarted = start_server("--compile", env={"Q8CHAT_COMPILE": "true"})
+    log = restarted.log()
+    assert "loaded the compiled decode step" in log and "decode step compiled in" not in log
+    assert [greedy(restarted, content) for content in PROMPTS] == eager

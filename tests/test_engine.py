@@ -6,7 +6,7 @@ import torch
 from server.decoder import HFDecoder, StaticDecoder
 from server.engine import ContextLengthExceeded, Engine, GenerationStats
 from server.sampling import SamplingParams
-from server.static_llama import UnsupportedForCompile
+from server.static_llama import StaticLlama, UnsupportedForCompile
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -18,7 +18,7 @@ def make_engine(request, tiny_model, tokenizer):
             decoder = HFDecoder(tiny_model)
         else:
             try:
-                decoder = StaticDecoder(tiny_model, context, compile=False)
+                decoder = StaticDecoder(StaticLlama(tiny_model, context).eval())
             except UnsupportedForCompile:
                 pytest.skip("no compact decoder for this family")
         return Engine(decoder, tokenizer, context, set(eos))

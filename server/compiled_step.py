@@ -1,0 +1,92 @@
+"""The one-token decode step compiled ahead of time by AOTInductor, kept as a package on disk.
+
+The first start exports the compact model's step (attended length symbolic), lets inductor freeze the INT8
+weights, prepack them for oneDNN and pick its GEMM templates (VNNI here, AMX where the CPU has it), and
+writes a ``.pt2`` package; later starts load that package in a second or two. ``torch.compile`` cannot be
+cached this way: its graph cache refuses graphs holding oneDNN-prepacked weights, so every start lowered
+the whole model again (about 50 s on 2 cores).
+
+A package is keyed by everything its machine code depends on: the checkpoint, the context length, torch,
+the CPU's ISA, the thread count (inductor bakes it into its parallel loops) and the source of the compact
+model. Its KV caches are the eager model's own tensors, so prompts (eager) and decode steps (compiled)
+read and write one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from quant import int8
+from quant.load import fingerprint
+from server import static_llama
+from server.placement import cpu_isa
+
+log = logging.getLogger(__name__)
+
+_SOURCES = (int8.__file__, static_llama.__file__, __file__)
+
+
+def package_path(cache_dir: Path, checkpoint: Path, max_len: int) -> Path:
+    """Where the compiled step of this checkpoint and context length lives for this machine and code."""
+    facts = {"checkpoint": fingerprint(Path(checkpoint)), "max_len": max_len, "torch": torch.__version__,
+             "isa": cpu_isa(), "threads": torch.get_num_threads(),
+             "source": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in _SOURCES]}
+    key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / "compiled" / f"decode-{key}.pt2"
+
+
+def configure_inductor() -> None:
+    """Freezing turns weights into constants, which lets inductor prepack the INT8 ones for oneDNN;
+    max-autotune picks between oneDNN and inductor's own GEMM templates (VNNI/AMX micro-kernels).
+    Process-wide settings: freezing is not honoured as a per-compile option."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    inductor.max_autotune = True
+    inductor.max_autotune_gemm_backends = "CPP,ATEN"
+
+
+def export_step(net: static_llama.StaticLlama) -> torch.export.ExportedProgram:
+    """The step for one token at a position > 0, with the attended length symbolic (from 2 to the cache)."""
+    length = torch.export.Dim("attended", min=2, max=net.max_len)
+    example = (torch.tensor([[0]]), torch.tensor([1]), net.attention_mask(1, 1))
+    with torch.no_grad():
+        program = torch.export.export(net, example, dynamic_shapes=(None, None, {1: length}))
+    # Export checks the dtype of every ``.to()`` result with an assert node. Such a node is a second user of
+    # the INT8 matmul, which keeps inductor's oneDNN pattern from matching (decode fell from 120 to 85 tok/s);
+    # inductor removes these asserts itself, but only after those patterns ran.
+    for node in list(program.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            program.graph.erase_node(node)
+    program.graph_module.recompile()
+    return program
+
+
+def build(net: static_llama.StaticLlama, path: Path) -> None:
+    """Compile the step into ``path`` (written whole or not at all)."""
+    configure_inductor()
+    program = export_step(net)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
+        partial = Path(scratch) / path.name
+        with torch.no_grad():  # freezing applies to inference graphs only
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        os.replace(partial, path)
+
+
+def load(net: static_llama.StaticLlama, path: Path):
+    """The packaged step, reading and writing ``net``'s KV caches in place."""
+    step = torch._inductor.aoti_load_package(str(path))
+    caches = {name: buffer for name, buffer in net.named_buffers() if name.endswith(("k_cache", "v_cache"))}
+    missing = set(caches) - set(step.get_constant_fqns())
+    if missing:
+        raise RuntimeError(f"{path.name} has no constants for {sorted(missing)[:2]}...: not this model's step")
+    step.load_constants(caches, check_full_update=False, user_managed=True)
+    return step
