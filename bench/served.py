@@ -44,14 +44,14 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-5000:]}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
                     return time.perf_counter() - self.started
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()[-5000:]}")
 
     def resident_bytes(self) -> dict[str, int]:
         """Resident memory now (VmRSS) and at its peak (VmHWM), from /proc."""
@@ -59,8 +59,9 @@ class ServerProcess:
         return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
 
     def log(self) -> str:
+        """The whole log (errors quote its tail)."""
         self._log.flush()
-        return self.log_path.read_text()[-5000:]
+        return self.log_path.read_text()
 
     def stop(self) -> None:
         self.process.terminate()

@@ -28,7 +28,7 @@ from quant.checkpoint import weight_bytes
 from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import load_int8_model
-from server.compiled_step import package_path
+from server.compiled_step import package_paths
 from server.decoder import HFDecoder, make_decoder
 from server.engine import Engine
 from server.sampling import SamplingParams
@@ -96,8 +96,8 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
         elif name.startswith("q8chat-int8-"):
             scheme = name.removeprefix("q8chat-int8-").removesuffix("-eager")
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
-            package = None if name.endswith("-eager") else package_path(cache_dir, quantized.path, context)
-            decoder = make_decoder(quantized.model, context, package)
+            packages = None if name.endswith("-eager") else package_paths(cache_dir, quantized.path, context)
+            decoder = make_decoder(quantized.model, context, packages)
             yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
         elif name in ("q8chat-served", "q8chat-served-eager"):
             quantized = load_int8_model(model_spec, Recipe(calib_samples=calib_samples), cache_dir)

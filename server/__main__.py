@@ -24,7 +24,7 @@ def build_service(settings: Settings, metrics, placement):
     from quant.cli import parse_alpha
     from quant.smoothquant import Recipe
     from quant.store import load_int8_model
-    from server.compiled_step import package_path
+    from server.compiled_step import package_paths
     from server.decoder import make_decoder
     from server.engine import Engine
     from server.placement import cpu_isa
@@ -38,8 +38,8 @@ def build_service(settings: Settings, metrics, placement):
     generation_eos = getattr(quantized.model.generation_config, "eos_token_id", None)
     eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
     context = settings.context_length or quantized.model.config.max_position_embeddings
-    package = package_path(settings.cache_dir, quantized.path, context) if settings.compile else None
-    decoder = make_decoder(quantized.model, context, package)
+    packages = package_paths(settings.cache_dir, quantized.path, context) if settings.compile else None
+    decoder = make_decoder(quantized.model, context, packages)
     engine = Engine(decoder, tokenizer, context, eos)
     name = settings.served_model_name or quantized.name
     model_bytes = weight_bytes(quantized.model)

@@ -42,59 +42,60 @@ class HFDecoder:
 
 
 class StaticDecoder:
-    """The compact model: prompts run eagerly; single tokens after the first position run ``step`` (the
-    compiled package, or the same module eagerly). Position 0 always runs eagerly: the package's attended
-    length starts at 2."""
+    """The compact model. Prompts run the ``prefill`` step and single tokens the ``decode`` step: compiled
+    packages where given, else the module itself, eagerly. A single token at position 0 always runs
+    eagerly: the compiled steps attend to 2 positions or more."""
 
-    def __init__(self, net: StaticLlama, step=None) -> None:
+    def __init__(self, net: StaticLlama, steps: dict | None = None) -> None:
         self.net = net
-        self._step = step or net
-        self.description = ("compiled decode step (AOTInductor package, frozen INT8 weights), static KV cache"
-                            if step else "eager compact model, static KV cache")
+        self._steps = steps or {}
+        compiled = " and ".join(f"{name} step" for name in self._steps)
+        self.description = (f"compiled {compiled} (AOTInductor packages, frozen INT8 weights), static KV cache"
+                            if compiled else "eager compact model, static KV cache")
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         """Logits after ``ids`` at positions ``start...``."""
-        step = self._step if len(ids) == 1 and start > 0 else self.net
-        return step(torch.tensor([ids]), torch.arange(start, start + len(ids)),
-                    self.net.attention_mask(start, len(ids)))[0]
+        step = self._steps.get("decode" if len(ids) == 1 else "prefill") if start + len(ids) > 1 else None
+        mask = self.net.attention_mask(start, len(ids), materialize=step is not None)
+        return (step or self.net)(torch.tensor([ids]), torch.arange(start, start + len(ids)), mask)[0]
 
     def reset(self) -> None:
         pass  # positions are overwritten before they are attended to: nothing to forget
 
 
-def _compiled_step(net: StaticLlama, package: Path):
-    """The package's step, built first if it is not there (or cannot be loaded), and checked to run."""
+def _compiled_step(net: StaticLlama, step: str, package: Path):
+    """The package's step, built first if it is not there (or cannot be loaded)."""
     if package.exists():
         try:
-            step = compiled_step.load(net, package)
-            log.info("loaded the compiled decode step %s", package)
-            return step
+            loaded = compiled_step.load(net, package)
+            log.info("loaded the compiled %s step %s", step, package)
+            return loaded
         except Exception as exc:  # a package from a crashed build or another torch: build it again
             log.warning("cannot load %s (%s); compiling again", package, str(exc).splitlines()[0] if str(exc) else exc)
-    log.info("compiling the decode step into %s (a minute or more on few cores; once per model and machine)...",
-             package)
+    log.info("compiling the %s step into %s (a minute or more on few cores; once per model and machine)...",
+             step, package)
     begin = time.perf_counter()
-    compiled_step.build(net, package)
-    log.info("decode step compiled in %.1f s", time.perf_counter() - begin)
+    compiled_step.build(net, step, package)
+    log.info("%s step compiled in %.1f s", step, time.perf_counter() - begin)
     return compiled_step.load(net, package)
 
 
-def make_decoder(model, max_len: int, package: Path | None = None):
-    """The fastest decoder this model supports. ``package``: the compiled step's file (see
-    ``compiled_step.package_path``), built when absent; None decodes eagerly."""
+def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
+    """The fastest decoder this model supports. ``packages``: the compiled steps' files by step name (see
+    ``compiled_step.package_paths``), built when absent; None decodes eagerly."""
     try:
         net = StaticLlama(model, max_len).eval()
     except UnsupportedForCompile as exc:
         log.info("%s; decoding eagerly with the Hugging Face model", exc)
         return HFDecoder(model)
-    if package is None:
-        return StaticDecoder(net)
-    try:
-        decoder = StaticDecoder(net, _compiled_step(net, package))
-        with torch.no_grad():  # one step, so that a broken package fails here and not on a request
-            decoder.forward([0], 1)
-        return decoder
-    except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
-        log.warning("cannot compile the decode step (%s: %s); decoding eagerly",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return StaticDecoder(net)
+    steps = {}
+    for step, package in (packages or {}).items():
+        try:
+            steps[step] = _compiled_step(net, step, package)
+            with torch.no_grad():  # one call, so that a broken package fails here and not on a request
+                StaticDecoder(net, {step: steps[step]}).forward([0] * (1 if step == "decode" else 2), 1)
+        except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
+            steps.pop(step, None)
+            log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return StaticDecoder(net, steps)

@@ -129,12 +129,13 @@ class StaticLlama(nn.Module):
         self.register_buffer("cos", cos[0].float(), persistent=False)
         self.register_buffer("sin", sin[0].float(), persistent=False)
 
-    def attention_mask(self, start: int, count: int) -> torch.Tensor | None:
+    def attention_mask(self, start: int, count: int, materialize: bool = False) -> torch.Tensor | None:
         """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself.
-        None for several tokens from position 0: SDPA's causal attention, with no mask tensor to build."""
+        None for several tokens from position 0 (SDPA's causal attention, with no mask tensor to build)
+        unless ``materialize``: the compiled steps take a tensor."""
         if start + count > self.max_len:
             raise ValueError(f"positions up to {start + count} do not fit a cache of {self.max_len}")
-        if start == 0 and count > 1:
+        if start == 0 and count > 1 and not materialize:
             return None
         return torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
 

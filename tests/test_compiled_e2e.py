@@ -1,5 +1,5 @@
 """The compiled decode path, end to end: a server started with --compile starts its greedy answers with
-exactly the tokens the eager server gives, and a restart loads the compiled step instead of compiling.
+exactly the tokens the eager server gives, and a restart loads the compiled steps instead of compiling.
 
 Not whole answers: fused kernels round differently in the last float bit, per-token INT8 turns such a
 bit into a whole quantization step now and then, and after some tokens two near-tied candidates swap.
@@ -31,7 +31,8 @@ def greedy(server, content: str) -> dict:
 def test_compiled_server_starts_with_the_eager_greedy_tokens_and_restarts_without_compiling(start_server, server):
     compiled = start_server("--compile", env={"Q8CHAT_COMPILE": "true"})
     log = compiled.log()
-    assert "decode step compiled in" in log and "compiled decode step (AOTInductor package" in log
+    assert "decode step compiled in" in log and "prefill step compiled in" in log
+    assert "compiled decode step and prefill step (AOTInductor packages" in log
     eager = [greedy(server, content) for content in PROMPTS]
     assert [answer["tokens"] for answer in eager] == [8] * len(PROMPTS)
     assert [greedy(compiled, content) for content in PROMPTS] == eager
@@ -39,5 +40,6 @@ def test_compiled_server_starts_with_the_eager_greedy_tokens_and_restarts_withou
 
     restarted = start_server("--compile", env={"Q8CHAT_COMPILE": "true"})
     log = restarted.log()
-    assert "loaded the compiled decode step" in log and "decode step compiled in" not in log
+    assert "loaded the compiled decode step" in log and "loaded the compiled prefill step" in log
+    assert "step compiled in" not in log
     assert [greedy(restarted, content) for content in PROMPTS] == eager
