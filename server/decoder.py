@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from server import compiled_step
-from server.static_llama import StaticLlama, UnsupportedForCompile
+from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,22 @@ class HFDecoder:
 
 class StaticDecoder:
     """The compact model. Prompts run the ``prefill`` step and single tokens the ``decode`` step: compiled
-    packages where given, else the module itself, eagerly. A single token at position 0 always runs
-    eagerly: the compiled steps attend to 2 positions or more."""
+    packages where given, else the module itself, eagerly. With both steps compiled the module is not
+    kept: the packages hold their own copies of the weights, and dropping it frees the eager ones."""
 
     def __init__(self, net: StaticLlama, steps: dict | None = None) -> None:
-        self.net = net
+        self.max_len, self.caches = net.max_len, net.caches
         self._steps = steps or {}
+        self._net = None if set(self._steps) == set(compiled_step.STEPS) else net
         compiled = " and ".join(f"{name} step" for name in self._steps)
         self.description = (f"compiled {compiled} (AOTInductor packages, frozen INT8 weights), static KV cache"
                             if compiled else "eager compact model, static KV cache")
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         """Logits after ``ids`` at positions ``start...``."""
-        step = self._steps.get("decode" if len(ids) == 1 else "prefill") if start + len(ids) > 1 else None
-        mask = self.net.attention_mask(start, len(ids), materialize=step is not None)
-        return (step or self.net)(torch.tensor([ids]), torch.arange(start, start + len(ids)), mask)[0]
+        step = self._steps.get("decode" if len(ids) == 1 else "prefill")
+        mask = attention_mask(self.max_len, start, len(ids), compiled=step is not None)
+        return (step or self._net)(torch.tensor([ids]), torch.arange(start, start + len(ids)), mask, self.caches)[0]
 
     def reset(self) -> None:
         pass  # positions are overwritten before they are attended to: nothing to forget
@@ -67,7 +68,7 @@ def _compiled_step(net: StaticLlama, step: str, package: Path):
     """The package's step, built first if it is not there (or cannot be loaded)."""
     if package.exists():
         try:
-            loaded = compiled_step.load(net, package)
+            loaded = compiled_step.load(package)
             log.info("loaded the compiled %s step %s", step, package)
             return loaded
         except Exception as exc:  # a package from a crashed build or another torch: build it again
@@ -77,7 +78,7 @@ def _compiled_step(net: StaticLlama, step: str, package: Path):
     begin = time.perf_counter()
     compiled_step.build(net, step, package)
     log.info("%s step compiled in %.1f s", step, time.perf_counter() - begin)
-    return compiled_step.load(net, package)
+    return compiled_step.load(package)
 
 
 def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
@@ -93,7 +94,7 @@ def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
         try:
             steps[step] = _compiled_step(net, step, package)
             with torch.no_grad():  # one call, so that a broken package fails here and not on a request
-                StaticDecoder(net, {step: steps[step]}).forward([0] * (1 if step == "decode" else 2), 1)
+                StaticDecoder(net, {step: steps[step]}).forward([0] * (1 if step == "decode" else 2), 0)
         except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
             steps.pop(step, None)
             log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,

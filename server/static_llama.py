@@ -7,7 +7,8 @@ the model's own ``Int8Linear`` modules, with q/k/v and gate/up fused into one ma
 larger INT8 GEMMs (oneDNN's small-N shapes are slow, and every call has a fixed cost).
 
 Positions beyond the current one are masked, so the cache needs no cropping: reusing a prefix is
-just writing the new tokens at their positions.
+just writing the new tokens at their positions. The caches are arguments of the step, written in place:
+the eager module and the compiled steps share them, and no compiled package carries a copy of them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def kv_cache_bytes(config, max_len: int) -> int:
     return 2 * config.num_hidden_layers * torch.float32.itemsize * math.prod(kv_cache_shape(config, max_len))
 
 
+def attention_mask(max_len: int, start: int, count: int, compiled: bool = False) -> torch.Tensor | None:
+    """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself.
+    None for several tokens from position 0 (SDPA's causal attention, with no mask tensor to build), unless
+    ``compiled``: the compiled steps take a tensor at least 2 positions wide (a single first token is padded
+    with a masked-out position)."""
+    if start + count > max_len:
+        raise ValueError(f"positions up to {start + count} do not fit a cache of {max_len}")
+    if start == 0 and count > 1 and not compiled:
+        return None
+    mask = torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
+    return F.pad(mask, (0, 1)) if compiled and start + count == 1 else mask
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -80,12 +94,9 @@ class StaticBlock(nn.Module):
         self.down_proj = mlp.down_proj
         for linear in (self.qkv, self.o_proj, self.gate_up, self.down_proj):
             _bf16_weight_only_scale(linear)
-        # keys and values: buffers, not inputs, so inductor updates them in place
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -93,10 +104,10 @@ class StaticBlock(nn.Module):
         q = _rotate(q.view(1, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k = _rotate(k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        self.k_cache.index_copy_(2, pos, k)
-        self.v_cache.index_copy_(2, pos, v)
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
         length = t if mask is None else mask.shape[-1]
-        att = F.scaled_dot_product_attention(q, self.k_cache[:, :, :length], self.v_cache[:, :, :length],
+        att = F.scaled_dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length],
                                              attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.heads != self.kv_heads)
         x = x + self.o_proj(att.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
@@ -105,11 +116,12 @@ class StaticBlock(nn.Module):
 
 
 class StaticLlama(nn.Module):
-    """``forward(ids [1, T], pos [T], mask [T, L] or None) -> logits [1, vocab]`` of the last position.
+    """``forward(ids [1, T], pos [T], mask [T, L] or None, caches) -> logits [1, vocab]`` of the last
+    position.
 
-    Keys and values of positions ``pos`` are written into the blocks' caches; attention reads the first
-    L cache positions through ``mask`` (True: attend), so its cost follows the conversation, not the
-    cache size. The same module runs eagerly (prompts) and compiled (decode steps): both see one cache."""
+    ``caches`` (``self.caches``: each layer's keys, then its values) get the keys and values of positions
+    ``pos``; attention reads the first L cache positions through ``mask`` (True: attend), so its cost
+    follows the conversation, not the cache size."""
 
     def __init__(self, model, max_len: int) -> None:
         super().__init__()
@@ -124,25 +136,17 @@ class StaticLlama(nn.Module):
         self.eps = config.rms_norm_eps
         self.lm_head = model.lm_head
         _bf16_weight_only_scale(self.lm_head)
+        self.caches = [torch.zeros(kv_cache_shape(config, max_len)) for _ in range(2 * len(self.blocks))]
         positions = torch.arange(max_len)[None]
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         self.register_buffer("cos", cos[0].float(), persistent=False)
         self.register_buffer("sin", sin[0].float(), persistent=False)
 
-    def attention_mask(self, start: int, count: int, materialize: bool = False) -> torch.Tensor | None:
-        """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself.
-        None for several tokens from position 0 (SDPA's causal attention, with no mask tensor to build)
-        unless ``materialize``: the compiled steps take a tensor."""
-        if start + count > self.max_len:
-            raise ValueError(f"positions up to {start + count} do not fit a cache of {self.max_len}")
-        if start == 0 and count > 1 and not materialize:
-            return None
-        return torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                caches: list[torch.Tensor]) -> torch.Tensor:
         x = self.embed(ids)
         cos, sin = self.cos[pos], self.sin[pos]
         mask = None if mask is None else mask[None, None]
-        for block in self.blocks:
-            x = block(x, pos, cos, sin, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, cos, sin, mask, caches[2 * i], caches[2 * i + 1])
         return self.lm_head(_rms_norm(x[:, -1], self.norm, self.eps))

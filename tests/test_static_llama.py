@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quant.smoothquant import Recipe
-from server.static_llama import StaticLlama, UnsupportedForCompile
+from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask
 from tests.conftest import tiny_llama, tiny_mpt
 from tests.test_checkpoint import quantized_tiny
 
@@ -14,7 +14,7 @@ def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]
     start, out = 0, []
     for size in chunks:
         part = ids[start:start + size]
-        out.append(net(torch.tensor([part]), torch.arange(start, start + size), net.attention_mask(start, size))[0])
+        out.append(net(torch.tensor([part]), torch.arange(start, start + size), attention_mask(net.max_len, start, size), net.caches)[0])
         start += size
     return out
 
@@ -38,13 +38,19 @@ def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe
 
 
 def test_attention_mask_sees_each_position_up_to_itself():
-    net = StaticLlama(tiny_llama(100), 8)
-    mask = net.attention_mask(3, 2)
+    mask = attention_mask(8, 3, 2)
     assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
-    assert net.attention_mask(0, 1).tolist() == [[True]]
-    assert net.attention_mask(0, 4) is None  # a fresh prompt: causal attention without a mask
+    assert attention_mask(8, 0, 1).tolist() == [[True]]
+    assert attention_mask(8, 0, 4) is None  # a fresh prompt: causal attention without a mask
     with pytest.raises(ValueError):
-        net.attention_mask(7, 2)
+        attention_mask(8, 7, 2)
+
+
+def test_compiled_steps_get_a_mask_at_least_two_positions_wide():
+    assert attention_mask(8, 0, 1, compiled=True).tolist() == [[True, False]]  # the extra position is masked
+    assert attention_mask(8, 0, 3, compiled=True).tolist() == [[True, False, False], [True, True, False],
+                                                               [True, True, True]]
+    assert torch.equal(attention_mask(8, 3, 2, compiled=True), attention_mask(8, 3, 2))
 
 
 def test_other_families_are_refused():
