@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # jemalloc: returns memory in the background and avoids glibc malloc's fragmentation under torch.
-# g++: torch.compile (inductor) builds the decode step's C++ kernels at start-up.
+# g++: AOTInductor builds the prefill and decode steps' C++ kernels at the first start (cached in the volume).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libjemalloc2 g++ \
     && rm -rf /var/lib/apt/lists/*
@@ -38,8 +38,9 @@ ENV LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
     MALLOC_CONF=background_thread:true,metadata_thp:auto,dirty_decay_ms:30000,muzzy_decay_ms:30000
 
 ARG PREPARE_MODEL=1
-# Quantize at build time so the container starts in seconds and without network; the entrypoint
-# then serves /opt/q8chat/smollm2-int8 unless Q8CHAT_MODEL is set.
+# Quantize at build time so the container starts without network; the entrypoint then serves
+# /opt/q8chat/smollm2-int8 unless Q8CHAT_MODEL is set. The compiled steps fit the CPU they run on, so
+# the first start builds them (minutes) into /cache, and later starts load them in seconds.
 RUN if [ "$PREPARE_MODEL" = "1" ]; then \
         q8chat quantize --model default --out /opt/q8chat/smollm2-int8 \
         && chmod -R a+rX /opt/q8chat/smollm2-int8; \
@@ -58,7 +59,7 @@ ENV Q8CHAT_HOST=0.0.0.0 \
 VOLUME ["/models", "/cache"]
 EXPOSE 8000
 
-# /health: 503 while the model loads (minutes when it is quantized at first start), 200 when ready.
+# /health: 503 while the model loads (minutes at the first start: quantizing, compiling), 200 when ready.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('Q8CHAT_PORT', '8000'), timeout=4)"]
 
