@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +27,6 @@ from quant import int8
 from quant.load import fingerprint
 from server import static_llama
 from server.placement import cpu_isa
-
-log = logging.getLogger(__name__)
 
 _SOURCES = (int8.__file__, static_llama.__file__, __file__)
 STEPS = ("decode", "prefill")

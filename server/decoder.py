@@ -1,10 +1,10 @@
 """Decoders: run new tokens through the model on top of the cached ones and return the last logits.
 
 The engine owns the token bookkeeping (which tokens the cache holds); a decoder owns the cache itself.
-``StaticDecoder`` is the fast path for the Llama family: a compact model with a preallocated cache and
-the one-token decode step compiled ahead of time (``compiled_step``: frozen INT8 weights prepacked for
-oneDNN, GEMMs from inductor's CPU templates: VNNI here, AMX where the CPU has it). ``HFDecoder`` runs
-the Hugging Face model eagerly and serves every other family.
+``StaticDecoder`` is the fast path for the Llama family: a compact model with a preallocated cache, its
+prefill and one-token decode steps compiled ahead of time (``compiled_step``: frozen INT8 weights
+prepacked for oneDNN, GEMMs from inductor's CPU templates: VNNI here, AMX where the CPU has it).
+``HFDecoder`` runs the Hugging Face model eagerly and serves every other family.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class Engine:
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                 f"completion). Please reduce the prompt or max_tokens.")
 
-    @torch.no_grad()  # not inference_mode: under it, inductor's freezing passes do not match the INT8 GEMMs
+    @torch.no_grad()
     def _forward(self, ids: list[int]) -> torch.Tensor:
         logits = self.decoder.forward(ids, len(self._cache_ids))
         self._cache_ids.extend(ids)
