@@ -21,18 +21,20 @@ class BrokenEngine(FakeEngine):
 def test_internal_failure_is_a_bare_500_and_the_server_recovers(tokenizer):
     engine = BrokenEngine()
     service = ChatService(engine, Prompter(tokenizer, builtin_template("chatml")), "tiny", 2, 16)
-    client = TestClient(create_app(ServiceSlot(service)))
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
-    r = client.post("/v1/chat/completions", json=body)
-    assert r.status_code == 500
-    assert r.json()["error"]["type"] == "server_error"
-    assert "secret" not in r.text and "Traceback" not in r.text
-    streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
-    assert '"server_error"' in streamed.text and "secret" not in streamed.text
-    assert streamed.text.rstrip().endswith("data: [DONE]")
-    engine.broken = False
-    ok = client.post("/v1/chat/completions", json=body)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "Hello there friend"
+    # one event loop for all requests, as in the server: without ``with`` each request gets its own loop,
+    # and one closed before the failed generation's thread handed its turn back left the next one waiting
+    with TestClient(create_app(ServiceSlot(service))) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "server_error"
+        assert "secret" not in r.text and "Traceback" not in r.text
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert '"server_error"' in streamed.text and "secret" not in streamed.text
+        assert streamed.text.rstrip().endswith("data: [DONE]")
+        engine.broken = False
+        ok = client.post("/v1/chat/completions", json=body)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "Hello there friend"
 
 
 def test_health_is_503_until_the_service_is_ready():
