@@ -31,9 +31,9 @@ class Settings(BaseSettings):
     calib_samples: int = Field(128, ge=1, description="calibration sequences when quantizing")
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="where quantized checkpoints and compiled kernels are cached")
-    compile: bool = Field(True, description="compile the decode step (Llama family; about a minute on 2 cores "
-                                            "at the first start, then loaded from the cache dir in seconds); "
-                                            "--no-compile decodes slower")
+    compile: bool = Field(True, description="compile the prefill and decode steps (Llama family; about 2.5 "
+                                            "minutes on 2 cores at the first start, then loaded from the cache "
+                                            "dir in seconds); --no-compile runs them eagerly, slower")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
     socket: int = Field(0, ge=0, description="CPU socket to pin to")

@@ -14,7 +14,8 @@ def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]
     start, out = 0, []
     for size in chunks:
         part = ids[start:start + size]
-        out.append(net(torch.tensor([part]), torch.arange(start, start + size), attention_mask(net.max_len, start, size), net.caches)[0])
+        mask = attention_mask(net.max_len, start, size)
+        out.append(net(torch.tensor([part]), torch.arange(start, start + size), mask, net.caches)[0])
         start += size
     return out
 
