@@ -64,6 +64,11 @@ class StaticDecoder:
         pass  # positions are overwritten before they are attended to: nothing to forget
 
 
+def _first_line(exc: Exception) -> str:
+    """Compiler errors run to pages; the log gets their first line."""
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
 def _compiled_step(net: StaticLlama, step: str, package: Path):
     """The package's step, built first if it is not there (or cannot be loaded)."""
     if package.exists():
@@ -72,7 +77,7 @@ def _compiled_step(net: StaticLlama, step: str, package: Path):
             log.info("loaded the compiled %s step %s", step, package)
             return loaded
         except Exception as exc:  # a package from a crashed build or another torch: build it again
-            log.warning("cannot load %s (%s); compiling again", package, str(exc).splitlines()[0] if str(exc) else exc)
+            log.warning("cannot load %s (%s); compiling again", package, _first_line(exc))
     log.info("compiling the %s step into %s (a minute or more on few cores; once per model and machine)...",
              step, package)
     begin = time.perf_counter()
@@ -98,5 +103,5 @@ def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
         except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
             steps.pop(step, None)
             log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                        type(exc).__name__, _first_line(exc))
     return StaticDecoder(net, steps)
