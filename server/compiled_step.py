@@ -3,14 +3,18 @@
 Two steps: ``decode`` (one token, attended length symbolic) and ``prefill`` (2 or more tokens, count and
 attended length symbolic). A single graph with a symbolic token count decodes 20 % slower, so each gets its
 own. The first start exports them, lets inductor freeze the INT8 weights, prepack them for oneDNN and pick
-its GEMM templates (VNNI here, AMX where the CPU has it), and writes ``.pt2`` packages; later starts load
-them in a second or two. ``torch.compile`` cannot be cached this way: its graph cache refuses graphs
+its GEMM templates (VNNI here, AMX where the CPU has it), and keeps each step's library and constants in a
+directory; later starts load them in a second or two. ``torch.compile`` cannot be cached this way: its graph cache refuses graphs
 holding oneDNN-prepacked weights, so every start lowered the whole model again (about 50 s on 2 cores).
 
 A package is keyed by everything its machine code depends on: the checkpoint, the context length, torch,
 the CPU's ISA, the thread count (inductor bakes it into its parallel loops) and the source of the compact
 model. The KV caches are arguments, written in place: the packages hold no copy of them (at 8,192 positions
 that copy was 377 MB of zeros per package), and eager and compiled steps share one cache.
+
+A step is loaded with AOTInductor's model-container runner rather than ``aoti_load_package``: only the
+runner can hand out the constants, which ``shared_constants`` needs to keep one copy of those the two
+steps have in common.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,15 +36,16 @@ from server.placement import cpu_isa
 
 _SOURCES = (int8.__file__, static_llama.__file__, __file__)
 STEPS = ("decode", "prefill")
+LIBRARY, CONSTANTS = "step.so", "constants.blob"
 
 
 def package_paths(cache_dir: Path, checkpoint: Path, max_len: int) -> dict[str, Path]:
-    """Where the compiled steps of this checkpoint and context length live for this machine and code."""
+    """The directories of the compiled steps of this checkpoint and context length, for this machine and code."""
     facts = {"checkpoint": fingerprint(Path(checkpoint)), "max_len": max_len, "torch": torch.__version__,
              "isa": cpu_isa(), "threads": torch.get_num_threads(),
              "source": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in _SOURCES]}
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-    return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key}.pt2" for step in STEPS}
+    return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key}" for step in STEPS}
 
 
 def configure_inductor() -> None:
@@ -83,18 +90,49 @@ def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.Export
     return program
 
 
+def _unpack(package: Path, directory: Path) -> None:
+    """Of an AOTInductor package, the two files the runner loads: the library and its constants."""
+    wanted = {".wrapper.so": LIBRARY, "_weights.blob": CONSTANTS}
+    directory.mkdir()
+    with zipfile.ZipFile(package) as archive:
+        for member in archive.namelist():
+            for ending, name in wanted.items():
+                if member.endswith(ending):
+                    with archive.open(member) as source, open(directory / name, "wb") as target:
+                        shutil.copyfileobj(source, target)
+    missing = [name for name in wanted.values() if not (directory / name).is_file()]
+    if missing:
+        raise RuntimeError(f"the AOTInductor package lacks {', '.join(missing)}")
+
+
 def build(net: static_llama.StaticLlama, step: str, path: Path) -> None:
-    """Compile ``step`` into ``path`` (written whole or not at all)."""
+    """Compile ``step`` into the directory ``path`` (written whole or not at all)."""
     configure_inductor()
     program = export_step(net, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
-        partial = Path(scratch) / path.name
+        package = Path(scratch) / "step.pt2"
         with torch.no_grad():  # freezing applies to inference graphs only
-            torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
-        os.replace(partial, path)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        _unpack(package, Path(scratch) / path.name)
+        shutil.rmtree(path, ignore_errors=True)  # one that would not load
+        os.replace(Path(scratch) / path.name, path)
 
 
-def load(path: Path):
-    """The packaged step: called as the compact model is, KV caches included."""
-    return torch._inductor.aoti_load_package(str(path))
+class CompiledStep:
+    """A step loaded from its directory, called as the compact model is, KV caches included."""
+
+    def __init__(self, path: Path) -> None:
+        torch.cpu._init_amx()  # the kernels may use AMX tiles, which Linux grants a process on request
+        self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path / LIBRARY), 1)
+        self.runner.update_constant_buffer_from_blob(str(path / CONSTANTS))
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                 caches: list[torch.Tensor]) -> torch.Tensor:
+        return self.runner.run([ids, pos, mask, *caches])[0]  # the exported signature, flattened
+
+
+def load(path: Path) -> CompiledStep:
+    if not (path / LIBRARY).is_file() or not (path / CONSTANTS).is_file():
+        raise FileNotFoundError(f"{path}: no compiled step")
+    return CompiledStep(path)

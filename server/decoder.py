@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from server import compiled_step
+from server.shared_constants import share_constants
 from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _compiled_step(net: StaticLlama, step: str, package: Path):
 
 
 def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
-    """The fastest decoder this model supports. ``packages``: the compiled steps' files by step name (see
+    """The fastest decoder this model supports. ``packages``: the compiled steps' directories by step name (see
     ``compiled_step.package_paths``), built when absent; None decodes eagerly."""
     try:
         net = StaticLlama(model, max_len).eval()
@@ -104,4 +105,8 @@ def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
             steps.pop(step, None)
             log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,
                         type(exc).__name__, _first_line(exc))
+    if len(steps) > 1:
+        shared, released = share_constants(step.runner for step in steps.values())
+        log.info("the compiled steps share %.1f MB of constants (%.1f MB of memory given back)",
+                 shared / 1e6, released / 1e6)
     return StaticDecoder(net, steps)

@@ -1,5 +1,6 @@
 """The compiled decode path, end to end: a server started with --compile starts its greedy answers with
-exactly the tokens the eager server gives, and a restart loads the compiled steps instead of compiling.
+exactly the tokens the eager server gives, and a restart loads the compiled steps instead of compiling,
+with one copy of the constants the two steps have in common.
 
 Not whole answers: fused kernels round differently in the last float bit, per-token INT8 turns such a
 bit into a whole quantization step now and then, and after some tokens two near-tied candidates swap.
@@ -7,6 +8,8 @@ Measured on the default model: logits differ by 0.5-1.5 (INT8 noise), 37 of 40 t
 tokens agree. The first tokens agreeing shows the compiled step computes the same function."""
 
 from __future__ import annotations
+
+import re
 
 import httpx
 import pytest
@@ -42,4 +45,6 @@ def test_compiled_server_starts_with_the_eager_greedy_tokens_and_restarts_withou
     log = restarted.log()
     assert "loaded the compiled decode step" in log and "loaded the compiled prefill step" in log
     assert "step compiled in" not in log
+    shared = re.search(r"the compiled steps share ([\d.]+) MB of constants \(([\d.]+) MB of memory given back\)", log)
+    assert shared and float(shared[1]) > 50 and float(shared[2]) > 50, log[-2000:]  # most packed weights are alike
     assert [greedy(restarted, content) for content in PROMPTS] == eager

@@ -1,0 +1,29 @@
+"""Giving back the pages under a duplicated constant: only whole pages of its own, and really given back.
+(Sharing itself is checked end to end in test_compiled_e2e: the compiled server, whose steps share their
+constants, gives the eager server's greedy tokens.)"""
+
+import mmap
+
+import torch
+
+from server.shared_constants import _release, inner_pages
+
+PAGE = mmap.PAGESIZE
+
+
+def test_inner_pages_are_the_whole_pages_inside_the_range():
+    assert inner_pages(0, 3 * PAGE) == (0, 3 * PAGE)
+    assert inner_pages(16, 3 * PAGE) == (PAGE, 2 * PAGE)  # the first page holds 16 bytes of a neighbour
+    assert inner_pages(PAGE - 1, PAGE + 2) == (PAGE, PAGE)
+    assert inner_pages(64, PAGE) == (PAGE, 0)  # no whole page: nothing to give back
+    assert inner_pages(PAGE, 0) == (PAGE, 0)
+
+
+def test_released_pages_read_as_zeros_and_the_bytes_around_them_are_kept():
+    block = torch.full((8 * PAGE,), 7, dtype=torch.uint8)
+    constant = block[100:100 + 5 * PAGE]  # starts mid-page, like a constant inside a package's blob
+    start, length = inner_pages(constant.data_ptr(), constant.nbytes)
+    assert _release(constant) == length == 4 * PAGE
+    first = start - block.data_ptr()
+    assert torch.all(block[first:first + length] == 0)  # the kernel's zero page: the memory was given back
+    assert torch.all(block[:first] == 7) and torch.all(block[first + length:] == 7)
