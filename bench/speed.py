@@ -24,10 +24,10 @@ from bench import llamacpp
 from bench.results import Result, Sample
 from bench.random_model import is_random_spec, random_model_dir
 from bench.served import Served
-from quant.checkpoint import weight_bytes
+from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
 from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
-from quant.store import load_int8_model
+from quant.store import int8_checkpoint, load_int8_model
 from server.compiled_step import package_paths
 from server.decoder import HFDecoder, make_decoder
 from server.engine import Engine
@@ -97,14 +97,15 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
             scheme = name.removeprefix("q8chat-int8-").removesuffix("-eager")
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
             packages = None if name.endswith("-eager") else package_paths(cache_dir, quantized.path, context)
-            decoder = make_decoder(quantized.model, context, packages)
+            decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages)
             yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
         elif name in ("q8chat-served", "q8chat-served-eager"):
-            quantized = load_int8_model(model_spec, Recipe(calib_samples=calib_samples), cache_dir)
-            args = served_args(quantized.path, cache_dir, context, compile=not name.endswith("-eager"))
+            checkpoint = read_checkpoint_info(int8_checkpoint(model_spec, Recipe(calib_samples=calib_samples),
+                                                              cache_dir))
+            args = served_args(checkpoint.path, cache_dir, context, compile=not name.endswith("-eager"))
             served = Served(args, SERVED_NAME, tokenizer, log_dir)
-            served.extra["kv_cache_mb"] = round(kv_cache_bytes(quantized.model.config, context) / 1e6, 1)
-            yield name, served, weight_bytes(quantized.model)
+            served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context) / 1e6, 1)
+            yield name, served, stored_weight_bytes(checkpoint.path)
         elif name == llamacpp.VARIANT:
             path = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, torch.get_num_threads(), converter)
             decoder = llamacpp.LlamaCppDecoder(path, context, torch.get_num_threads())

@@ -23,16 +23,21 @@ def cache_key(spec: str, path: Path, recipe: Recipe) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{fingerprint(path)}-{recipe.name}-{recipe_hash}"
 
 
-def load_int8_model(spec: str, recipe: Recipe, cache_dir: Path) -> QuantizedModel:
+def int8_checkpoint(spec: str, recipe: Recipe, cache_dir: Path) -> Path:
+    """The INT8 checkpoint to serve for ``spec``: the checkpoint itself, the cached one, or one quantized
+    now and cached."""
     path = resolve_model_path(spec)
     if path.is_dir() and is_checkpoint(path):
-        log.info("loading INT8 checkpoint %s", path)
-        return load_checkpoint(path)
+        return path
     cached = Path(cache_dir).expanduser() / cache_key(spec, path, recipe)
-    if is_checkpoint(cached):
-        log.info("loading cached INT8 checkpoint %s", cached)
-        return load_checkpoint(cached)
-    log.info("no cached INT8 checkpoint for %s: quantizing (%s)", path, recipe.name)
-    quantized = quantize(load_float_model(spec), recipe)
-    quantized.path = save_checkpoint(quantized.model, quantized.tokenizer, cached, quantized.manifest, force=True)
-    return quantized
+    if not is_checkpoint(cached):
+        log.info("no cached INT8 checkpoint for %s: quantizing (%s)", path, recipe.name)
+        quantized = quantize(load_float_model(spec), recipe)
+        save_checkpoint(quantized.model, quantized.tokenizer, cached, quantized.manifest, force=True)
+    return cached
+
+
+def load_int8_model(spec: str, recipe: Recipe, cache_dir: Path) -> QuantizedModel:
+    path = int8_checkpoint(spec, recipe, cache_dir)
+    log.info("loading INT8 checkpoint %s", path)
+    return load_checkpoint(path)

@@ -18,12 +18,13 @@ log = logging.getLogger("q8chat")
 
 
 def build_service(settings: Settings, metrics, placement):
-    """Load (or quantize and cache) the INT8 model and wire engine, prompter and service."""
+    """Find (or quantize and cache) the INT8 checkpoint and wire decoder, engine, prompter and service. Its
+    weights are read only if a step has to be compiled or run eagerly."""
     from prompts import load_template
-    from quant.checkpoint import weight_bytes
+    from quant.checkpoint import load_checkpoint, read_checkpoint_info, stored_weight_bytes
     from quant.cli import parse_alpha
     from quant.smoothquant import Recipe
-    from quant.store import load_int8_model
+    from quant.store import int8_checkpoint
     from server.compiled_step import package_paths
     from server.decoder import make_decoder
     from server.engine import Engine
@@ -31,21 +32,26 @@ def build_service(settings: Settings, metrics, placement):
     from server.serving import ChatService, Prompter
 
     recipe = Recipe(alpha=parse_alpha(settings.alpha), scheme=settings.scheme, calib_samples=settings.calib_samples)
-    quantized = load_int8_model(settings.model, recipe, settings.cache_dir)
-    tokenizer = quantized.tokenizer
+    checkpoint = read_checkpoint_info(int8_checkpoint(settings.model, recipe, settings.cache_dir))
+    log.info("INT8 checkpoint %s", checkpoint.path)
+
+    def eager_model():
+        log.info("loading the INT8 weights of %s", checkpoint.path)
+        return load_checkpoint(checkpoint.path).model
+
+    tokenizer, config = checkpoint.tokenizer, checkpoint.config
     template = load_template(settings.template, tokenizer.chat_template, tokenizer.eos_token)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    generation_eos = getattr(quantized.model.generation_config, "eos_token_id", None)
-    eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
-    context = settings.context_length or quantized.model.config.max_position_embeddings
-    packages = package_paths(settings.cache_dir, quantized.path, context) if settings.compile else None
-    decoder = make_decoder(quantized.model, context, packages)
+    config_eos = getattr(config, "eos_token_id", None)  # what the model's generation config defaults to
+    eos |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
+    context = settings.context_length or config.max_position_embeddings
+    packages = package_paths(settings.cache_dir, checkpoint.path, context) if settings.compile else None
+    decoder = make_decoder(eager_model, config, context, packages)
     engine = Engine(decoder, tokenizer, context, eos)
-    name = settings.served_model_name or quantized.name
-    model_bytes = weight_bytes(quantized.model)
+    name = settings.served_model_name or checkpoint.name
     log.info("serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "
-             "context %d tokens; %s", name, placement.describe(), cpu_isa(), model_bytes / 1e6,
-             quantized.manifest["recipe"]["scheme"], len(quantized.manifest["fallback"]), template.name, context,
+             "context %d tokens; %s", name, placement.describe(), cpu_isa(), stored_weight_bytes(checkpoint.path) / 1e6,
+             checkpoint.manifest["recipe"]["scheme"], len(checkpoint.manifest["fallback"]), template.name, context,
              decoder.description)
     return ChatService(engine, Prompter(tokenizer, template), name, settings.max_queue, settings.default_max_tokens,
                        metrics, heartbeat_s=settings.keepalive_s)

@@ -69,15 +69,16 @@ def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.Export
     """``decode``: one token at a position > 0; ``prefill``: 2 or more tokens. The attended length is
     symbolic from 2 to the cache size, and so is the token count of ``prefill``."""
     length = torch.export.Dim("attended", min=2, max=net.max_len)
-    caches = [None] * len(net.caches)
+    caches = static_llama.new_kv_caches(net.config, net.max_len)
+    fixed = [None] * len(caches)  # the caches' shapes do not change
     tokens = 1 if step == "decode" else 4
     example = (torch.zeros(1, tokens, dtype=torch.long), torch.arange(1, 1 + tokens),
-               static_llama.attention_mask(net.max_len, 1, tokens, compiled=True), net.caches)
+               static_llama.attention_mask(net.max_len, 1, tokens, compiled=True), caches)
     if step == "decode":
-        dynamic = (None, None, {1: length}, caches)
+        dynamic = (None, None, {1: length}, fixed)
     else:
         count = torch.export.Dim("tokens", min=2, max=net.max_len)
-        dynamic = ({1: count}, {0: count}, {0: count, 1: length}, caches)
+        dynamic = ({1: count}, {0: count}, {0: count, 1: length}, fixed)
     with torch.no_grad():
         program = torch.export.export(net, example, dynamic_shapes=dynamic)
     # Export checks the dtype of every ``.to()`` result with an assert node. Such a node is a second user of

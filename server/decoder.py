@@ -9,16 +9,18 @@ prepacked for oneDNN, GEMMs from inductor's CPU templates: VNNI here, AMX where 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from torch import nn
 
 from server import compiled_step
 from server.shared_constants import share_constants
-from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask
+from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, check_supported, new_kv_caches
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +28,13 @@ log = logging.getLogger(__name__)
 class HFDecoder:
     def __init__(self, model) -> None:
         self.model = model
-        self._cache: DynamicCache | None = None
+        self._cache = None
         self.description = "eager (Hugging Face modeling, dynamic KV cache)"
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         """Logits after ``ids``, placed at positions ``start...``; the cache beyond ``start`` is dropped."""
         if start == 0 or self._cache is None:
+            from transformers import DynamicCache  # only here: it imports transformers' modeling code
             self._cache = DynamicCache()
         elif start < self._cache.get_seq_length():
             self._cache.crop(start - self._cache.get_seq_length())  # negative: drop from the end
@@ -44,15 +47,14 @@ class HFDecoder:
 
 class StaticDecoder:
     """The compact model. Prompts run the ``prefill`` step and single tokens the ``decode`` step: compiled
-    packages where given, else the module itself, eagerly. With both steps compiled the module is not
-    kept: the packages hold their own copies of the weights, and dropping it frees the eager ones."""
+    where ``steps`` has them, else ``net``, the module itself, eagerly (None when both are compiled)."""
 
-    def __init__(self, net: StaticLlama, steps: dict | None = None) -> None:
-        self.max_len, self.caches = net.max_len, net.caches
-        self._steps = steps or {}
-        self._net = None if set(self._steps) == set(compiled_step.STEPS) else net
+    def __init__(self, max_len: int, caches: list[torch.Tensor], steps: dict | None = None,
+                 net: StaticLlama | None = None) -> None:
+        self.max_len, self.caches = max_len, caches
+        self._steps, self._net = steps or {}, net
         compiled = " and ".join(f"{name} step" for name in self._steps)
-        self.description = (f"compiled {compiled} (AOTInductor packages, frozen INT8 weights), static KV cache"
+        self.description = (f"compiled {compiled} (AOTInductor, frozen INT8 weights), static KV cache"
                             if compiled else "eager compact model, static KV cache")
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
@@ -70,8 +72,8 @@ def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
 
 
-def _compiled_step(net: StaticLlama, step: str, package: Path):
-    """The package's step, built first if it is not there (or cannot be loaded)."""
+def _compiled_step(compact: Callable[[], StaticLlama], step: str, package: Path):
+    """The package's step, built first from the compact model if it is not there (or cannot be loaded)."""
     if package.exists():
         try:
             loaded = compiled_step.load(package)
@@ -79,6 +81,7 @@ def _compiled_step(net: StaticLlama, step: str, package: Path):
             return loaded
         except Exception as exc:  # a package from a crashed build or another torch: build it again
             log.warning("cannot load %s (%s); compiling again", package, _first_line(exc))
+    net = compact()
     log.info("compiling the %s step into %s (a minute or more on few cores; once per model and machine)...",
              step, package)
     begin = time.perf_counter()
@@ -87,20 +90,26 @@ def _compiled_step(net: StaticLlama, step: str, package: Path):
     return compiled_step.load(package)
 
 
-def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
-    """The fastest decoder this model supports. ``packages``: the compiled steps' directories by step name (see
+def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
+                 packages: dict[str, Path] | None = None):
+    """The fastest decoder for a model of this ``config``. ``load_model`` gives the eager INT8 model and is
+    called only when something needs its weights: a step to compile or to run eagerly, or a family the
+    compact model does not cover. So a restart with both steps compiled never reads the checkpoint's
+    weights. ``packages``: the compiled steps' directories by step name (see
     ``compiled_step.package_paths``), built when absent; None decodes eagerly."""
     try:
-        net = StaticLlama(model, max_len).eval()
+        check_supported(config)
     except UnsupportedForCompile as exc:
         log.info("%s; decoding eagerly with the Hugging Face model", exc)
-        return HFDecoder(model)
+        return HFDecoder(load_model())
+    compact = functools.cache(lambda: StaticLlama(load_model(), max_len).eval())
+    caches = new_kv_caches(config, max_len)
     steps = {}
     for step, package in (packages or {}).items():
         try:
-            steps[step] = _compiled_step(net, step, package)
+            steps[step] = _compiled_step(compact, step, package)
             with torch.no_grad():  # one call, so that a broken package fails here and not on a request
-                StaticDecoder(net, {step: steps[step]}).forward([0] * (1 if step == "decode" else 2), 0)
+                StaticDecoder(max_len, caches, {step: steps[step]}).forward([0] * (1 if step == "decode" else 2), 0)
         except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
             steps.pop(step, None)
             log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,
@@ -109,4 +118,4 @@ def make_decoder(model, max_len: int, packages: dict[str, Path] | None = None):
         shared, released = share_constants(step.runner for step in steps.values())
         log.info("the compiled steps share %.1f MB of constants (%.1f MB of memory given back)",
                  shared / 1e6, released / 1e6)
-    return StaticDecoder(net, steps)
+    return StaticDecoder(max_len, caches, steps, None if set(steps) == set(compiled_step.STEPS) else compact())

@@ -51,6 +51,11 @@ def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
     return 1, heads, max_len + 1, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def new_kv_caches(config, max_len: int) -> list[torch.Tensor]:
+    """Each layer's key cache, then its value cache, zeroed: the ``caches`` argument of a step."""
+    return [torch.zeros(kv_cache_shape(config, max_len)) for _ in range(2 * config.num_hidden_layers)]
+
+
 def kv_cache_bytes(config, max_len: int) -> int:
     """Bytes of all layers' float32 key and value caches for ``max_len`` positions."""
     return 2 * config.num_hidden_layers * torch.float32.itemsize * math.prod(kv_cache_shape(config, max_len))
@@ -67,6 +72,13 @@ def attention_mask(max_len: int, start: int, count: int, compiled: bool = False)
         return None
     mask = torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
     return F.pad(mask, (0, 1)) if compiled and start + count == 1 else mask
+
+
+def check_supported(config) -> None:
+    """Raise ``UnsupportedForCompile`` unless the compact model computes what this config's model does."""
+    if config.model_type != "llama" or getattr(config, "attention_bias", False) \
+            or getattr(config, "mlp_bias", False) or config.hidden_act != "silu":
+        raise UnsupportedForCompile(f"no compact decoder for model type {config.model_type!r}")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,24 +131,21 @@ class StaticLlama(nn.Module):
     """``forward(ids [1, T], pos [T], mask [T, L] or None, caches) -> logits [1, vocab]`` of the last
     position.
 
-    ``caches`` (``self.caches``: each layer's keys, then its values) get the keys and values of positions
+    ``caches`` (``new_kv_caches``: each layer's keys, then its values) get the keys and values of positions
     ``pos``; attention reads the first L cache positions through ``mask`` (True: attend), so its cost
     follows the conversation, not the cache size."""
 
     def __init__(self, model, max_len: int) -> None:
         super().__init__()
         config = model.config
-        if config.model_type != "llama" or getattr(config, "attention_bias", False) \
-                or getattr(config, "mlp_bias", False) or config.hidden_act != "silu":
-            raise UnsupportedForCompile(f"no compact decoder for model type {config.model_type!r}")
-        self.max_len = max_len
+        check_supported(config)
+        self.config, self.max_len = config, max_len
         self.embed = model.model.embed_tokens
         self.blocks = nn.ModuleList(StaticBlock(layer, config, max_len) for layer in model.model.layers)
         self.norm = model.model.norm.weight
         self.eps = config.rms_norm_eps
         self.lm_head = model.lm_head
         _bf16_weight_only_scale(self.lm_head)
-        self.caches = [torch.zeros(kv_cache_shape(config, max_len)) for _ in range(2 * len(self.blocks))]
         positions = torch.arange(max_len)[None]
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         self.register_buffer("cos", cos[0].float(), persistent=False)

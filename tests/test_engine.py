@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from server.decoder import HFDecoder, StaticDecoder
+from server.decoder import HFDecoder, StaticDecoder, make_decoder
 from server.engine import ContextLengthExceeded, Engine, GenerationStats
 from server.sampling import SamplingParams
-from server.static_llama import StaticLlama, UnsupportedForCompile
+from server.static_llama import UnsupportedForCompile, check_supported
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -18,9 +18,11 @@ def make_engine(request, tiny_model, tokenizer):
             decoder = HFDecoder(tiny_model)
         else:
             try:
-                decoder = StaticDecoder(StaticLlama(tiny_model, context).eval())
+                check_supported(tiny_model.config)
             except UnsupportedForCompile:
                 pytest.skip("no compact decoder for this family")
+            decoder = make_decoder(lambda: tiny_model, tiny_model.config, context)
+            assert isinstance(decoder, StaticDecoder)
         return Engine(decoder, tokenizer, context, set(eos))
     return make
 

@@ -4,18 +4,18 @@ import pytest
 import torch
 
 from quant.smoothquant import Recipe
-from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask
+from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, new_kv_caches
 from tests.conftest import tiny_llama, tiny_mpt
 from tests.test_checkpoint import quantized_tiny
 
 
 def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]:
     """Run ``ids`` through the compact model in chunks of the given sizes; logits after each chunk."""
-    start, out = 0, []
+    start, out, caches = 0, [], new_kv_caches(net.config, net.max_len)
     for size in chunks:
         part = ids[start:start + size]
         mask = attention_mask(net.max_len, start, size)
-        out.append(net(torch.tensor([part]), torch.arange(start, start + size), mask, net.caches)[0])
+        out.append(net(torch.tensor([part]), torch.arange(start, start + size), mask, caches)[0])
         start += size
     return out
 
