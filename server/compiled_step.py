@@ -13,14 +13,15 @@ model. The KV caches are arguments, written in place: the packages hold no copy 
 that copy was 377 MB of zeros per package), and eager and compiled steps share one cache.
 
 A step is loaded with AOTInductor's model-container runner rather than ``aoti_load_package``: only the
-runner can hand out the constants, which ``shared_constants`` needs to keep one copy of those the two
-steps have in common.
+runner hands out the constants, which ``step_constants`` needs to keep one copy of those the two steps have
+in common and none of those no kernel reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,12 +32,14 @@ import torch
 
 from quant import int8
 from quant.load import fingerprint
-from server import static_llama
+from server import static_llama, step_constants
 from server.placement import cpu_isa
+from server.step_constants import release_constants, unused_constants
 
-_SOURCES = (int8.__file__, static_llama.__file__, __file__)
+log = logging.getLogger(__name__)
+_SOURCES = (int8.__file__, static_llama.__file__, step_constants.__file__, __file__)
 STEPS = ("decode", "prefill")
-LIBRARY, CONSTANTS = "step.so", "constants.blob"
+LIBRARY, CONSTANTS, UNUSED = "step.so", "constants.blob", "unused-constants.json"
 
 
 def package_paths(cache_dir: Path, checkpoint: Path, max_len: int) -> dict[str, Path]:
@@ -65,9 +68,9 @@ def configure_inductor() -> None:
     inductor.max_autotune_report_choices_stats = False
 
 
-def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.ExportedProgram:
-    """``decode``: one token at a position > 0; ``prefill``: 2 or more tokens. The attended length is
-    symbolic from 2 to the cache size, and so is the token count of ``prefill``."""
+def _example(net: static_llama.StaticLlama, step: str) -> tuple[tuple, tuple]:
+    """Example arguments of ``step`` and their dynamic shapes: ``decode`` takes one token at a position > 0,
+    ``prefill`` 2 or more tokens; the attended length is symbolic from 2 to the cache size."""
     length = torch.export.Dim("attended", min=2, max=net.max_len)
     caches = static_llama.new_kv_caches(net.config, net.max_len)
     fixed = [None] * len(caches)  # the caches' shapes do not change
@@ -75,10 +78,13 @@ def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.Export
     example = (torch.zeros(1, tokens, dtype=torch.long), torch.arange(1, 1 + tokens),
                static_llama.attention_mask(net.max_len, 1, tokens, compiled=True), caches)
     if step == "decode":
-        dynamic = (None, None, {1: length}, fixed)
-    else:
-        count = torch.export.Dim("tokens", min=2, max=net.max_len)
-        dynamic = ({1: count}, {0: count}, {0: count, 1: length}, fixed)
+        return example, (None, None, {1: length}, fixed)
+    count = torch.export.Dim("tokens", min=2, max=net.max_len)
+    return example, ({1: count}, {0: count}, {0: count, 1: length}, fixed)
+
+
+def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.ExportedProgram:
+    example, dynamic = _example(net, step)
     with torch.no_grad():
         program = torch.export.export(net, example, dynamic_shapes=dynamic)
     # Export checks the dtype of every ``.to()`` result with an assert node. Such a node is a second user of
@@ -91,12 +97,16 @@ def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.Export
     return program
 
 
-def _unpack(package: Path, directory: Path) -> None:
-    """Of an AOTInductor package, the two files the runner loads: the library and its constants."""
+def _unpack(package: Path, directory: Path) -> list[str]:
+    """Of an AOTInductor package, the two files the runner loads (library, constants) into ``directory``;
+    returns the constants its wrapper does not use."""
     wanted = {".wrapper.so": LIBRARY, "_weights.blob": CONSTANTS}
+    unused = []
     directory.mkdir()
     with zipfile.ZipFile(package) as archive:
         for member in archive.namelist():
+            if member.endswith(".wrapper.cpp"):
+                unused = unused_constants(archive.read(member).decode())
             for ending, name in wanted.items():
                 if member.endswith(ending):
                     with archive.open(member) as source, open(directory / name, "wb") as target:
@@ -104,6 +114,16 @@ def _unpack(package: Path, directory: Path) -> None:
     missing = [name for name in wanted.values() if not (directory / name).is_file()]
     if missing:
         raise RuntimeError(f"the AOTInductor package lacks {', '.join(missing)}")
+    return unused
+
+
+def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
+    """Whether the step computes bit for bit the same with the pages of ``names`` given back (zeros)."""
+    step = CompiledStep(directory, unused=[])
+    with torch.no_grad():
+        before = step(*example).clone()
+        release_constants(step.runner, names)
+        return torch.equal(step(*example), before)
 
 
 def build(net: static_llama.StaticLlama, step: str, path: Path) -> None:
@@ -112,21 +132,28 @@ def build(net: static_llama.StaticLlama, step: str, path: Path) -> None:
     program = export_step(net, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
-        package = Path(scratch) / "step.pt2"
+        package, built = Path(scratch) / "step.pt2", Path(scratch) / path.name
         with torch.no_grad():  # freezing applies to inference graphs only
             torch._inductor.aoti_compile_and_package(program, package_path=str(package))
-        _unpack(package, Path(scratch) / path.name)
+        unused = _unpack(package, built)
+        if unused and not _really_unused(built, unused, _example(net, step)[0]):
+            log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
+            unused = []
+        (built / UNUSED).write_text(json.dumps(unused))
         shutil.rmtree(path, ignore_errors=True)  # one that would not load
-        os.replace(Path(scratch) / path.name, path)
+        os.replace(built, path)
 
 
 class CompiledStep:
-    """A step loaded from its directory, called as the compact model is, KV caches included."""
+    """A step loaded from its directory, called as the compact model is, KV caches included. The pages of
+    its ``unused`` constants (by default those its build found unused) are given back."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, unused: list[str] | None = None) -> None:
         torch.cpu._init_amx()  # the kernels may use AMX tiles, which Linux grants a process on request
         self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path / LIBRARY), 1)
         self.runner.update_constant_buffer_from_blob(str(path / CONSTANTS))
+        self.unused = set(json.loads((path / UNUSED).read_text()) if unused is None else unused)
+        self.released = release_constants(self.runner, sorted(self.unused))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  caches: list[torch.Tensor]) -> torch.Tensor:
@@ -134,6 +161,6 @@ class CompiledStep:
 
 
 def load(path: Path) -> CompiledStep:
-    if not (path / LIBRARY).is_file() or not (path / CONSTANTS).is_file():
+    if not all((path / name).is_file() for name in (LIBRARY, CONSTANTS, UNUSED)):
         raise FileNotFoundError(f"{path}: no compiled step")
     return CompiledStep(path)

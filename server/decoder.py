@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from server import compiled_step
-from server.shared_constants import share_constants
+from server.step_constants import share_constants
 from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, check_supported, new_kv_caches
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,10 @@ def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
             steps.pop(step, None)
             log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,
                         type(exc).__name__, _first_line(exc))
-    if len(steps) > 1:
-        shared, released = share_constants(step.runner for step in steps.values())
-        log.info("the compiled steps share %.1f MB of constants (%.1f MB of memory given back)",
-                 shared / 1e6, released / 1e6)
+    if steps:
+        shared, released = share_constants(steps.values())
+        unused = sum(step.released for step in steps.values())
+        log.info("the compiled steps share %.1f MB of constants; %.1f MB of memory given back (%.1f MB of "
+                 "copies, %.1f MB of constants no kernel reads)", shared / 1e6, (released + unused) / 1e6,
+                 released / 1e6, unused / 1e6)
     return StaticDecoder(max_len, caches, steps, None if set(steps) == set(compiled_step.STEPS) else compact())

@@ -6,7 +6,7 @@ import mmap
 
 import torch
 
-from server.shared_constants import _release, inner_pages
+from server.step_constants import _release, inner_pages, unused_constants
 
 PAGE = mmap.PAGESIZE
 
@@ -27,3 +27,18 @@ def test_released_pages_read_as_zeros_and_the_bytes_around_them_are_kept():
     first = start - block.data_ptr()
     assert torch.all(block[first:first + length] == 0)  # the kernel's zero page: the memory was given back
     assert torch.all(block[:first] == 7) and torch.all(block[first + length:] == 7)
+
+
+WRAPPER = """
+    constants_info_[0].name = "packed";
+    constants_info_[1].name = "raw";
+    [[maybe_unused]] auto& packed = constants_->at(0);
+    [[maybe_unused]] auto& raw = constants_->at(1);
+    [[maybe_unused]] auto& rawer = constants_->at(2);
+    cpp_fused_gemm_0((const int8_t*)(packed.data_ptr()), (float*)(buf0.data_ptr()));
+    rawer_buf = rawer;
+"""
+
+
+def test_unused_constants_are_those_bound_but_never_passed_on():
+    assert unused_constants(WRAPPER) == ["raw"]  # "rawer" is used; "raw" only appears inside other words
