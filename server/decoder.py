@@ -73,7 +73,11 @@ def _first_line(exc: Exception) -> str:
 
 
 def _compiled_step(compact: Callable[[], StaticLlama], step: str, package: Path):
-    """The package's step, built first from the compact model if it is not there (or cannot be loaded)."""
+    """The package's step, built first from the compact model if it is not there (or cannot be loaded).
+    A build that failed is not tried again at every start: ``{package}.failed`` says why."""
+    failed = package.with_name(package.name + ".failed")
+    if failed.exists():
+        raise RuntimeError(f"it failed to compile before ({failed.read_text().strip()}); delete {failed} to retry")
     if package.exists():
         try:
             loaded = compiled_step.load(package)
@@ -85,7 +89,12 @@ def _compiled_step(compact: Callable[[], StaticLlama], step: str, package: Path)
     log.info("compiling the %s step into %s (a minute or more on few cores; once per model and machine)...",
              step, package)
     begin = time.perf_counter()
-    compiled_step.build(net, step, package)
+    try:
+        compiled_step.build(net, step, package)
+    except Exception as exc:
+        package.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"{type(exc).__name__}: {_first_line(exc)}\n")
+        raise
     log.info("%s step compiled in %.1f s", step, time.perf_counter() - begin)
     return compiled_step.load(package)
 
