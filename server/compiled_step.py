@@ -12,9 +12,10 @@ the CPU's ISA, the thread count (inductor bakes it into its parallel loops) and 
 model. The KV caches are arguments, written in place: the packages hold no copy of them (at 8,192 positions
 that copy was 377 MB of zeros per package), and eager and compiled steps share one cache.
 
-A step is loaded with AOTInductor's model-container runner rather than ``aoti_load_package``: only the
-runner hands out the constants, which ``step_constants`` needs to keep one copy of those the two steps have
-in common and none of those no kernel reads.
+A step is loaded into an AOTInductor model container driven through its C interface (``aoti_container``)
+rather than with ``aoti_load_package``: it runs without holding the GIL, and it hands out the constants,
+which ``step_constants`` needs to keep one copy of those the two steps have in common and none of those no
+kernel reads.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from quant import int8
 from quant.load import fingerprint
 from server import static_llama, step_constants
+from server.aoti_container import Container
 from server.placement import cpu_isa
 from server.step_constants import release_constants, unused_constants
 
@@ -98,7 +100,7 @@ def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.Export
 
 
 def _unpack(package: Path, directory: Path) -> list[str]:
-    """Of an AOTInductor package, the two files the runner loads (library, constants) into ``directory``;
+    """Of an AOTInductor package, the two files a container loads (library, constants) into ``directory``;
     returns the constants its wrapper does not use."""
     wanted = {".wrapper.so": LIBRARY, "_weights.blob": CONSTANTS}
     unused = []
@@ -122,7 +124,7 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
     step = CompiledStep(directory, unused=[])
     with torch.no_grad():
         before = step(*example).clone()
-        release_constants(step.runner, names)
+        release_constants(step.container, names)
         return torch.equal(step(*example), before)
 
 
@@ -150,14 +152,13 @@ class CompiledStep:
 
     def __init__(self, path: Path, unused: list[str] | None = None) -> None:
         torch.cpu._init_amx()  # the kernels may use AMX tiles, which Linux grants a process on request
-        self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path / LIBRARY), 1)
-        self.runner.update_constant_buffer_from_blob(str(path / CONSTANTS))
+        self.container = Container(path / LIBRARY, path / CONSTANTS)
         self.unused = set(json.loads((path / UNUSED).read_text()) if unused is None else unused)
-        self.released = release_constants(self.runner, sorted(self.unused))
+        self.released = release_constants(self.container, sorted(self.unused))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  caches: list[torch.Tensor]) -> torch.Tensor:
-        return self.runner.run([ids, pos, mask, *caches])[0]  # the exported signature, flattened
+        return self.container.run([ids, pos, mask, *caches])[0]  # the exported signature, flattened
 
 
 def load(path: Path) -> CompiledStep:

@@ -43,18 +43,19 @@ def unused_constants(wrapper_source: str) -> list[str]:
     return [name for name in bound if name not in used]
 
 
-def constants_by_name(runner) -> dict[str, torch.Tensor]:
-    """A runner's constants by their own name, leaving out those inductor gives one shared original name
+def constants_by_name(container) -> dict[str, torch.Tensor]:
+    """A container's constants by their own name, leaving out those inductor gives one shared original name
     (small per-GEMM scales and zero points), which cannot be told apart."""
-    names = runner.get_constant_names_to_original_fqns()
-    per_fqn = collections.Counter(names.values())
-    by_fqn = runner.extract_constants_map(False)  # keyed by original name
-    return {name: by_fqn[fqn] for name, fqn in names.items() if per_fqn[fqn] == 1 and fqn in by_fqn}
+    names = container.constant_names()
+    per_original = collections.Counter(names.values())
+    by_original = container.constants()
+    return {name: by_original[original] for name, original in names.items()
+            if per_original[original] == 1 and original in by_original}
 
 
-def release_constants(runner, names: list[str]) -> int:
-    """Give back the pages of the runner's constants ``names``, which must be constants nothing reads."""
-    constants = constants_by_name(runner)
+def release_constants(container, names: list[str]) -> int:
+    """Give back the pages of the container's constants ``names``, which must be constants nothing reads."""
+    constants = constants_by_name(container)
     return sum(_release(constants[name]) for name in names if name in constants)
 
 
@@ -81,15 +82,14 @@ def share_constants(steps) -> tuple[int, int]:
     shared = released = 0
     for step in steps:
         repoint, dropped = {}, []
-        for name, tensor in constants_by_name(step.runner).items():
+        for name, tensor in constants_by_name(step.container).items():
             if name in step.unused or not tensor.is_contiguous() or tensor.nbytes < mmap.PAGESIZE:
                 continue
             kept = first.setdefault(_identity(tensor), tensor)
             if kept is not tensor and torch.equal(kept, tensor):
                 repoint[name] = kept
                 dropped.append(tensor)
-        # user-managed: the runner reads the kept tensors in place; they live as long as their own step
-        step.runner.update_constant_buffer(repoint, False, False, True)
+        step.container.use_in_place(repoint)  # the kept tensors live as long as their own step
         shared += sum(tensor.nbytes for tensor in dropped)
         released += sum(_release(tensor) for tensor in dropped)
     return shared, released
