@@ -29,7 +29,8 @@ class _Entry(ctypes.Structure):
 
 def _handles(tensors: list[torch.Tensor]) -> list[int]:
     """New ``at::Tensor*`` handles sharing the tensors' storage; whoever takes them must free them."""
-    return [_capsules.PyCapsule_GetPointer(c, None) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)]
+    capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
+    return [_capsules.PyCapsule_GetPointer(capsule, None) for capsule in capsules]
 
 
 def _tensors(handles: list[int]) -> list[torch.Tensor]:

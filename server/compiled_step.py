@@ -4,13 +4,14 @@ Two steps: ``decode`` (one token, attended length symbolic) and ``prefill`` (2 o
 attended length symbolic). A single graph with a symbolic token count decodes 20 % slower, so each gets its
 own. The first start exports them, lets inductor freeze the INT8 weights, prepack them for oneDNN and pick
 its GEMM templates (VNNI here, AMX where the CPU has it), and keeps each step's library and constants in a
-directory; later starts load them in a second or two. ``torch.compile`` cannot be cached this way: its graph cache refuses graphs
-holding oneDNN-prepacked weights, so every start lowered the whole model again (about 50 s on 2 cores).
+directory; later starts load them in a second or two. ``torch.compile`` cannot be cached this way: its
+graph cache refuses graphs holding oneDNN-prepacked weights, so every start lowered the whole model again
+(about 50 s on 2 cores).
 
-A package is keyed by everything its machine code depends on: the checkpoint, the context length, torch,
-the CPU's ISA, the thread count (inductor bakes it into its parallel loops) and the source of the compact
-model. The KV caches are arguments, written in place: the packages hold no copy of them (at 8,192 positions
-that copy was 377 MB of zeros per package), and eager and compiled steps share one cache.
+A step is keyed by everything its machine code depends on: the checkpoint, the context length, torch, the
+CPU's ISA, the thread count (inductor bakes it into its parallel loops) and the source of the compact
+model. The KV caches are arguments, written in place: the steps hold no copy of them (at 8,192 positions
+that copy was 377 MB of zeros per step), and eager and compiled steps share one cache.
 
 A step is loaded into an AOTInductor model container driven through its C interface (``aoti_container``)
 rather than with ``aoti_load_package``: it runs without holding the GIL, and it hands out the constants,

@@ -4,7 +4,7 @@ kernel reads.
 AOTInductor copies all of a step's constants into one allocation of its own, so whatever is resident
 there stays resident:
 - The prefill and decode steps are compiled apart, and each carries its own copy of every frozen constant:
-  for the default model 135 of the prefill step's 188 MB are byte for byte the decode step's (most GEMMs
+  for the default model 112 of the prefill step's 188 MB are byte for byte the decode step's (most GEMMs
   pick the same packed layout for both). Each duplicate is pointed at the first copy, user-managed.
 - When inductor's GEMM template packs a weight of its own, it keeps the raw weight too (it prunes only a
   weight whose graph node has a single user): the weight-only INT8 layers' raw weights are never read.
@@ -23,6 +23,7 @@ import re
 import torch
 
 _MADV_DONTNEED = 4  # Linux
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def inner_pages(address: int, size: int, page: int = mmap.PAGESIZE) -> tuple[int, int]:
@@ -62,10 +63,8 @@ def release_constants(container, names: list[str]) -> int:
 def _release(tensor: torch.Tensor) -> int:
     """Give back the whole pages under ``tensor``'s bytes; its contents become undefined."""
     start, length = inner_pages(tensor.data_ptr(), tensor.nbytes)
-    if length:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) != 0:
-            return 0
+    if length and _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) != 0:
+        return 0
     return length
 
 
