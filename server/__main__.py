@@ -59,7 +59,7 @@ def build_service(settings: Settings, metrics, placement):
 
 def return_freed_memory() -> None:
     """Hand the heap freed by loading back to the OS. With both steps compiled, the eager model's weights
-    (copies of what the packages hold) are garbage once the service is built, but glibc keeps freed heap
+    (copies of what the compiled steps hold) are garbage once the service is built, but glibc keeps freed heap
     mapped: 180 MB of the default model's resident memory until ``malloc_trim``."""
     import ctypes
     import gc

@@ -37,7 +37,7 @@ from quant.load import fingerprint
 from server import static_llama, step_constants
 from server.aoti_container import Container
 from server.placement import cpu_isa
-from server.step_constants import release_constants, unused_constants
+from server.step_constants import constants_by_name, release_constants, unused_constants
 
 log = logging.getLogger(__name__)
 _SOURCES = (int8.__file__, static_llama.__file__, step_constants.__file__, __file__)
@@ -125,7 +125,7 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
     step = CompiledStep(directory, unused=[])
     with torch.no_grad():
         before = step(*example).clone()
-        release_constants(step.container, names)
+        release_constants(step.constants, names)
         return torch.equal(step(*example), before)
 
 
@@ -154,8 +154,9 @@ class CompiledStep:
     def __init__(self, path: Path, unused: list[str] | None = None) -> None:
         torch.cpu._init_amx()  # the kernels may use AMX tiles, which Linux grants a process on request
         self.container = Container(path / LIBRARY, path / CONSTANTS)
+        self.constants = constants_by_name(self.container)  # as loaded: what sharing compares
         self.unused = set(json.loads((path / UNUSED).read_text()) if unused is None else unused)
-        self.released = release_constants(self.container, sorted(self.unused))
+        self.released = release_constants(self.constants, self.unused)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  caches: list[torch.Tensor]) -> torch.Tensor:

@@ -54,9 +54,8 @@ def constants_by_name(container) -> dict[str, torch.Tensor]:
             if per_original[original] == 1 and original in by_original}
 
 
-def release_constants(container, names: list[str]) -> int:
-    """Give back the pages of the container's constants ``names``, which must be constants nothing reads."""
-    constants = constants_by_name(container)
+def release_constants(constants: dict[str, torch.Tensor], names) -> int:
+    """Give back the pages of ``constants`` (``constants_by_name``) named in ``names``, which nothing reads."""
     return sum(_release(constants[name]) for name in names if name in constants)
 
 
@@ -81,7 +80,7 @@ def share_constants(steps) -> tuple[int, int]:
     shared = released = 0
     for step in steps:
         repoint, dropped = {}, []
-        for name, tensor in constants_by_name(step.container).items():
+        for name, tensor in step.constants.items():
             if name in step.unused or not tensor.is_contiguous() or tensor.nbytes < mmap.PAGESIZE:
                 continue
             kept = first.setdefault(_identity(tensor), tensor)
