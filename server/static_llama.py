@@ -37,11 +37,17 @@ def _fuse(linears: list[nn.Module]) -> nn.Module:
     raise UnsupportedForCompile(f"cannot fuse {sorted({type(m).__name__ for m in linears})}")
 
 
-def _bf16_weight_only_scale(linear: nn.Module) -> None:
-    """The weight-only kernel takes a BF16 scale, which eager converts at every call; convert it once,
-    so the frozen graph holds a BF16 constant (inductor cannot lower that conversion)."""
-    if isinstance(linear, Int8Linear) and linear.scheme == "weight_only":
+def _compilable_scales(linear: nn.Module) -> None:
+    """Scales in the form inductor's INT8 lowerings take. The weight-only kernel takes a BF16 scale, which
+    eager converts at every call: converted once, the frozen graph holds a BF16 constant (inductor cannot
+    lower that conversion). A static input scale becomes a 1-element tensor: frozen as a 0-d tensor it folds
+    into a scalar constant, which the oneDNN qlinear lowering rejects (it takes a tensor or a Python float)."""
+    if not isinstance(linear, Int8Linear):
+        return
+    if linear.scheme == "weight_only":
         linear.weight_scale = linear.weight_scale.to(torch.bfloat16)
+    if linear.input_scale is not None:
+        linear.input_scale = linear.input_scale.reshape(1)
 
 
 def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
@@ -105,7 +111,7 @@ class StaticBlock(nn.Module):
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
         for linear in (self.qkv, self.o_proj, self.gate_up, self.down_proj):
-            _bf16_weight_only_scale(linear)
+            _compilable_scales(linear)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,7 @@ class StaticLlama(nn.Module):
         self.norm = model.model.norm.weight
         self.eps = config.rms_norm_eps
         self.lm_head = model.lm_head
-        _bf16_weight_only_scale(self.lm_head)
+        _compilable_scales(self.lm_head)
         positions = torch.arange(max_len)[None]
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         self.register_buffer("cos", cos[0].float(), persistent=False)

@@ -1,12 +1,14 @@
-"""Where compiled steps are kept, and what a start does when one cannot be built."""
+"""Where compiled steps are kept, the static scheme compiled, and what a start does when a step cannot be built."""
 
-import logging
-
+import httpx
+import pytest
 import torch
 
+from quant.checkpoint import save_checkpoint
 from quant.smoothquant import Recipe
 from server.compiled_step import package_paths
 from server.decoder import StaticDecoder, make_decoder
+from server.static_llama import StaticLlama, new_kv_caches
 from tests.conftest import tiny_llama
 from tests.test_checkpoint import quantized_tiny
 
@@ -27,19 +29,41 @@ def test_a_step_is_keyed_by_context_length_and_thread_count(tmp_path, monkeypatc
         torch.set_num_threads(threads)
 
 
-def test_a_failed_build_runs_eagerly_and_is_not_retried_at_the_next_start(tmp_path, tokenizer, caplog):
-    """The static scheme is what fails for real (an inductor assertion while lowering, within seconds)."""
+@torch.no_grad()
+def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
+    """SmoothQuant's per-tensor static scheme (Q8-Chat's), both steps compiled: prefill and teacher-forced
+    decode logits are the eager compact model's, up to the rounding of fused kernels."""
     model = tiny_llama(len(tokenizer))
     quantized_tiny(model, Recipe(alpha=None, scheme="static"))
-    packages = {"decode": tmp_path / "compiled" / "decode-x"}
-    with caplog.at_level(logging.INFO):
-        decoder = make_decoder(lambda: model, model.config, 64, packages)
-    assert isinstance(decoder, StaticDecoder) and decoder.description.startswith("eager")
-    failed = tmp_path / "compiled" / "decode-x.failed"
-    assert failed.is_file() and "compiling the decode step" in caplog.text
+    packages = {step: tmp_path / "compiled" / step for step in ("decode", "prefill")}
+    compiled = make_decoder(lambda: model, model.config, 64, packages)
+    assert compiled.description.startswith("compiled decode step and prefill step")
+    eager = StaticDecoder(64, new_kv_caches(model.config, 64), net=StaticLlama(model, 64).eval())
+    prompt = torch.randint(0, 2000, (20,), generator=torch.Generator().manual_seed(7)).tolist()
 
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        decoder = make_decoder(lambda: model, model.config, 64, packages)
-    assert decoder.description.startswith("eager") and "compiling the decode step" not in caplog.text
-    assert f"failed to compile before ({failed.read_text().strip()}); delete {failed} to retry" in caplog.text
+    def logits(decoder):
+        return torch.stack([decoder.forward(prompt, 0)] +
+                           [decoder.forward([token], 20 + i) for i, token in enumerate(prompt[:8])])
+
+    expected, got = logits(eager), logits(compiled)
+    assert (got - expected).abs().max() < 0.1 * expected.std()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.e2e
+def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_the_next_start(
+        start_server, tokenizer, tmp_path):
+    model = tiny_llama(len(tokenizer))
+    checkpoint = save_checkpoint(model, tokenizer, tmp_path / "tiny", quantized_tiny(model))
+    env = {"Q8CHAT_COMPILE": "true", "Q8CHAT_CACHE_DIR": str(tmp_path / "cache"), "CXX": "/nonexistent/c++"}
+    first = start_server("--model", str(checkpoint), env=env)
+    assert "cannot compile the decode step (InductorError: InvalidCxxCompiler" in first.log()
+    assert "eager compact model, static KV cache" in first.log()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert httpx.post(first.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    first.stop()
+
+    again = start_server("--model", str(checkpoint), env=env)
+    assert "compiling the" not in again.log()
+    assert again.log().count("it failed to compile before (InductorError: ") == 2 and "InvalidCxxCompiler" in again.log()
+    assert httpx.post(again.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
