@@ -31,6 +31,7 @@ FORMAT = "q8chat-int8"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+PLAIN_CONFIGS = {"llama"}  # families whose config serving reads without its class (``read_config``)
 
 
 class CheckpointError(Exception):
@@ -194,14 +195,24 @@ class CheckpointInfo:
         return self.manifest["name"]
 
 
+def read_config(path: Path):
+    """A checkpoint's model config. A Llama config is read as a plain ``PretrainedConfig``: the checkpoint's
+    ``config.json`` holds all of its attributes (``save_pretrained``), and importing ``LlamaConfig`` pulls in
+    dynamo, sympy and DTensor through transformers' validators (54 MB that stayed resident in the server).
+    Other families need their config class: it maps their attribute names onto the common ones."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    values = json.loads((path / "config.json").read_text())
+    return PretrainedConfig.from_dict(values) if values.get("model_type") in PLAIN_CONFIGS \
+        else AutoConfig.from_pretrained(path)
+
+
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Manifest, config and tokenizer of an INT8 checkpoint, without loading its weights."""
-    from transformers import AutoConfig
-
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     try:
-        return CheckpointInfo(path, manifest, AutoConfig.from_pretrained(path), load_tokenizer(path))
+        return CheckpointInfo(path, manifest, read_config(path), load_tokenizer(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot load checkpoint ({exc})") from None
 

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -42,16 +43,44 @@ from server.step_constants import constants_by_name, release_constants, unused_c
 log = logging.getLogger(__name__)
 _SOURCES = (int8.__file__, static_llama.__file__, step_constants.__file__, __file__)
 STEPS = ("decode", "prefill")
-LIBRARY, CONSTANTS, UNUSED = "step.so", "constants.blob", "unused-constants.json"
+LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-constants.json", "source.sha256"
+STALE_AFTER_S = 24 * 3600
+
+
+def source_digest() -> str:
+    """Of the code a step's machine code comes from (part of its key)."""
+    return hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in _SOURCES)).hexdigest()
 
 
 def package_paths(cache_dir: Path, checkpoint: Path, max_len: int) -> dict[str, Path]:
     """The directories of the compiled steps of this checkpoint and context length, for this machine and code."""
     facts = {"checkpoint": fingerprint(Path(checkpoint)), "max_len": max_len, "torch": torch.__version__,
-             "isa": cpu_isa(), "threads": torch.get_num_threads(),
-             "source": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in _SOURCES]}
+             "isa": cpu_isa(), "threads": torch.get_num_threads(), "source": source_digest()}
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key}" for step in STEPS}
+
+
+def prune_stale(directory: Path, now: float | None = None) -> tuple[int, int]:
+    """Remove the steps in ``directory`` that other q8chat code built (their key names that code: this one
+    never loads them), packages of the format before directories included, once no server has loaded them
+    for a day: that spares a server of another version sharing the cache. Returns (steps removed, bytes)."""
+    current, now = source_digest(), time.time() if now is None else now
+    removed = freed = 0
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        if entry.name.partition("-")[0] not in STEPS or not (entry.is_dir() or entry.suffix == ".pt2"):
+            continue
+        stamp = entry / SOURCE
+        source = stamp.read_text() if stamp.is_file() else None  # None: a .pt2, or a step before stamps
+        if source == current or now - (stamp if source else entry).stat().st_mtime < STALE_AFTER_S:
+            continue
+        if entry.is_dir():
+            freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            shutil.rmtree(entry)
+        else:
+            freed += entry.stat().st_size
+            entry.unlink()
+        removed += 1
+    return removed, freed
 
 
 def configure_inductor() -> None:
@@ -143,6 +172,7 @@ def build(net: static_llama.StaticLlama, step: str, path: Path) -> None:
             log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
             unused = []
         (built / UNUSED).write_text(json.dumps(unused))
+        (built / SOURCE).write_text(source_digest())
         shutil.rmtree(path, ignore_errors=True)  # one that would not load
         os.replace(built, path)
 
@@ -164,6 +194,8 @@ class CompiledStep:
 
 
 def load(path: Path) -> CompiledStep:
-    if not all((path / name).is_file() for name in (LIBRARY, CONSTANTS, UNUSED)):
+    """The step in ``path``; its source stamp's time says when it was last loaded (see ``prune_stale``)."""
+    if not all((path / name).is_file() for name in (LIBRARY, CONSTANTS, UNUSED, SOURCE)):
         raise FileNotFoundError(f"{path}: no compiled step")
+    (path / SOURCE).touch()
     return CompiledStep(path)

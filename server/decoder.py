@@ -123,6 +123,11 @@ def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
             steps.pop(step, None)
             log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,
                         type(exc).__name__, _first_line(exc))
+    if packages:
+        removed, freed = compiled_step.prune_stale(next(iter(packages.values())).parent)
+        if removed:
+            log.info("removed %d compiled steps built by other q8chat code, unused for a day (%.1f MB)",
+                     removed, freed / 1e6)
     if steps:
         shared, released = share_constants(steps.values())
         unused = sum(step.released for step in steps.values())

@@ -1,12 +1,16 @@
 """Where compiled steps are kept, the static scheme compiled, and what a start does when a step cannot be built."""
 
+import os
+import time
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
 
 from quant.checkpoint import save_checkpoint
 from quant.smoothquant import Recipe
-from server.compiled_step import package_paths
+from server.compiled_step import package_paths, prune_stale, source_digest
 from server.decoder import StaticDecoder, make_decoder
 from server.static_llama import StaticLlama, new_kv_caches
 from tests.conftest import tiny_llama
@@ -67,3 +71,32 @@ def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_t
     assert "compiling the" not in again.log()
     assert again.log().count("it failed to compile before (InductorError: ") == 2 and "InvalidCxxCompiler" in again.log()
     assert httpx.post(again.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_steps_built_by_other_code_are_removed_once_unused_for_a_day(tmp_path):
+    compiled = tmp_path / "compiled"
+    compiled.mkdir()
+    now = time.time()
+
+    def step(name: str, source: str | None, loaded_hours_ago: float) -> Path:
+        path = compiled / name
+        path.mkdir()
+        (path / "constants.blob").write_bytes(b"\0" * 1000)
+        stamp = path / "source.sha256" if source else path
+        if source:
+            stamp.write_text(source)
+        os.utime(stamp, (now - loaded_hours_ago * 3600,) * 2)
+        return path
+
+    current = step("decode-current", source_digest(), 48)
+    recent = step("prefill-older-code-but-in-use", "0" * 64, 2)
+    old = step("decode-older-code", "0" * 64, 25)
+    unstamped = step("prefill-before-stamps", None, 30)
+    package = compiled / "decode-format-before-directories.pt2"
+    package.write_bytes(b"\0" * 500)
+    os.utime(package, (now - 90000,) * 2)
+    failed = compiled / "decode-x.failed"
+    failed.write_text("InductorError: ...")
+    assert prune_stale(compiled, now) == (3, 1000 + 64 + 1000 + 500)  # blobs, a stamp, the package
+    assert current.is_dir() and recent.is_dir() and failed.is_file()
+    assert not old.exists() and not unstamped.exists() and not package.exists()
