@@ -61,14 +61,12 @@ def return_freed_memory() -> None:
     """Hand the heap freed by loading back to the OS. With both steps compiled, the eager model's weights
     (copies of what the compiled steps hold) are garbage once the service is built, but glibc keeps freed heap
     mapped: 180 MB of the default model's resident memory until ``malloc_trim``."""
-    import ctypes
     import gc
 
+    from server import heap
+
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except AttributeError:  # not glibc
-        pass
+    heap.trim()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server import heap
 from server.sampling import SamplingParams, new_generator, sample
 from server.textstream import IncrementalDetokenizer, StopStrings
 
@@ -87,6 +88,7 @@ class Engine:
         del self._cache_ids[reused:]  # the decoder overwrites or drops the cache from here on
         if len(prompt_ids) - 1 > reused:
             self._forward(prompt_ids[reused:-1])
+            heap.trim()  # the prefill's working buffers: decoding needs none of them
         return self._forward(prompt_ids[-1:]), reused
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
