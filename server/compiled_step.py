@@ -10,8 +10,9 @@ graph cache refuses graphs holding oneDNN-prepacked weights, so every start lowe
 
 A step is keyed by everything its machine code depends on: the checkpoint, the context length, torch, the
 CPU's ISA, the thread count (inductor bakes it into its parallel loops) and the source of the compact
-model. The KV caches are arguments, written in place: the steps hold no copy of them (at 8,192 positions
-that copy was 377 MB of zeros per step), and eager and compiled steps share one cache.
+model; steps that other code built are removed once unused for a day (``prune_stale``). The KV caches are
+arguments, written in place: the steps hold no copy of them (at 8,192 positions that copy was 377 MB of
+zeros per step), and eager and compiled steps share one cache.
 
 A step is loaded into an AOTInductor model container driven through its C interface (``aoti_container``)
 rather than with ``aoti_load_package``: it runs without holding the GIL, and it hands out the constants,
