@@ -74,18 +74,22 @@ class Container:
                     "run")
         return _tensors(list(outputs))
 
-    def constant_names(self) -> dict[str, str]:
-        """Each constant's name and original name (inductor gives several constants the same one)."""
+    def constant_names(self) -> dict[str, tuple[str, int]]:
+        """Each constant's name, original name (inductor gives several constants the same one) and bytes."""
         count = ctypes.c_size_t()
         self._check(self._lib.AOTInductorModelContainerGetNumConstants(self._handle, ctypes.byref(count)), "count")
         names = {}
         for i in range(count.value):
-            name, original = ctypes.c_char_p(), ctypes.c_char_p()
-            self._check(self._lib.AOTInductorModelContainerGetConstantName(self._handle, ctypes.c_size_t(i),
-                                                                           ctypes.byref(name)), "name")
-            self._check(self._lib.AOTInductorModelContainerGetConstantOriginalFQN(
-                self._handle, ctypes.c_size_t(i), ctypes.byref(original)), "original name")
-            names[name.value.decode()] = original.value.decode()
+            name, original, size = ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_size_t()
+            index = ctypes.c_size_t(i)
+            self._check(self._lib.AOTInductorModelContainerGetConstantName(self._handle, index, ctypes.byref(name)),
+                        "name")
+            self._check(self._lib.AOTInductorModelContainerGetConstantOriginalFQN(self._handle, index,
+                                                                                  ctypes.byref(original)),
+                        "original name")
+            self._check(self._lib.AOTInductorModelContainerGetConstantDataSize(self._handle, index,
+                                                                               ctypes.byref(size)), "size")
+            names[name.value.decode()] = (original.value.decode(), size.value)
         return names
 
     def constants(self) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ kernel reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -198,5 +199,6 @@ def load(path: Path) -> CompiledStep:
     """The step in ``path``; its source stamp's time says when it was last loaded (see ``prune_stale``)."""
     if not all((path / name).is_file() for name in (LIBRARY, CONSTANTS, UNUSED, SOURCE)):
         raise FileNotFoundError(f"{path}: no compiled step")
-    (path / SOURCE).touch()
+    with contextlib.suppress(OSError):  # a read-only cache still loads
+        (path / SOURCE).touch()
     return CompiledStep(path)

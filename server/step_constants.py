@@ -45,13 +45,21 @@ def unused_constants(wrapper_source: str) -> list[str]:
 
 
 def constants_by_name(container) -> dict[str, torch.Tensor]:
-    """A container's constants by their own name, leaving out those inductor gives one shared original name
-    (small per-GEMM scales and zero points), which cannot be told apart."""
-    names = container.constant_names()
-    per_original = collections.Counter(names.values())
+    """A container's constants by their own name. The container hands them out by original name, one per
+    name, but inductor gives some constants a shared original name: per-GEMM scales and zero points, and a
+    packed weight beside another weight (the default model's 28 MB packed LM head). The one handed out is
+    named by its byte size where no other constant of its group has that size; the rest are left out."""
     by_original = container.constants()
-    return {name: by_original[original] for name, original in names.items()
-            if per_original[original] == 1 and original in by_original}
+    groups = collections.defaultdict(list)
+    for name, (original, size) in container.constant_names().items():
+        groups[original].append((name, size))
+    found = {}
+    for original, tensor in by_original.items():
+        group = groups.get(original, [])
+        named = group if len(group) == 1 else [(name, size) for name, size in group if size == tensor.nbytes]
+        if len(named) == 1:
+            found[named[0][0]] = tensor
+    return found
 
 
 def release_constants(constants: dict[str, torch.Tensor], names) -> int:
