@@ -59,7 +59,8 @@ class ContainerConstants:
 
 
 def test_constants_sharing_an_original_name_are_named_by_size_where_that_tells_them_apart():
-    packed, raw, scale = torch.zeros(1536, 576, 32, dtype=torch.int8), torch.zeros(100, dtype=torch.int8), torch.ones(1)
+    packed, raw = torch.zeros(1536, 576, 32, dtype=torch.int8), torch.zeros(100, dtype=torch.int8)
+    scale = torch.ones(1)
     container = ContainerConstants({"w": ("model.w", raw), "constant9": ("constant9", raw),
                                     "constant9_0": ("constant9", packed),
                                     "x_scale": ("x_scale", scale), "x_scale_0": ("x_scale", scale.clone())})
