@@ -23,6 +23,7 @@ kernel reads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -49,8 +50,9 @@ LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-consta
 STALE_AFTER_S = 24 * 3600
 
 
+@functools.cache
 def source_digest() -> str:
-    """Of the code a step's machine code comes from (part of its key)."""
+    """Of the code a step's machine code comes from (part of its key); read once, as the code is loaded once."""
     return hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in _SOURCES)).hexdigest()
 
 
@@ -117,8 +119,7 @@ def _example(net: static_llama.StaticLlama, step: str) -> tuple[tuple, tuple]:
     return example, ({1: count}, {0: count}, {0: count, 1: length}, fixed)
 
 
-def export_step(net: static_llama.StaticLlama, step: str) -> torch.export.ExportedProgram:
-    example, dynamic = _example(net, step)
+def export_step(net: static_llama.StaticLlama, example: tuple, dynamic: tuple) -> torch.export.ExportedProgram:
     with torch.no_grad():
         program = torch.export.export(net, example, dynamic_shapes=dynamic)
     # Export checks the dtype of every ``.to()`` result with an assert node. Such a node is a second user of
@@ -163,14 +164,15 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
 def build(net: static_llama.StaticLlama, step: str, path: Path) -> None:
     """Compile ``step`` into the directory ``path`` (written whole or not at all)."""
     configure_inductor()
-    program = export_step(net, step)
+    example, dynamic = _example(net, step)
+    program = export_step(net, example, dynamic)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
         package, built = Path(scratch) / "step.pt2", Path(scratch) / path.name
         with torch.no_grad():  # freezing applies to inference graphs only
             torch._inductor.aoti_compile_and_package(program, package_path=str(package))
         unused = _unpack(package, built)
-        if unused and not _really_unused(built, unused, _example(net, step)[0]):
+        if unused and not _really_unused(built, unused, example):
             log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
             unused = []
         (built / UNUSED).write_text(json.dumps(unused))
