@@ -5,12 +5,17 @@ runs, so the server's event loop stood still for every step: the first token's S
 the next decode step (about 26 ms of the served TTFT), and a long prefill made ``/health`` wait for all of
 it. ctypes releases the GIL around each foreign call. Tensors cross the interface as ``AtenTensorHandle``s
 (``at::Tensor*``), made and taken over by torch's own ``torch._C._aoti`` helpers.
+
+Every function called is declared once, in ``PROTOTYPES``, as torch's ``aoti_runtime/interface.h`` and
+``aoti_torch/c/shim.h`` declare it (``tests/test_torch_contract.py`` checks the table against those headers):
+a wrong guess at a signature does not raise, it corrupts the stack.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+from ctypes import POINTER, c_bool, c_char_p, c_size_t, c_void_p
 from pathlib import Path
 
 import torch
@@ -24,7 +29,38 @@ _capsules.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_v
 
 class _Entry(ctypes.Structure):
     """``AOTInductorConstantMapEntry``: a constant's name and tensor handle."""
-    _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
+    _fields_ = [("name", c_char_p), ("handle", c_void_p)]
+
+
+# name -> argument types; each returns an int32 error code (AOTIRuntimeError, AOTITorchError). Handles
+# (containers, tensors, streams, proxy executors) are pointers.
+PROTOTYPES: dict[str, list] = {
+    "AOTInductorModelContainerCreateWithDevice": [POINTER(c_void_p), c_size_t, c_char_p, c_char_p],
+    "AOTInductorModelContainerDelete": [c_void_p],
+    "AOTInductorModelContainerRun": [c_void_p, POINTER(c_void_p), c_size_t, POINTER(c_void_p), c_size_t,
+                                     c_void_p, c_void_p],
+    "AOTInductorModelContainerGetNumOutputs": [c_void_p, POINTER(c_size_t)],
+    "AOTInductorModelContainerGetNumConstants": [c_void_p, POINTER(c_size_t)],
+    "AOTInductorModelContainerGetConstantName": [c_void_p, c_size_t, POINTER(c_char_p)],
+    "AOTInductorModelContainerGetConstantOriginalFQN": [c_void_p, c_size_t, POINTER(c_char_p)],
+    "AOTInductorModelContainerGetConstantDataSize": [c_void_p, c_size_t, POINTER(c_size_t)],
+    "AOTInductorModelContainerExtractConstantsMapEntries": [c_void_p, POINTER(POINTER(_Entry)), POINTER(c_size_t),
+                                                            c_bool],
+    "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs": [c_void_p, POINTER(_Entry), c_size_t, c_bool,
+                                                                      c_bool],
+    "AOTInductorModelUpdateConstantsFromBlob": [c_void_p, c_void_p],
+    "AOTInductorGetLastError": [POINTER(c_char_p)],
+    "aoti_torch_new_tensor_handle": [c_void_p, POINTER(c_void_p)],
+    "aoti_torch_delete_tensor_object": [c_void_p],
+}
+
+
+def _declared(library: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library))
+    for name, argtypes in PROTOTYPES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int32
+    return lib
 
 
 def _handles(tensors: list[torch.Tensor]) -> list[int]:
@@ -39,70 +75,78 @@ def _tensors(handles: list[int]) -> list[torch.Tensor]:
         [_capsules.PyCapsule_New(handle, None, None) for handle in handles])
 
 
+class ContainerError(RuntimeError):
+    """An AOTInductor call failed; the message is the container's own."""
+
+
 class Container:
     """One compiled step's library and constants: ``run``, and what ``step_constants`` needs of them."""
 
     def __init__(self, library: Path, constants: Path) -> None:
-        self._lib = lib = ctypes.CDLL(str(library))
-        lib.AOTInductorGetLastError.restype = ctypes.c_char_p
-        self._handle = ctypes.c_void_p()
-        self._check(lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._handle), ctypes.c_size_t(1),
-                                                                  b"cpu", None), "create")
+        self._lib = lib = _declared(library)
+        self._handle = c_void_p()
         self._user_managed: list[int] = []  # handles of constants the container reads in place
-        with open(constants, "rb") as f:  # copied into the container's own allocation, then unmapped
-            blob = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        start = ctypes.c_char.from_buffer(blob)
-        try:
-            self._check(lib.AOTInductorModelUpdateConstantsFromBlob(self._handle, ctypes.byref(start)), "load")
-        finally:
-            del start
-            blob.close()
-        outputs = ctypes.c_size_t()
+        self._check(lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._handle), 1, b"cpu", None),
+                    "create")
+        if Path(constants).stat().st_size:  # a step without constants has an empty blob
+            self._load_constants(constants)
+        outputs = c_size_t()
         self._check(lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(outputs)), "outputs")
         self._outputs = outputs.value
 
+    def _load_constants(self, constants: Path) -> None:
+        """Copied into the container's own allocation, then unmapped."""
+        with open(constants, "rb") as f:
+            blob = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        start = ctypes.c_char.from_buffer(blob)
+        try:
+            self._check(self._lib.AOTInductorModelUpdateConstantsFromBlob(self._handle, ctypes.addressof(start)),
+                        "load")
+        finally:
+            del start
+            blob.close()
+
     def _check(self, error: int, what: str) -> None:
         if error:
-            raise RuntimeError(f"AOTInductor {what}: {(self._lib.AOTInductorGetLastError() or b'').decode()}")
+            message = c_char_p()
+            self._lib.AOTInductorGetLastError(ctypes.byref(message))
+            raise ContainerError(f"AOTInductor {what}: {(message.value or b'no message').decode(errors='replace')}")
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The step's outputs; the GIL is free meanwhile. The container takes over the input handles."""
-        handles = (ctypes.c_void_p * len(inputs))(*_handles(inputs))
-        outputs = (ctypes.c_void_p * self._outputs)()
-        self._check(self._lib.AOTInductorModelContainerRun(self._handle, handles, ctypes.c_size_t(len(inputs)),
-                                                           outputs, ctypes.c_size_t(self._outputs), None, None),
-                    "run")
+        handles = (c_void_p * len(inputs))(*_handles(inputs))
+        outputs = (c_void_p * self._outputs)()
+        self._check(self._lib.AOTInductorModelContainerRun(self._handle, handles, len(inputs), outputs,
+                                                           self._outputs, None, None), "run")
         return _tensors(list(outputs))
 
     def constant_names(self) -> dict[str, tuple[str, int]]:
         """Each constant's name, original name (inductor gives several constants the same one) and bytes."""
-        count = ctypes.c_size_t()
+        count = c_size_t()
         self._check(self._lib.AOTInductorModelContainerGetNumConstants(self._handle, ctypes.byref(count)), "count")
         names = {}
         for i in range(count.value):
-            name, original, size = ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_size_t()
-            index = ctypes.c_size_t(i)
-            self._check(self._lib.AOTInductorModelContainerGetConstantName(self._handle, index, ctypes.byref(name)),
+            name, original, size = c_char_p(), c_char_p(), c_size_t()
+            self._check(self._lib.AOTInductorModelContainerGetConstantName(self._handle, i, ctypes.byref(name)),
                         "name")
-            self._check(self._lib.AOTInductorModelContainerGetConstantOriginalFQN(self._handle, index,
+            self._check(self._lib.AOTInductorModelContainerGetConstantOriginalFQN(self._handle, i,
                                                                                   ctypes.byref(original)),
                         "original name")
-            self._check(self._lib.AOTInductorModelContainerGetConstantDataSize(self._handle, index,
-                                                                               ctypes.byref(size)), "size")
+            self._check(self._lib.AOTInductorModelContainerGetConstantDataSize(self._handle, i, ctypes.byref(size)),
+                        "size")
             names[name.value.decode()] = (original.value.decode(), size.value)
         return names
 
     def constants(self) -> dict[str, torch.Tensor]:
         """The constants by original name (one of those sharing a name), as tensors viewing the container's
         memory: valid while the container lives."""
-        entries, count = ctypes.POINTER(_Entry)(), ctypes.c_size_t()
+        entries, count = POINTER(_Entry)(), c_size_t()
         self._check(self._lib.AOTInductorModelContainerExtractConstantsMapEntries(
-            self._handle, ctypes.byref(entries), ctypes.byref(count), ctypes.c_bool(False)), "constants")
+            self._handle, ctypes.byref(entries), ctypes.byref(count), False), "constants")
         names, handles = [], []
         for entry in entries[:count.value]:
-            handle = ctypes.c_void_p()  # a handle of our own: the container keeps owning its one
-            self._check(self._lib.aoti_torch_new_tensor_handle(ctypes.c_void_p(entry.handle), ctypes.byref(handle)),
-                        "new handle")
+            handle = c_void_p()  # a handle of our own: the container keeps owning its one
+            self._check(self._lib.aoti_torch_new_tensor_handle(entry.handle, ctypes.byref(handle)), "new handle")
             names.append(entry.name.decode())
             handles.append(handle.value)
         return dict(zip(names, _tensors(handles)))
@@ -115,11 +159,10 @@ class Container:
         self._user_managed += handles  # the container reads through them until it is deleted
         pairs = (_Entry * len(handles))(*[_Entry(name.encode(), handle) for name, handle in zip(constants, handles)])
         self._check(self._lib.AOTInductorModelContainerUpdateUserManagedConstantBufferPairs(
-            self._handle, pairs, ctypes.c_size_t(len(handles)), ctypes.c_bool(False), ctypes.c_bool(False)),
-            "update constants")
+            self._handle, pairs, len(handles), False, False), "update constants")
 
     def __del__(self) -> None:
         if getattr(self, "_handle", None):
             self._lib.AOTInductorModelContainerDelete(self._handle)
             for handle in self._user_managed:
-                self._lib.aoti_torch_delete_tensor_object(ctypes.c_void_p(handle))
+                self._lib.aoti_torch_delete_tensor_object(handle)

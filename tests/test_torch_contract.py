@@ -1,0 +1,93 @@
+"""The parts of torch that q8chat's compiled steps rely on beyond its public API, checked against the
+installed torch: AOTInductor's C interface as its headers declare it, inductor's settings, the helpers that
+move tensors across the C boundary, and the form of the generated wrapper that the unused-constants search
+reads. A torch upgrade that changes any of them fails here, in seconds, instead of in a crash at start-up."""
+
+import ctypes
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from server import aoti_container, compiled_step
+from server.aoti_container import PROTOTYPES, Container, ContainerError
+
+HEADERS = Path(torch.__file__).parent / "include/torch/csrc/inductor"
+C_TYPES = {  # the C parameter types of the functions we call, as ctypes declares them
+    "size_t": ctypes.c_size_t, "bool": ctypes.c_bool, "const char*": ctypes.c_char_p,
+    "const char**": ctypes.POINTER(ctypes.c_char_p), "size_t*": ctypes.POINTER(ctypes.c_size_t),
+    "const uint8_t*": ctypes.c_void_p, "AOTInductorModelContainerHandle": ctypes.c_void_p,
+    "AOTInductorModelContainerHandle*": ctypes.POINTER(ctypes.c_void_p), "AtenTensorHandle": ctypes.c_void_p,
+    "AtenTensorHandle*": ctypes.POINTER(ctypes.c_void_p), "AOTInductorStreamHandle": ctypes.c_void_p,
+    "AOTIProxyExecutorHandle": ctypes.c_void_p,
+    "const AOTInductorConstantMapEntry*": ctypes.POINTER(aoti_container._Entry),
+    "const AOTInductorConstantMapEntry**": ctypes.POINTER(ctypes.POINTER(aoti_container._Entry)),
+}
+
+
+def declared_parameters(name: str) -> list[str]:
+    """The parameter types of ``name`` as torch's AOTInductor headers declare it."""
+    source = (HEADERS / "aoti_runtime/interface.h").read_text() + (HEADERS / "aoti_torch/c/shim.h").read_text()
+    source = re.sub(r"//[^\n]*", "", source)
+    match = re.search(rf"\b(AOTIRuntimeError|AOTITorchError)\s+{name}\s*\(([^)]*)\)\s*;", source)
+    assert match, f"{name} is not declared in torch's AOTInductor headers"
+    parameters = [" ".join(p.split()[:-1]).replace(" *", "*") for p in match.group(2).split(",") if p.strip()]
+    return [re.sub(r"\s*\*", "*", p) for p in parameters]
+
+
+@pytest.mark.parametrize("name", sorted(PROTOTYPES))
+def test_each_c_function_is_declared_as_the_headers_declare_it(name):
+    declared = [C_TYPES[p] for p in declared_parameters(name)]
+    assert declared == PROTOTYPES[name], f"{name}: headers say {declared_parameters(name)}"
+
+
+def test_inductor_settings_and_the_tensor_handle_helpers_exist():
+    import torch._inductor.config as inductor
+
+    for name in compiled_step.INDUCTOR_SETTINGS:
+        section, _, leaf = name.rpartition(".")
+        assert hasattr(getattr(inductor, section) if section else inductor, leaf), name
+    for helper in ("unsafe_alloc_void_ptrs_from_tensors", "alloc_tensors_by_stealing_from_void_ptrs"):
+        assert hasattr(torch._C._aoti, helper)
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(1, 2, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+@pytest.fixture(scope="module")
+def tiny_step(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("step") / "scaled"
+    with torch.no_grad():
+        program = torch.export.export(Scaled(), (torch.ones(4, 64),))
+    compiled_step.compile_program(program, directory)
+    return directory
+
+
+def test_a_container_runs_and_a_container_error_raises_with_its_message(tiny_step, monkeypatch):
+    monkeypatch.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")  # the wrapper checks its inputs (read at its first run)
+    container = Container(tiny_step / compiled_step.LIBRARY, tiny_step / compiled_step.CONSTANTS)
+    assert torch.equal(container.run([torch.ones(4, 64)])[0], Scaled()(torch.ones(4, 64)))
+    with pytest.raises(ContainerError, match="AOTInductor run: .*dtype"):  # not a crash
+        container.run([torch.ones(4, 64, dtype=torch.float64)])
+    assert torch.equal(container.run([torch.ones(4, 64)])[0], Scaled()(torch.ones(4, 64)))  # and it still runs
+    assert set(container.constants()) == {"scale"}
+
+
+def test_the_wrapper_binds_constants_in_the_form_the_unused_constants_search_reads(tmp_path):
+    from server.step_constants import unused_constants
+    with torch.no_grad():
+        program = torch.export.export(Scaled(), (torch.ones(4, 64),))
+    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "step.pt2"))
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "step.pt2") as archive:
+        wrapper = next(archive.read(m).decode() for m in archive.namelist() if m.endswith(".wrapper.cpp"))
+    assert re.search(r"auto& \w+ = constants_->at\(\d+\);", wrapper)
+    assert unused_constants(wrapper) == []  # the one constant is passed to the kernel
