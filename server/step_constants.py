@@ -10,6 +10,9 @@ there stays resident:
   weight whose graph node has a single user): the weight-only INT8 layers' raw weights are never read.
   23 MB for the default model, 342 MB for the 1B shape.
 The pages under a copy nothing reads are given back to the kernel (``madvise(MADV_DONTNEED)``).
+
+Weights that oneDNN prepacked (its INT8 ``qlinear`` on AMX and VNNI CPUs) are opaque tensors, with no
+storage that Python can read or address: they are neither compared nor given back.
 """
 
 from __future__ import annotations
@@ -62,9 +65,14 @@ def constants_by_name(container) -> dict[str, torch.Tensor]:
     return found
 
 
+def addressable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s bytes can be read and its pages given back: not an opaque (oneDNN) tensor."""
+    return tensor.layout == torch.strided
+
+
 def release_constants(constants: dict[str, torch.Tensor], names) -> int:
     """Give back the pages of ``constants`` (``constants_by_name``) named in ``names``, which nothing reads."""
-    return sum(_release(constants[name]) for name in names if name in constants)
+    return sum(_release(constants[name]) for name in names if name in constants and addressable(constants[name]))
 
 
 def _release(tensor: torch.Tensor) -> int:
@@ -89,7 +97,8 @@ def share_constants(steps) -> tuple[int, int]:
     for step in steps:
         repoint, dropped = {}, []
         for name, tensor in step.constants.items():
-            if name in step.unused or not tensor.is_contiguous() or tensor.nbytes < mmap.PAGESIZE:
+            if name in step.unused or not addressable(tensor) or not tensor.is_contiguous() \
+                    or tensor.nbytes < mmap.PAGESIZE:
                 continue
             kept = first.setdefault(_identity(tensor), tensor)
             if kept is not tensor and torch.equal(kept, tensor):

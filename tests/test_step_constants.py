@@ -6,7 +6,8 @@ import mmap
 
 import torch
 
-from server.step_constants import _release, constants_by_name, inner_pages, unused_constants
+from server.step_constants import (_release, constants_by_name, inner_pages, release_constants, share_constants,
+                                   unused_constants)
 
 PAGE = mmap.PAGESIZE
 
@@ -66,3 +67,28 @@ def test_constants_sharing_an_original_name_are_named_by_size_where_that_tells_t
                                     "x_scale": ("x_scale", scale), "x_scale_0": ("x_scale", scale.clone())})
     found = constants_by_name(container)
     assert set(found) == {"w", "constant9_0"} and found["constant9_0"] is packed  # two 4-byte scales: unknown
+
+
+class FakeStep:
+    """A loaded step as ``share_constants`` sees it: constants by name, the unused ones, its container."""
+
+    def __init__(self, constants: dict[str, torch.Tensor]) -> None:
+        self.constants, self.unused, self.repointed = constants, set(), {}
+        self.container = self
+
+    def use_in_place(self, constants: dict[str, torch.Tensor]) -> None:
+        self.repointed.update(constants)
+
+
+def test_opaque_onednn_constants_are_skipped_and_the_plain_duplicates_still_shared():
+    """Weights prepacked by oneDNN (its INT8 qlinear on AMX and VNNI CPUs) have no storage Python can read:
+    hashing one crashed the start-up of a compiled server on an AVX-512 VNNI EPYC."""
+    weight = torch.randint(-127, 128, (256, 256), dtype=torch.int8)
+    opaque = [torch.ops.onednn.qlinear_prepack(weight, None) for _ in range(2)]
+    assert opaque[0].layout != torch.strided
+    plain = torch.randn(4 * PAGE)
+    decode = FakeStep({"packed": opaque[0], "raw": plain})
+    prefill = FakeStep({"packed": opaque[1], "raw": plain.clone()})
+    shared, _ = share_constants([decode, prefill])
+    assert shared == plain.nbytes and set(prefill.repointed) == {"raw"} and prefill.repointed["raw"] is plain
+    assert release_constants({"packed": opaque[0]}, ["packed"]) == 0
