@@ -3,8 +3,8 @@
 Weights are symmetric INT8 per output channel, each row's range clipped where that lowers its error.
 Activations are quantized to INT8 at run time, either per token (``dynamic``: scale from each row's max)
 or per tensor with a scale fixed at calibration (``static``: SmoothQuant-O3, what Q8-Chat used). The
-product runs in ``torch._int_mm`` (INT8 x INT8 -> INT32 on oneDNN/VNNI), and only the INT32 result is
-rescaled to float.
+integer product runs in the kernel this CPU computes it exactly and fast with (``quant.kernels``), and only
+its result is rescaled to float.
 
 A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) keeps INT8 weights
 but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it costs no extra memory.
@@ -12,9 +12,13 @@ but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it cos
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from quant.kernels import check_kernel, eager_kernel, w8a8_matmul
 
 SCHEMES = ("dynamic", "static")             # W8A8 activation schemes a recipe can ask for
 LINEAR_SCHEMES = SCHEMES + ("weight_only",)  # ... plus the fallback
@@ -61,7 +65,8 @@ class Int8Linear(nn.Module):
     """Linear layer with INT8 weights and INT8 activations (W8A8), or BF16 ones (``weight_only``).
 
     ``smooth`` (optional) holds 1/s of SmoothQuant for layers with no preceding norm to fold it into;
-    it multiplies the input before activation quantization.
+    it multiplies the input before activation quantization. ``kernel`` (not saved) picks the W8A8 kernel
+    of ``quant.kernels``; None: this CPU's for eager use.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, scheme: str,
@@ -70,6 +75,7 @@ class Int8Linear(nn.Module):
         if scheme not in LINEAR_SCHEMES:
             raise ValueError(f"unknown activation scheme {scheme!r}; expected one of {LINEAR_SCHEMES}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.kernel: str | None = None
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
@@ -110,7 +116,15 @@ class Int8Linear(nn.Module):
         else:
             x_scale = self.input_scale
             xq = quantize_tensor(x2, x_scale)
-        return torch._int_mm(xq, self.weight.t()).to(torch.float32) * x_scale * self.weight_scale
+        return w8a8_matmul(xq, self.weight, self.kernel or eager_kernel()) * x_scale * self.weight_scale
+
+    def with_kernel(self, kernel: str | None) -> "Int8Linear":
+        """This layer on the same tensors, computed by ``kernel``: what a compiled step changes of a layer
+        (kernel, scale dtypes) stays off the model it came from."""
+        clone = copy.copy(self)
+        clone._buffers = dict(self._buffers)
+        clone.kernel = None if kernel is None else check_kernel(kernel)
+        return clone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from quant.families import BoundGroup, all_groups, family_of, set_submodule
 from quant.gptq import gptq_round
 from quant.int8 import QMAX, WEIGHT_ROUNDING, Int8Embedding, Int8Linear
+from quant.kernels import REFERENCE
 
 DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
 # Relative output error above which a group's activations stay BF16. On SmolLM2-135M the typical group
@@ -116,10 +117,11 @@ def _quantized_group(linears: list[nn.Linear], s: torch.Tensor | None, scheme: s
 @torch.no_grad()
 def group_error(x: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor | None, scheme: str,
                 act_absmax: torch.Tensor) -> float:
-    """Relative squared error of the quantized (and smoothed) group output on input rows ``x``."""
+    """Relative squared error of the quantized (and smoothed) group output on input rows ``x``. The INT8
+    products are the exact ones (``kernels.REFERENCE``), whatever this CPU's kernel rounds."""
     reference = torch.cat([lin(x) for lin in linears], dim=-1).float()
-    quantized = torch.cat([q(x) for q in _quantized_group(linears, s, scheme, act_absmax, prescale=True)],
-                          dim=-1)
+    quantized = torch.cat([q.with_kernel(REFERENCE)(x)
+                           for q in _quantized_group(linears, s, scheme, act_absmax, prescale=True)], dim=-1)
     return float(((quantized - reference) ** 2).sum() / (reference ** 2).sum().clamp(min=1e-12))
 
 

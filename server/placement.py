@@ -113,15 +113,13 @@ def choose(cpus: list[Cpu], socket: int, allowed: set[int] | None = None, thread
 ISA_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_isa(cpuinfo: Path | None = None) -> str:
     """What the INT8 kernels can use, e.g. 'AVX512 + avx512_vnni avx512_bf16 amx_int8 amx_bf16'."""
     import torch
+
+    from quant.kernels import cpu_flags
     capability = torch.backends.cpu.get_cpu_capability()
-    try:
-        flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
-    except OSError:
-        flags = set()
-    found = [f for f in ISA_FLAGS if f in flags]
+    found = [f for f in ISA_FLAGS if f in cpu_flags(cpuinfo)]
     return f"{capability} + {' '.join(found)}" if found else capability
 
 

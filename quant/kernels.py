@@ -1,0 +1,138 @@
+"""Which instructions compute a W8A8 product on this CPU, exactly and fast.
+
+A W8A8 product is ``sum_k xq[m, k] * w[n, k]`` over INT8 values: an integer, rescaled in float afterwards.
+x86 CPUs differ in which INT8 instruction they have, and each kernel family is exact only on some of them:
+
+- ``s8s8``: ``torch._int_mm``. AMX multiplies s8 by s8 natively, and oneDNN's s8s8 kernels (inductor's AMX
+  template when compiled) are fast there. Without AMX, oneDNN's prepacked s8s8 matmul runs its reference
+  kernel (``ref_int8``, about 12 ms for a 576x1536 GEMV on AVX-512 VNNI), and without VNNI ``_int_mm`` is a
+  scalar loop.
+- ``u8s8``: AVX-512 VNNI and AVX-VNNI multiply u8 by s8 (``vpdpbusd``). Activations are shifted by 128 to
+  u8 and the product is written as the dequantize-linear pattern that inductor rewrites into oneDNN's u8s8
+  ``qlinear`` (or its own VNNI template): what x86's PT2E quantization compiles to on these CPUs.
+- ``bf16``: without VNNI the only INT8 multiply (``vpmaddubsw``) saturates its 16-bit pair sums; oneDNN's
+  int8 GEMM lost up to 20 % of a 512-row product to it on an AVX2 EPYC. Here the INT8 values travel in
+  BF16, which holds every one of them exactly, through the weight-only INT8 kernel, which multiplies and
+  accumulates in FP32: products are exact, and sums too while they stay below 2**24 in magnitude.
+
+``reference`` is the exact result on any CPU (FP32 BLAS on the INT8 values); quantization measures its
+errors with it, so a checkpoint does not depend on the CPU it was made on.
+
+``ONEDNN_MAX_CPU_ISA`` caps the choice as it caps oneDNN (``AVX2`` gives the ``bf16`` kernel on any CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+KERNELS = ("s8s8", "u8s8", "bf16")
+REFERENCE = "reference"
+EAGER_OPS = {"s8s8": "aten::_int_mm", "bf16": "aten::_weight_int8pack_mm"}  # the ATen op an eager kernel runs
+U8_ZERO_POINT = 128
+_CAPS = {"AMX": ("amx_int8",), "VNNI": ("avx512_vnni", "avx_vnni")}
+# oneDNN's ISA names, weakest first, and what each of them allows of ours
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+
+
+def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (empty where they cannot be read); this machine's are
+    read once."""
+    return _read_flags(cpuinfo) if cpuinfo is not None else _this_machine_flags()
+
+
+@functools.cache
+def _this_machine_flags() -> frozenset[str]:
+    return _read_flags(Path("/proc/cpuinfo"))
+
+
+def _read_flags(cpuinfo: Path) -> frozenset[str]:
+    try:
+        line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return frozenset(line.partition(":")[2].split())
+
+
+# the flags that decide which kernels can run, as the bench and the README name a CPU class
+CLASS_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_class(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The CPU's model name and the flags of ``CLASS_FLAGS`` it has: what a speed figure is measured on."""
+    try:
+        name = next((line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), "unknown")
+    except OSError:
+        name = "unknown"
+    return {"model_name": name, "flags": [flag for flag in CLASS_FLAGS if flag in cpu_flags(cpuinfo)]}
+
+
+def _onednn_allows(feature: str, cap: str | None) -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA=cap`` leaves oneDNN ``feature`` ("AMX" or "VNNI")."""
+    if not cap or cap.upper() not in _ONEDNN_ISAS:
+        return True
+    cap = cap.upper()
+    if feature == "AMX":
+        return "AMX" in cap
+    return "VNNI" in cap or _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_VNNI")
+
+
+def default_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> str:
+    """The kernel of KERNELS that computes W8A8 products exactly and fastest on this CPU (see the module)."""
+    flags = cpu_flags() if flags is None else flags
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if onednn_cap is None else onednn_cap
+    if flags & set(_CAPS["AMX"]) and _onednn_allows("AMX", cap):
+        return "s8s8"
+    if flags & set(_CAPS["VNNI"]) and _onednn_allows("VNNI", cap):
+        return "u8s8"
+    return "bf16"
+
+
+def eager_kernel(kernel: str | None = None) -> str:
+    """The kernel for uncompiled layers, given the compiled steps' ``kernel`` (default: this CPU's): ``u8s8``
+    needs weights that inductor's freezing prepacks, so eager layers run ``s8s8`` (``_int_mm``) in its place,
+    which oneDNN computes exactly and fast on VNNI CPUs without prepacking."""
+    kernel = kernel or default_kernel()
+    return "s8s8" if kernel == "u8s8" else kernel
+
+
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS + (REFERENCE,):
+        raise ValueError(f"unknown INT8 kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+    return kernel
+
+
+def w8a8_matmul(xq: torch.Tensor, weight: torch.Tensor, kernel: str) -> torch.Tensor:
+    """``xq [M, K] int8 @ weight [N, K] int8 ^T`` as float32 integers, by ``kernel``. The graph of each is
+    what inductor's INT8 patterns expect, so it compiles to that kernel's GEMM."""
+    if kernel == "s8s8":
+        return torch._int_mm(xq, weight.t()).to(torch.float32)
+    if kernel == "bf16":
+        ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
+        return torch._weight_int8pack_mm(xq.to(torch.bfloat16), weight, ones).to(torch.float32)
+    if kernel == "u8s8":
+        return _u8s8_linear(xq, weight)
+    if kernel == REFERENCE:
+        return F.linear(xq.to(torch.float32), weight.to(torch.float32))
+    raise ValueError(f"unknown INT8 kernel {kernel!r}")
+
+
+def _u8s8_linear(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The u8 activations (``xq + 128``, zero point 128) times the s8 weights, written as PT2E's quantized
+    linear: inductor's freezing prepacks the weight and lowers this to oneDNN's u8s8 ``qlinear``."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
+
+    decomposed = torch.ops.quantized_decomposed
+    xu8 = (xq.to(torch.int16) + U8_ZERO_POINT).to(torch.uint8)
+    x = decomposed.dequantize_per_tensor.default(xu8, 1.0, U8_ZERO_POINT, 0, 255, torch.uint8)
+    ones = torch.ones(weight.shape[0], dtype=torch.float32)
+    zeros = torch.zeros(weight.shape[0], dtype=torch.int64)
+    w = decomposed.dequantize_per_channel.default(weight, ones, zeros, 0, -128, 127, torch.int8)
+    return F.linear(x, w)
