@@ -5,9 +5,11 @@ It runs the same weights as q8chat, the source GGUF requantized to Q8_0 by llama
 and is driven by the same engine loop as every other variant through a decoder adapter, so
 tokenization, sampling and timing are identical; only the forward pass differs.
 
-ggml's AMX buffer type is switched off (``use_extra_bufts``): on a VM that advertises AMX, its tile
-set-up faults (a general-protection fault at ``ldtilecfg`` in the first decode), and for Q8_0 on x86
-that buffer type is the only extra one, so what runs is llama.cpp's AVX-512/VNNI Q8_0 path.
+On a CPU that advertises AMX, ggml's extra buffer types are switched off (``use_extra_bufts``): on a VM
+that advertises AMX, its tile set-up faults (a general-protection fault at ``ldtilecfg`` in the first
+decode), and for Q8_0 on x86 that buffer type is the only extra one, so what runs is llama.cpp's
+AVX-512/VNNI Q8_0 path. Elsewhere llama.cpp runs as it is built for the CPU (llama-cpp-python builds it
+with ``GGML_NATIVE``), extra buffer types included.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from quant.kernels import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,8 @@ class LlamaCppDecoder:
     def __init__(self, path: Path, context: int, threads: int) -> None:
         api = self.api = _library().api
         model_params = api.llama_model_default_params()
-        model_params.use_extra_bufts = False  # see the module docstring
+        amx = "amx_int8" in cpu_flags()
+        model_params.use_extra_bufts = not amx  # see the module docstring
         self._model = api.llama_model_load_from_file(str(path).encode(), model_params)
         if not self._model:
             raise LlamaCppUnavailable(f"llama.cpp could not load {path}")
@@ -124,7 +129,8 @@ class LlamaCppDecoder:
         self._ctx = api.llama_init_from_model(self._model, ctx_params)
         self._batch = api.llama_batch_init(context, 0, 1)
         self._vocab = api.llama_vocab_n_tokens(api.llama_model_get_vocab(self._model))
-        self.description = f"llama.cpp {api.__version__} ({path.name}, {threads} threads, no AMX buffers)"
+        self.description = (f"llama.cpp {api.__version__} ({path.name}, {threads} threads"
+                            f"{', no AMX buffers' if amx else ''})")
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         api, batch = self.api, self._batch

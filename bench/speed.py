@@ -25,6 +25,7 @@ from bench.results import Result, Sample
 from bench.random_model import is_random_spec, random_model_dir
 from bench.served import Served
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
+from quant.kernels import check_kernel, cpu_class, default_kernel
 from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import int8_checkpoint, load_int8_model
@@ -78,10 +79,10 @@ class InProcess:
         pass
 
 
-def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool) -> list[str]:
+def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool, kernel: str = "auto") -> list[str]:
     """``q8chat serve`` flags serving the in-process variants' INT8 checkpoint with the same context."""
     return ["--model", str(checkpoint), "--served-model-name", SERVED_NAME, "--cache-dir", str(cache_dir),
-            "--context-length", str(context), "--compile" if compile else "--no-compile"]
+            "--context-length", str(context), "--compile" if compile else "--no-compile", "--int8-kernel", kernel]
 
 
 def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int, context: int, log_dir: Path,
@@ -90,19 +91,21 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
     float_model = load_float_model(model_spec)
     tokenizer = float_model.tokenizer
     for name in names:
+        base, _, kernel = name.partition("@")  # q8chat variants may name their W8A8 kernel: ...@bf16
         if name in ("hf-fp32", "hf-bf16"):
             model = float_model.model if name == "hf-fp32" else copy.deepcopy(float_model.model).to(torch.bfloat16)
             yield name, InProcess(HFDecoder(model), tokenizer, context), weight_bytes(model)
-        elif name.startswith("q8chat-int8-"):
-            scheme = name.removeprefix("q8chat-int8-").removesuffix("-eager")
+        elif base.startswith("q8chat-int8-"):
+            scheme = base.removeprefix("q8chat-int8-").removesuffix("-eager")
+            kernel = check_kernel(kernel or default_kernel())
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
-            packages = None if name.endswith("-eager") else package_paths(cache_dir, quantized.path, context)
-            decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages)
+            packages = None if base.endswith("-eager") else package_paths(cache_dir, quantized.path, context, kernel)
+            decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages, kernel)
             yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
-        elif name in ("q8chat-served", "q8chat-served-eager"):
+        elif base in ("q8chat-served", "q8chat-served-eager"):
             checkpoint = read_checkpoint_info(int8_checkpoint(model_spec, Recipe(calib_samples=calib_samples),
                                                               cache_dir))
-            args = served_args(checkpoint.path, cache_dir, context, compile=not name.endswith("-eager"))
+            args = served_args(checkpoint.path, cache_dir, context, not base.endswith("-eager"), kernel or "auto")
             served = Served(args, SERVED_NAME, tokenizer, log_dir)
             served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context) / 1e6, 1)
             yield name, served, stored_weight_bytes(checkpoint.path)
@@ -151,7 +154,8 @@ def run(args) -> dict:
         row["roofline_tok_s"] = round(bandwidth * 1e3 / row["weight_mb"], 1)
         row["roofline_fraction"] = round(row["decode_tok_s"] / row["roofline_tok_s"], 3)
     return {"machine": {"threads": torch.get_num_threads(), "bandwidth_gb_s": round(bandwidth, 1),
-                        "isa": torch.backends.cpu.get_cpu_capability()},
+                        "isa": torch.backends.cpu.get_cpu_capability(), **cpu_class(),
+                        "default_int8_kernel": default_kernel()},
             "workload": {"model": args.model, "prompt_tokens": args.prompt_tokens,
                          "decode_tokens": args.decode_tokens, "second_turn_new_tokens": args.new_tokens,
                          "reps": args.reps, "server_logs": str(log_dir)},
@@ -163,7 +167,10 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
     and memory figures."""
     rows = {r["variant"]: r for r in report["results"]}
     bases = [rows[name] for name in baselines if name in rows] or [next(iter(rows.values()))]
-    lines = [f"Memory bandwidth {report['machine']['bandwidth_gb_s']} GB/s, {report['machine']['threads']} threads; "
+    machine = report["machine"]
+    lines = [f"CPU {machine['model_name']} ({' '.join(machine['flags'])}), W8A8 kernel by default "
+             f"{machine['default_int8_kernel']}. "
+             f"Memory bandwidth {machine['bandwidth_gb_s']} GB/s, {machine['threads']} threads; "
              f"prompt {report['workload']['prompt_tokens']} tokens, {report['workload']['decode_tokens']} decoded, "
              f"median of {report['workload']['reps']}.", "",
              "| variant | weights MB | decode tok/s | " + " | ".join(f"× {b['variant']}" for b in bases)
@@ -195,7 +202,8 @@ def add_bench_parser(subparsers) -> None:
                    help="as for serve, or random:llama-1b (a 1.1B Llama shape with random weights, built once)")
     p.add_argument("--variants", default=",".join(default_variants()),
                    help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
-                        "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; "
+                        "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; a q8chat "
+                        "variant@KERNEL (s8s8, u8s8, bf16) forces that W8A8 kernel; "
                         f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
                         "installed)")
     p.add_argument("--prompt-tokens", type=int, default=512)

@@ -23,6 +23,7 @@ def build_service(settings: Settings, metrics, placement):
     from prompts import load_template
     from quant.checkpoint import load_checkpoint, read_checkpoint_info, stored_weight_bytes
     from quant.cli import parse_alpha
+    from quant.kernels import default_kernel
     from quant.smoothquant import Recipe
     from quant.store import int8_checkpoint
     from server.compiled_step import package_paths
@@ -45,8 +46,9 @@ def build_service(settings: Settings, metrics, placement):
     config_eos = getattr(config, "eos_token_id", None)  # what the model's generation config defaults to
     eos |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
     context = settings.context_length or config.max_position_embeddings
-    packages = package_paths(settings.cache_dir, checkpoint.path, context) if settings.compile else None
-    decoder = make_decoder(eager_model, config, context, packages)
+    kernel = default_kernel() if settings.int8_kernel == "auto" else settings.int8_kernel
+    packages = package_paths(settings.cache_dir, checkpoint.path, context, kernel) if settings.compile else None
+    decoder = make_decoder(eager_model, config, context, packages, kernel)
     engine = Engine(decoder, tokenizer, context, eos)
     name = settings.served_model_name or checkpoint.name
     log.info("serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "

@@ -36,17 +36,19 @@ from pathlib import Path
 
 import torch
 
-from quant import int8
+from quant import int8, kernels
 from quant.load import fingerprint
-from server import static_llama, step_constants
+from server import static_llama, step_constants, step_kernels
 from server.aoti_container import Container
 from server.placement import cpu_isa
 from server.step_constants import constants_by_name, release_constants, unused_constants
 
 log = logging.getLogger(__name__)
-_SOURCES = (int8.__file__, static_llama.__file__, step_constants.__file__, __file__)
+_SOURCES = (int8.__file__, kernels.__file__, static_llama.__file__, step_constants.__file__, step_kernels.__file__,
+            __file__)
 STEPS = ("decode", "prefill")
 LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-constants.json", "source.sha256"
+KERNELS = "kernels.json"
 STALE_AFTER_S = 24 * 3600
 
 
@@ -56,10 +58,11 @@ def source_digest() -> str:
     return hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in _SOURCES)).hexdigest()
 
 
-def package_paths(cache_dir: Path, checkpoint: Path, max_len: int) -> dict[str, Path]:
-    """The directories of the compiled steps of this checkpoint and context length, for this machine and code."""
+def package_paths(cache_dir: Path, checkpoint: Path, max_len: int, kernel: str) -> dict[str, Path]:
+    """The directories of the compiled steps of this checkpoint, context length and W8A8 kernel, for this
+    machine and code."""
     facts = {"checkpoint": fingerprint(Path(checkpoint)), "max_len": max_len, "torch": torch.__version__,
-             "isa": cpu_isa(), "threads": torch.get_num_threads(), "source": source_digest()}
+             "isa": cpu_isa(), "threads": torch.get_num_threads(), "source": source_digest(), "kernel": kernel}
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key}" for step in STEPS}
 
@@ -87,21 +90,29 @@ def prune_stale(directory: Path, now: float | None = None) -> tuple[int, int]:
     return removed, freed
 
 
+# Inductor's settings for the steps (names as in ``torch._inductor.config``). Freezing turns weights into
+# constants, which lets inductor prepack the INT8 ones for oneDNN; max-autotune picks between oneDNN and
+# inductor's own GEMM templates. Constants go to a file beside the library, read into memory at load: inside
+# the library they stayed mapped and resident after AOTInductor copied them out (150 MB per package for the
+# default model). No timing table per GEMM on stderr: the build's log says what ran (``step_kernels``).
+INDUCTOR_SETTINGS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.package_constants_on_disk_format": "binary_blob",
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
+
+
 def configure_inductor() -> None:
-    """Freezing turns weights into constants, which lets inductor prepack the INT8 ones for oneDNN;
-    max-autotune picks between oneDNN and inductor's own GEMM templates (VNNI/AMX micro-kernels).
-    Process-wide settings: freezing is not honoured as a per-compile option."""
+    """Apply ``INDUCTOR_SETTINGS``: process-wide, as freezing is not honoured as a per-compile option."""
     import torch._inductor.config as inductor
 
-    inductor.freezing = True
-    inductor.max_autotune = True
-    inductor.max_autotune_gemm_backends = "CPP,ATEN"
-    # constants as a file beside the library, read into memory at load: inside the library they stayed
-    # mapped and resident after AOTInductor copied them out (150 MB per package for the default model)
-    inductor.aot_inductor.package_constants_in_so = False
-    inductor.aot_inductor.package_constants_on_disk_format = "binary_blob"
-    inductor.autotune_num_choices_displayed = 0  # no timing table per GEMM on stderr: our log says what ran
-    inductor.max_autotune_report_choices_stats = False
+    for name, value in INDUCTOR_SETTINGS.items():
+        section, _, leaf = name.rpartition(".")
+        setattr(getattr(inductor, section) if section else inductor, leaf, value)
 
 
 def _example(net: static_llama.StaticLlama, step: str) -> tuple[tuple, tuple]:
@@ -132,16 +143,17 @@ def export_step(net: static_llama.StaticLlama, example: tuple, dynamic: tuple) -
     return program
 
 
-def _unpack(package: Path, directory: Path) -> list[str]:
+def _unpack(package: Path, directory: Path) -> tuple[list[str], dict[str, int]]:
     """Of an AOTInductor package, the two files a container loads (library, constants) into ``directory``;
-    returns the constants its wrapper does not use."""
+    returns the constants its wrapper does not use, and what its GEMMs run (``step_kernels``)."""
     wanted = {".wrapper.so": LIBRARY, "_weights.blob": CONSTANTS}
-    unused = []
+    sources = {".wrapper.cpp": "", ".kernel.cpp": ""}
     directory.mkdir()
     with zipfile.ZipFile(package) as archive:
         for member in archive.namelist():
-            if member.endswith(".wrapper.cpp"):
-                unused = unused_constants(archive.read(member).decode())
+            for ending in sources:
+                if member.endswith(ending):
+                    sources[ending] += archive.read(member).decode()
             for ending, name in wanted.items():
                 if member.endswith(ending):
                     with archive.open(member) as source, open(directory / name, "wb") as target:
@@ -149,7 +161,21 @@ def _unpack(package: Path, directory: Path) -> list[str]:
     missing = [name for name in wanted.values() if not (directory / name).is_file()]
     if missing:
         raise RuntimeError(f"the AOTInductor package lacks {', '.join(missing)}")
-    return unused
+    wrapper, kernel = sources[".wrapper.cpp"], sources[".kernel.cpp"]
+    return unused_constants(wrapper), step_kernels.gemm_kernels(kernel, wrapper)
+
+
+def compile_program(program: torch.export.ExportedProgram, directory: Path) -> tuple[list[str], dict[str, int]]:
+    """AOT-compile ``program`` (inductor configured by ``configure_inductor``) into ``directory``: the library
+    and constants a ``Container`` loads. Returns the constants its wrapper does not use, and what its GEMMs
+    run (``step_kernels``)."""
+    configure_inductor()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".compiling-") as scratch:
+        package = Path(scratch) / "step.pt2"
+        with torch.no_grad():  # freezing applies to inference graphs only
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        return _unpack(package, directory)
 
 
 def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
@@ -163,15 +189,13 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
 
 def build(net: static_llama.StaticLlama, step: str, path: Path) -> None:
     """Compile ``step`` into the directory ``path`` (written whole or not at all)."""
-    configure_inductor()
     example, dynamic = _example(net, step)
     program = export_step(net, example, dynamic)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
-        package, built = Path(scratch) / "step.pt2", Path(scratch) / path.name
-        with torch.no_grad():  # freezing applies to inference graphs only
-            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
-        unused = _unpack(package, built)
+        built = Path(scratch) / path.name
+        unused, gemms = compile_program(program, built)
+        (built / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
         if unused and not _really_unused(built, unused, example):
             log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
             unused = []
@@ -191,6 +215,9 @@ class CompiledStep:
         self.constants = constants_by_name(self.container)  # as loaded: what sharing compares
         self.unused = set(json.loads((path / UNUSED).read_text()) if unused is None else unused)
         self.released = release_constants(self.constants, self.unused)
+        kernels = json.loads((path / KERNELS).read_text())
+        self.kernel: str = kernels["w8a8"]  # quant.kernels' W8A8 kernel
+        self.gemms: dict[str, int] = kernels["gemms"]  # what its GEMMs run, by kind (step_kernels)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                  caches: list[torch.Tensor]) -> torch.Tensor:
@@ -199,7 +226,7 @@ class CompiledStep:
 
 def load(path: Path) -> CompiledStep:
     """The step in ``path``; its source stamp's time says when it was last loaded (see ``prune_stale``)."""
-    if not all((path / name).is_file() for name in (LIBRARY, CONSTANTS, UNUSED, SOURCE)):
+    if not all((path / name).is_file() for name in (LIBRARY, CONSTANTS, UNUSED, SOURCE, KERNELS)):
         raise FileNotFoundError(f"{path}: no compiled step")
     with contextlib.suppress(OSError):  # a read-only cache still loads
         (path / SOURCE).touch()

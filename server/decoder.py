@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server import compiled_step
+from quant.kernels import default_kernel, eager_kernel
+from server import compiled_step, step_kernels
 from server.step_constants import share_constants
 from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, check_supported, new_kv_caches
 
@@ -54,8 +55,11 @@ class StaticDecoder:
         self.max_len, self.caches = max_len, caches
         self._steps, self._net = steps or {}, net
         compiled = " and ".join(f"{name} step" for name in self._steps)
-        self.description = (f"compiled {compiled} (AOTInductor, frozen INT8 weights), static KV cache"
-                            if compiled else "eager compact model, static KV cache")
+        kernels = [f"{net.kernel} eagerly"] if net is not None and net.kernel else []
+        kernels += [f"{step.kernel} compiled" for step in self._steps.values()][:1]
+        self.description = (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled
+                            else "eager compact model") + ", static KV cache" + \
+            (f"; W8A8 kernel {', '.join(kernels)}" if kernels else "")
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         """Logits after ``ids`` at positions ``start...``."""
@@ -72,57 +76,122 @@ def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
 
 
-def _compiled_step(compact: Callable[[], StaticLlama], step: str, package: Path):
-    """The package's step, built first from the compact model if it is not there (or cannot be loaded).
-    A build that failed is not tried again at every start: ``{package}.failed`` says why."""
-    failed = package.with_name(package.name + ".failed")
-    if failed.exists():
-        raise RuntimeError(f"it failed to compile before ({failed.read_text().strip()}); delete {failed} to retry")
+# A step that cannot serve leaves a marker beside its directory, so that later starts do not build it again:
+# ``failed`` (it did not compile, load or run) or ``slower`` (it ran slower than the eager step it replaces).
+MARKERS = ("failed", "slower")
+
+
+def _marker(package: Path, kind: str) -> Path:
+    return package.with_name(f"{package.name}.{kind}")
+
+
+def _mark(package: Path, kind: str, reason: str) -> None:
+    package.parent.mkdir(parents=True, exist_ok=True)
+    _marker(package, kind).write_text(reason + "\n")
+
+
+def _checked(package: Path, run_once: Callable) -> compiled_step.CompiledStep:
+    """The step in ``package``, run once, so that a broken one fails here and not on a request."""
+    loaded = compiled_step.load(package)
+    run_once(loaded)
+    return loaded
+
+
+def _median_s(run: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, caches: list[torch.Tensor]) -> str:
+    """Seconds per call of the compiled step and of the eager one it replaces, on the same input: a decode
+    step at position 256 (or the cache's end), a prefill of 128 tokens (or what fits). Raises if the
+    compiled step is slower, with both figures."""
+    max_len = eager.max_len
+    count = 1 if step == "decode" else min(128, max_len - 1)
+    start = min(256, max_len - 2) if step == "decode" else 0
+    ids, pos = torch.zeros(1, count, dtype=torch.long), torch.arange(start, start + count)
+    mask = attention_mask(max_len, start, count, compiled=True)
+    reps = 15 if step == "decode" else 3
+    with torch.no_grad():
+        figures = {name: _median_s(lambda: run(ids, pos, mask, caches), reps)
+                   for name, run in (("compiled", compiled), ("eager", eager), ("compiled again", compiled))}
+    compiled_s, eager_s = min(figures["compiled"], figures["compiled again"]), figures["eager"]
+    summary = f"compiled {compiled_s * 1e3:.2f} ms, eager {eager_s * 1e3:.2f} ms per {count}-token call"
+    if compiled_s > eager_s:
+        raise RuntimeError(f"it ran slower than eager: {summary}")
+    return summary
+
+
+def _compiled_step(compact: Callable[[], StaticLlama], eager: Callable[[], StaticLlama], step: str,
+                   package: Path, caches: list[torch.Tensor]):
+    """The package's step, built first from the compact model if it is not there (or cannot be loaded). A
+    fresh build is timed against the ``eager`` step; one that fails (to compile, load or run) or runs slower
+    leaves a marker (``MARKERS``) that later starts honour: delete it to retry."""
+    for kind in MARKERS:
+        if (marker := _marker(package, kind)).exists():
+            raise RuntimeError(f"{'it failed before' if kind == 'failed' else 'it ran slower than eager before'} "
+                               f"({marker.read_text().strip()}); delete {marker} to retry")
+    max_len = caches[0].shape[2] - 1  # kv_cache_shape's spare position
+
+    def one_call(loaded) -> None:
+        with torch.no_grad():
+            StaticDecoder(max_len, caches, {step: loaded}).forward([0] * (1 if step == "decode" else 2), 0)
+
     if package.exists():
         try:
-            loaded = compiled_step.load(package)
-            log.info("loaded the compiled %s step %s", step, package)
+            loaded = _checked(package, one_call)
+            log.info("loaded the compiled %s step %s (%s)", step, package, step_kernels.describe(loaded.gemms))
             return loaded
-        except Exception as exc:  # a package from a crashed build or another torch: build it again
+        except Exception as exc:  # a step from a crashed build or another torch: build it again
             log.warning("cannot load %s (%s); compiling again", package, _first_line(exc))
     net = compact()
-    log.info("compiling the %s step into %s (a minute or more on few cores; once per model and machine)...",
-             step, package)
+    log.info("compiling the %s step into %s (minutes on few cores; once per model and machine)...", step, package)
     begin = time.perf_counter()
     try:
         compiled_step.build(net, step, package)
+        loaded = _checked(package, one_call)
     except Exception as exc:
-        package.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(f"{type(exc).__name__}: {_first_line(exc)}\n")
+        _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
         raise
-    log.info("%s step compiled in %.1f s", step, time.perf_counter() - begin)
-    return compiled_step.load(package)
+    log.info("%s step compiled in %.1f s (%s)", step, time.perf_counter() - begin,
+             step_kernels.describe(loaded.gemms))
+    try:
+        log.info("the %s step against eager: %s", step, _timed_against_eager(loaded, eager(), step, caches))
+    except RuntimeError as exc:
+        _mark(package, "slower", str(exc))
+        raise
+    return loaded
 
 
 def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
-                 packages: dict[str, Path] | None = None):
+                 packages: dict[str, Path] | None = None, kernel: str | None = None):
     """The fastest decoder for a model of this ``config``. ``load_model`` gives the eager INT8 model and is
     called only when something needs its weights: a step to compile or to run eagerly, or a family the
     compact model does not cover. So a restart with both steps compiled never reads the checkpoint's
     weights. ``packages``: the compiled steps' directories by step name (see
-    ``compiled_step.package_paths``), built when absent; None decodes eagerly."""
+    ``compiled_step.package_paths``), built when absent; None decodes eagerly. ``kernel``: the W8A8 kernel
+    of the compiled steps (``quant.kernels``; None: this CPU's); eager steps get ``eager_kernel(kernel)``."""
     try:
         check_supported(config)
     except UnsupportedForCompile as exc:
         log.info("%s; decoding eagerly with the Hugging Face model", exc)
         return HFDecoder(load_model())
-    compact = functools.cache(lambda: StaticLlama(load_model(), max_len).eval())
+    kernel = kernel or default_kernel()
+    model = functools.cache(load_model)
+    compact = functools.cache(lambda kernel: StaticLlama(model(), max_len, kernel).eval())
+    eager = functools.partial(compact, eager_kernel(kernel))
     caches = new_kv_caches(config, max_len)
     steps = {}
     for step, package in (packages or {}).items():
         try:
-            steps[step] = _compiled_step(compact, step, package)
-            with torch.no_grad():  # one call, so that a broken package fails here and not on a request
-                StaticDecoder(max_len, caches, {step: steps[step]}).forward([0] * (1 if step == "decode" else 2), 0)
-        except Exception as exc:  # no C++ compiler, an inductor bug: serve, slower, and say why
-            steps.pop(step, None)
-            log.warning("cannot compile the %s step (%s: %s); running it eagerly", step,
-                        type(exc).__name__, _first_line(exc))
+            steps[step] = _compiled_step(functools.partial(compact, kernel), eager, step, package, caches)
+        except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
+            log.warning("not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__,
+                        _first_line(exc))
     if packages:
         removed, freed = compiled_step.prune_stale(next(iter(packages.values())).parent)
         if removed:
@@ -134,4 +203,6 @@ def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
         log.info("the compiled steps share %.1f MB of constants; %.1f MB of memory given back (%.1f MB of "
                  "copies, %.1f MB of constants no kernel reads)", shared / 1e6, (released + unused) / 1e6,
                  released / 1e6, unused / 1e6)
-    return StaticDecoder(max_len, caches, steps, None if set(steps) == set(compiled_step.STEPS) else compact())
+    net = None if set(steps) == set(compiled_step.STEPS) else eager()
+    compact.cache_clear()  # the compiled steps' own copy of the model is no longer needed
+    return StaticDecoder(max_len, caches, steps, net)

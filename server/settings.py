@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     compile: bool = Field(True, description="compile the prefill and decode steps (Llama family; about 2.5 "
                                             "minutes on 2 cores at the first start, then loaded from the cache "
                                             "dir in seconds); --no-compile runs them eagerly, slower")
+    int8_kernel: Literal["auto", "s8s8", "u8s8", "bf16"] = Field(
+        "auto", description="W8A8 kernel of the compiled steps: auto (by the CPU: s8s8 with AMX, u8s8 with VNNI, "
+                            "else bf16), or one of them to compare")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
     socket: int = Field(0, ge=0, description="CPU socket to pin to")

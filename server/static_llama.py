@@ -26,10 +26,10 @@ class UnsupportedForCompile(ValueError):
     pass
 
 
-def _fuse(linears: list[nn.Module]) -> nn.Module:
+def _fuse(linears: list[nn.Module], kernel: str | None) -> nn.Module:
     """One layer for linears reading the same input: INT8 ones (the served model) or float ones."""
     if all(isinstance(m, Int8Linear) for m in linears):
-        return fuse_linears(linears)
+        return _own(fuse_linears(linears), kernel)
     if all(type(m) is nn.Linear and m.bias is None for m in linears):
         fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
         fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
@@ -37,17 +37,20 @@ def _fuse(linears: list[nn.Module]) -> nn.Module:
     raise UnsupportedForCompile(f"cannot fuse {sorted({type(m).__name__ for m in linears})}")
 
 
-def _compilable_scales(linear: nn.Module) -> None:
-    """Scales in the form inductor's INT8 lowerings take. The weight-only kernel takes a BF16 scale, which
-    eager converts at every call: converted once, the frozen graph holds a BF16 constant (inductor cannot
-    lower that conversion). A static input scale becomes a 1-element tensor: frozen as a 0-d tensor it folds
-    into a scalar constant, which the oneDNN qlinear lowering rejects (it takes a tensor or a Python float)."""
+def _own(linear: nn.Module, kernel: str | None) -> nn.Module:
+    """The compact model's copy of an INT8 layer (same tensors), computed by ``kernel``, with scales in the
+    form inductor's INT8 lowerings take. The weight-only kernel takes a BF16 scale, which eager converts at
+    every call: converted once, the frozen graph holds a BF16 constant (inductor cannot lower that
+    conversion). A static input scale becomes a 1-element tensor: frozen as a 0-d tensor it folds into a
+    scalar constant, which the oneDNN qlinear lowering rejects (it takes a tensor or a Python float)."""
     if not isinstance(linear, Int8Linear):
-        return
+        return linear
+    linear = linear.with_kernel(kernel)
     if linear.scheme == "weight_only":
         linear.weight_scale = linear.weight_scale.to(torch.bfloat16)
     if linear.input_scale is not None:
         linear.input_scale = linear.input_scale.reshape(1)
+    return linear
 
 
 def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
@@ -98,7 +101,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class StaticBlock(nn.Module):
-    def __init__(self, layer, config, max_len: int) -> None:
+    def __init__(self, layer, config, max_len: int, kernel: str | None) -> None:
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         shape = kv_cache_shape(config, max_len)
@@ -106,12 +109,10 @@ class StaticBlock(nn.Module):
         self.eps = config.rms_norm_eps
         self.input_norm = layer.input_layernorm.weight
         self.post_norm = layer.post_attention_layernorm.weight
-        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o_proj = attn.o_proj
-        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.down_proj = mlp.down_proj
-        for linear in (self.qkv, self.o_proj, self.gate_up, self.down_proj):
-            _compilable_scales(linear)
+        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], kernel)
+        self.o_proj = _own(attn.o_proj, kernel)
+        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj], kernel)
+        self.down_proj = _own(mlp.down_proj, kernel)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -139,19 +140,19 @@ class StaticLlama(nn.Module):
 
     ``caches`` (``new_kv_caches``: each layer's keys, then its values) get the keys and values of positions
     ``pos``; attention reads the first L cache positions through ``mask`` (True: attend), so its cost
-    follows the conversation, not the cache size."""
+    follows the conversation, not the cache size. Its INT8 layers compute W8A8 products by ``kernel``
+    (``quant.kernels``; None: this CPU's eager one)."""
 
-    def __init__(self, model, max_len: int) -> None:
+    def __init__(self, model, max_len: int, kernel: str | None = None) -> None:
         super().__init__()
         config = model.config
         check_supported(config)
-        self.config, self.max_len = config, max_len
+        self.config, self.max_len, self.kernel = config, max_len, kernel
         self.embed = model.model.embed_tokens
-        self.blocks = nn.ModuleList(StaticBlock(layer, config, max_len) for layer in model.model.layers)
+        self.blocks = nn.ModuleList(StaticBlock(layer, config, max_len, kernel) for layer in model.model.layers)
         self.norm = model.model.norm.weight
         self.eps = config.rms_norm_eps
-        self.lm_head = model.lm_head
-        _compilable_scales(self.lm_head)
+        self.lm_head = _own(model.lm_head, kernel)
         positions = torch.arange(max_len)[None]
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         self.register_buffer("cos", cos[0].float(), persistent=False)

@@ -10,6 +10,7 @@ import torch
 
 from quant.checkpoint import save_checkpoint
 from quant.smoothquant import Recipe
+from server import compiled_step
 from server.compiled_step import package_paths, prune_stale, source_digest
 from server.decoder import StaticDecoder, make_decoder
 from server.static_llama import StaticLlama, new_kv_caches
@@ -17,18 +18,19 @@ from tests.conftest import tiny_llama
 from tests.test_checkpoint import quantized_tiny
 
 
-def test_a_step_is_keyed_by_context_length_and_thread_count(tmp_path, monkeypatch):
+def test_a_step_is_keyed_by_context_length_kernel_and_thread_count(tmp_path, monkeypatch):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
-    first = package_paths(tmp_path, checkpoint, 256)
+    first = package_paths(tmp_path, checkpoint, 256, "bf16")
     assert set(first) == {"decode", "prefill"} and first["decode"].parent == tmp_path / "compiled"
-    assert package_paths(tmp_path, checkpoint, 256) == first
-    assert package_paths(tmp_path, checkpoint, 512)["decode"] != first["decode"]
+    assert package_paths(tmp_path, checkpoint, 256, "bf16") == first
+    assert package_paths(tmp_path, checkpoint, 512, "bf16")["decode"] != first["decode"]
+    assert package_paths(tmp_path, checkpoint, 256, "s8s8")["decode"] != first["decode"]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
-        assert package_paths(tmp_path, checkpoint, 256)["decode"] != first["decode"]
+        assert package_paths(tmp_path, checkpoint, 256, "bf16")["decode"] != first["decode"]
     finally:
         torch.set_num_threads(threads)
 
@@ -61,7 +63,7 @@ def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_t
     checkpoint = save_checkpoint(model, tokenizer, tmp_path / "tiny", quantized_tiny(model))
     env = {"Q8CHAT_COMPILE": "true", "Q8CHAT_CACHE_DIR": str(tmp_path / "cache"), "CXX": "/nonexistent/c++"}
     first = start_server("--model", str(checkpoint), env=env)
-    assert "cannot compile the decode step (InductorError: InvalidCxxCompiler" in first.log()
+    assert "not using a compiled decode step (InductorError: InvalidCxxCompiler" in first.log()
     assert "eager compact model, static KV cache" in first.log()
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     assert httpx.post(first.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
@@ -69,7 +71,7 @@ def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_t
 
     again = start_server("--model", str(checkpoint), env=env)
     log = again.log()
-    assert log.count("it failed to compile before (InductorError: ") == 2 and "InvalidCxxCompiler" in log
+    assert log.count("it failed before (InductorError: ") == 2 and "InvalidCxxCompiler" in log
     assert "compiling the" not in log
     assert httpx.post(again.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
@@ -101,3 +103,53 @@ def test_steps_built_by_other_code_are_removed_once_unused_for_a_day(tmp_path):
     assert prune_stale(compiled, now) == (3, 1000 + 64 + 1000 + 500)  # blobs, a stamp, the package
     assert current.is_dir() and recent.is_dir() and failed.is_file()
     assert not old.exists() and not unstamped.exists() and not package.exists()
+
+
+@pytest.fixture
+def tiny_int8(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    quantized_tiny(model)
+    return model
+
+
+def test_a_step_slower_than_eager_is_not_served_nor_built_again(tiny_int8, tmp_path, monkeypatch, caplog):
+    """The guard at build time: a compiled step that runs slower than the eager one it replaces is marked,
+    and the server runs that step eagerly, now and at later starts."""
+    load = compiled_step.load
+
+    def slow_load(path):
+        step = load(path)
+        call = step.__call__
+
+        class Slow:  # the step as it is, and 50 ms slower per call
+            gemms, kernel = step.gemms, step.kernel
+
+            def __call__(self, *args):
+                time.sleep(0.05)
+                return call(*args)
+        return Slow()
+
+    monkeypatch.setattr(compiled_step, "load", slow_load)
+    packages = {"decode": tmp_path / "compiled" / "decode"}
+    decoder = make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages)
+    assert decoder.description.startswith("eager compact model")
+    marker = tmp_path / "compiled" / "decode.slower"
+    assert "it ran slower than eager: compiled" in marker.read_text()
+    caplog.clear()
+    again = make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages)
+    assert again.description.startswith("eager compact model")
+    assert "ran slower than eager before" in caplog.text and "compiling the" not in caplog.text
+
+
+def test_a_step_that_builds_but_does_not_load_is_marked_failed(tiny_int8, tmp_path, monkeypatch, caplog):
+    def broken(path):
+        raise RuntimeError("AOTInductor create: no such symbol")
+
+    monkeypatch.setattr(compiled_step, "load", broken)
+    packages = {"decode": tmp_path / "compiled" / "decode"}
+    assert make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages).description.startswith("eager")
+    assert "no such symbol" in (tmp_path / "compiled" / "decode.failed").read_text()
+    caplog.clear()
+    make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages)
+    assert "it failed before (RuntimeError: AOTInductor create: no such symbol)" in caplog.text
+    assert "compiling the" not in caplog.text

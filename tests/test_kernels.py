@@ -1,0 +1,147 @@
+"""The W8A8 kernel each CPU class gets: chosen by its flags, exact, and free of reference kernels, eager and
+compiled, on the CPU the tests run on."""
+
+import pytest
+import torch
+from torch import nn
+
+from quant.int8 import Int8Linear
+from quant.kernels import REFERENCE, cpu_flags, default_kernel, eager_kernel, w8a8_matmul
+from quant.smoothquant import Recipe
+from server import compiled_step
+from server.aoti_container import Container
+from server.static_llama import StaticLlama, attention_mask, new_kv_caches
+from tests.conftest import tiny_llama
+from tests.kernel_audit import onednn_implementations, reference_kernels
+from tests.test_checkpoint import quantized_tiny
+
+AMX = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"})
+ZEN4 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+ALDER_LAKE = frozenset({"avx2", "avx_vnni"})
+ZEN3 = frozenset({"avx2", "fma"})
+
+
+def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
+    assert default_kernel(AMX, "") == "s8s8"
+    assert default_kernel(ZEN4, "") == default_kernel(ALDER_LAKE, "") == "u8s8"
+    assert default_kernel(ZEN3, "") == "bf16"
+    # ONEDNN_MAX_CPU_ISA caps the choice as it caps oneDNN
+    assert default_kernel(AMX, "AVX512_CORE_VNNI") == "u8s8" and default_kernel(AMX, "avx2") == "bf16"
+    assert default_kernel(ZEN4, "AVX512_CORE_AMX") == "u8s8"
+    # u8s8 needs weights prepacked by inductor: eager layers multiply s8 by s8 on those CPUs
+    assert eager_kernel("u8s8") == "s8s8" and eager_kernel("bf16") == "bf16"
+
+
+def exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.long() @ w.long().t()).double()
+
+
+def operands(rows: int, k: int = 576, n: int = 192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-range INT8 operands, with rows of ±127 whose products are large: what saturates a 16-bit sum."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=generator)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    x[0] = 127
+    w[: n // 2] = 127
+    w[n // 2:, : k // 2] = -127
+    return x, w
+
+
+def assert_exact(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, kernel: str) -> None:
+    """s8s8, u8s8 and the reference are exact; bf16 sums exactly and may round the sum to BF16 (2**-9)."""
+    want = exact(x, w)
+    error = (got.double() - want).abs()
+    bound = 0 if kernel != "bf16" else want.abs() * 2 ** -8
+    assert torch.all(error <= bound), f"{kernel}: error {error.max():.0f} where the sum is {want.abs().max():.0f}"
+
+
+@pytest.mark.parametrize("rows", [1, 37])
+def test_this_cpus_eager_kernel_and_the_reference_are_exact(rows):
+    x, w = operands(rows)
+    for kernel in (eager_kernel(), REFERENCE):
+        assert_exact(w8a8_matmul(x, w, kernel), x, w, kernel)
+
+
+class IntegerProduct(nn.Module):
+    """An INT8 layer's integer product compiled alone: the layer's kernel on token rows [1, T, K] (per-token scale 1, so exact integers in), with its float rescale (weight scale 1/2: exact, and
+    not a multiplication by one that inductor would drop, taking the INT8 pattern with it)."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str) -> None:
+        super().__init__()
+        linear = Int8Linear(weight.shape[1], weight.shape[0], bias=False, scheme="dynamic", smooth=False)
+        linear.weight, linear.weight_scale = weight, torch.full((weight.shape[0],), 0.5)
+        self.linear = linear.with_kernel(kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def compiled(kernel: str, w: torch.Tensor, rows: int, directory) -> tuple[Container, dict]:
+    """The product compiled as the steps are: one token (decode) or a symbolic count of tokens (prefill)."""
+    example = (torch.zeros(1, 1 if rows == 1 else 4, w.shape[1]),)
+    dynamic = None if rows == 1 else ({1: torch.export.Dim("tokens", min=2, max=4096)},)
+    with torch.no_grad():
+        program = torch.export.export(IntegerProduct(w, kernel), example, dynamic_shapes=dynamic)
+    _, gemms = compiled_step.compile_program(program, directory)
+    return Container(directory / "step.so", directory / "constants.blob"), gemms
+
+
+def audit(kernel: str, rows: int, tmp_path) -> list[str]:
+    """What is wrong with ``kernel`` compiled on this CPU: reference kernels, or a product that is not exact."""
+    x, w = operands(rows, seed=rows)
+    x[:, 0] = 127  # every row's max |x| is 127: its per-token scale is exactly 1
+    container, gemms = compiled(kernel, w, rows, tmp_path / f"{kernel}-{rows}")
+    got = []
+    implementations = onednn_implementations(lambda: got.append(2 * container.run([x[None].float()])[0][0]))
+    problems = reference_kernels(gemms, implementations)
+    try:
+        assert_exact(got[0], x, w, kernel)
+    except AssertionError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+@pytest.mark.parametrize("rows", [1, 64], ids=["one-row", "rows"])
+def test_this_cpus_compiled_product_is_exact_and_runs_no_reference_kernel(rows, tmp_path):
+    assert audit(default_kernel(), rows, tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_w8a8(tokenizer):
+    """A tiny Llama with every linear W8A8 (no fallback layers), dynamic activations."""
+    model = tiny_llama(len(tokenizer))
+    quantized_tiny(model, Recipe(alpha=0.5, fallback_error=None))
+    return model
+
+
+def step_audit(model, kernel: str, step: str, directory) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """A compiled step of ``model`` with ``kernel`` on this CPU: its reference kernels, and its logits beside
+    the eager compact model's (this CPU's eager kernel) on the same tokens."""
+    net = StaticLlama(model, 64, kernel).eval()
+    compiled_step.build(net, step, directory)
+    loaded = compiled_step.load(directory)
+    eager = StaticLlama(model, 64).eval()
+    count = 1 if step == "decode" else 12
+    start = 20 if step == "decode" else 0
+    ids = torch.randint(0, 2000, (1, count), generator=torch.Generator().manual_seed(3))
+    args = (ids, torch.arange(start, start + count), attention_mask(64, start, count, compiled=True))
+    got = []
+    with torch.no_grad():
+        implementations = onednn_implementations(lambda: got.append(loaded(*args, new_kv_caches(model.config, 64))))
+        want = eager(*args, new_kv_caches(model.config, 64))
+    return reference_kernels(loaded.gemms, implementations), got[0], want
+
+
+@pytest.mark.parametrize("step", ["decode", "prefill"])
+def test_this_cpus_compiled_steps_run_no_reference_kernel_and_give_the_eager_logits(tiny_w8a8, step, tmp_path):
+    references, got, want = step_audit(tiny_w8a8, default_kernel(), step, tmp_path / step)
+    assert references == []
+    assert (got - want).abs().max() < 0.05 * want.std() and torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.skipif("amx_int8" in cpu_flags(), reason="s8s8 is this CPU's own kernel: AMX multiplies s8 by s8")
+def test_the_audit_catches_the_s8s8_steps_on_a_cpu_without_amx(tiny_w8a8, tmp_path):
+    """What the compiled steps ran before kernels were chosen by ISA: on AVX-512 VNNI, oneDNN's reference
+    int8 matmul (``ref_int8``); on AVX2, inductor's reference micro-kernel."""
+    references, _, _ = step_audit(tiny_w8a8, "s8s8", "decode", tmp_path / "decode")
+    assert references, "the s8s8 decode step ran no reference kernel on a CPU without AMX"
