@@ -113,6 +113,30 @@ def configure_inductor() -> None:
     for name, value in INDUCTOR_SETTINGS.items():
         section, _, leaf = name.rpartition(".")
         setattr(getattr(inductor, section) if section else inductor, leaf, value)
+    _register_one_row_micro_kernel()
+
+
+ONE_ROW_BLOCKING = (1, 64, 64)  # rows, columns, depth of the one-row AVX2 weight-only micro-kernel
+
+
+def _register_one_row_micro_kernel() -> None:
+    """A one-row (decode) blocking for inductor's AVX2 BF16 x INT8 micro-kernel, which the bf16 kernel's
+    GEMVs run: its own blockings give one row 16 columns, two FMA chains per k, and the chains' latency
+    bound it; 64 columns give eight. 25-30 % faster on this model's decode GEMVs on an AVX2 EPYC
+    (576x3072: 97 against 139 us). Registered once per process, beside inductor's own."""
+    import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
+    from torch._inductor.codegen import cpp_micro_gemm as micro
+    from torch._inductor.cpu_vec_isa import VecAVX2
+
+    def one_row(config, m, *args, **kwargs) -> bool:
+        return m == 1 and micro.check_int8_woq_small_m_dim(config, m, *args, **kwargs)
+
+    configs = micro.micro_gemm_configs[micro.CppMicroGemmFP32Vec]
+    if any(c.vec_isa_cls is VecAVX2 and tuple(c.register_blocking) == ONE_ROW_BLOCKING for c in configs):
+        return
+    configs += micro.generate_gemm_config(VecAVX2, [ONE_ROW_BLOCKING], input_dtype=torch.bfloat16,
+                                          input2_dtype=torch.int8, output_dtype=torch.float,
+                                          compute_dtype=torch.float, extra_check=one_row)
 
 
 def _example(net: static_llama.StaticLlama, step: str) -> tuple[tuple, tuple]:
