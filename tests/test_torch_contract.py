@@ -53,6 +53,17 @@ def test_inductor_settings_and_the_tensor_handle_helpers_exist():
         assert hasattr(torch._C._aoti, helper)
 
 
+def test_the_one_row_micro_kernel_is_registered_once_beside_inductors_own():
+    compiled_step.configure_inductor()
+    compiled_step.configure_inductor()
+    from torch._inductor.codegen import cpp_micro_gemm as micro  # after inductor's template machinery
+
+    ours = [c for c in micro.micro_gemm_configs[micro.CppMicroGemmFP32Vec]
+            if tuple(c.register_blocking) == compiled_step.ONE_ROW_BLOCKING]
+    assert len(ours) == 1 and ours[0].input_dtype == torch.bfloat16 and ours[0].input2_dtype == torch.int8
+    assert ours[0].extra_check(ours[0], 1, 3072, 576, 1, 2) and not ours[0].extra_check(ours[0], 2, 3072, 576, 1, 2)
+
+
 class Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
