@@ -24,6 +24,7 @@ from bench import llamacpp
 from bench.results import Result, Sample
 from bench.random_model import is_random_spec, random_model_dir
 from bench.served import Served
+from quant import defaults
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
 from quant.kernels import check_kernel, cpu_class, default_kernel
 from quant.load import load_float_model, resolve_model_path
@@ -211,7 +212,7 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the second turn")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="INT8 checkpoints (as serve uses)")
-    p.add_argument("--calib-samples", type=int, default=Recipe.calib_samples)
+    p.add_argument("--calib-samples", type=int, default=defaults.CALIB_SAMPLES)
     p.add_argument("--llama-cpp-converter", type=Path, default=None,
                    help="llama.cpp's convert_hf_to_gguf.py, for the llama.cpp variant of a non-GGUF model")
     p.add_argument("--json", type=Path, default=Path("bench-results.json"))

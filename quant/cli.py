@@ -8,6 +8,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from quant import defaults
 from quant.checkpoint import CheckpointError, check_writable, is_checkpoint, save_checkpoint
 from quant.evaluate import EvalDataError, evaluate_checkpoint, evaluate_variants, format_table
 from quant.families import UnsupportedModel
@@ -53,8 +54,10 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--alpha", default="auto", type=parse_alpha, help="'auto' (per-layer search) or a value")
     p.add_argument("--scheme", default="dynamic", choices=SCHEMES,
                    help="activations: per-token dynamic, or per-tensor static (SmoothQuant-O3)")
-    p.add_argument("--calib-samples", default=128, type=positive_int, help="calibration sequences")
-    p.add_argument("--calib-length", default=512, type=positive_int, help="tokens per calibration sequence")
+    p.add_argument("--calib-samples", default=defaults.CALIB_SAMPLES, type=positive_int,
+                   help="calibration sequences")
+    p.add_argument("--calib-length", default=defaults.CALIB_LENGTH, type=positive_int,
+                   help="tokens per calibration sequence")
     p.add_argument("--fallback-error", default=DEFAULT_FALLBACK_ERROR, type=parse_fallback,
                    help="layers whose relative INT8 error exceeds this keep BF16 activations ('none': never)")
     p.add_argument("--head-scheme", default="weight_only", choices=HEAD_SCHEMES,
@@ -74,7 +77,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--scheme", default="dynamic", choices=SCHEMES, help="scheme for variants without a suffix")
     p.add_argument("--limit", default=1000, type=positive_int, help="LAMBADA examples")
     p.add_argument("--ppl-tokens", default=32768, type=positive_int, help="held-out tokens for perplexity")
-    p.add_argument("--calib-samples", default=128, type=positive_int, help="calibration sequences")
+    p.add_argument("--calib-samples", default=defaults.CALIB_SAMPLES, type=positive_int,
+                   help="calibration sequences")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(run=run_eval)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from quant import defaults
 from quant.families import BoundGroup, all_groups, family_of, set_submodule
 from quant.gptq import gptq_round
 from quant.int8 import QMAX, WEIGHT_ROUNDING, Int8Embedding, Int8Linear
@@ -47,8 +48,8 @@ class Recipe:
     smooth: bool = True
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     fallback_error: float | None = DEFAULT_FALLBACK_ERROR
-    calib_samples: int = 64
-    calib_length: int = 512
+    calib_samples: int = defaults.CALIB_SAMPLES
+    calib_length: int = defaults.CALIB_LENGTH
     seed: int = 0
 
     @property

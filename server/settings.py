@@ -1,5 +1,6 @@
 """Settings of ``q8chat serve``: each is a CLI flag (``--max-queue``) and a ``Q8CHAT_*`` environment
-variable (``Q8CHAT_MAX_QUEUE``); the defaults live here and nowhere else."""
+variable (``Q8CHAT_MAX_QUEUE``); the defaults live here and nowhere else, but for the quantization recipe's,
+which ``q8chat quantize`` shares (``quant.defaults``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from quant import defaults
 
 
 def default_cache_dir() -> Path:
@@ -28,7 +31,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description="completion limit when a request sets none")
     alpha: str = Field("auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' or a number")
     scheme: Literal["dynamic", "static"] = Field("dynamic", description="INT8 activation scheme when quantizing")
-    calib_samples: int = Field(128, ge=1, description="calibration sequences when quantizing")
+    calib_samples: int = Field(defaults.CALIB_SAMPLES, ge=1, description="calibration sequences when quantizing")
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="where quantized checkpoints and compiled kernels are cached")
     compile: bool = Field(True, description="compile the prefill and decode steps (Llama family; about 2.5 "
