@@ -115,12 +115,19 @@ def _quantized_group(linears: list[nn.Linear], s: torch.Tensor | None, scheme: s
     return quantized
 
 
+def float_output(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """The float group's output on input rows ``x``: what its quantized versions are measured against."""
+    with torch.no_grad():
+        return torch.cat([lin(x) for lin in linears], dim=-1).float()
+
+
 @torch.no_grad()
 def group_error(x: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor | None, scheme: str,
-                act_absmax: torch.Tensor) -> float:
-    """Relative squared error of the quantized (and smoothed) group output on input rows ``x``. The INT8
-    products are the exact ones (``kernels.REFERENCE``), whatever this CPU's kernel rounds."""
-    reference = torch.cat([lin(x) for lin in linears], dim=-1).float()
+                act_absmax: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+    """Relative squared error of the quantized (and smoothed) group output on input rows ``x`` against
+    ``reference`` (default: ``float_output``). The INT8 products are the exact ones (``kernels.REFERENCE``),
+    whatever this CPU's kernel rounds."""
+    reference = float_output(x, linears) if reference is None else reference
     quantized = torch.cat([q.with_kernel(REFERENCE)(x)
                            for q in _quantized_group(linears, s, scheme, act_absmax, prescale=True)], dim=-1)
     return float(((quantized - reference) ** 2).sum() / (reference ** 2).sum().clamp(min=1e-12))
@@ -130,8 +137,9 @@ def group_error(x: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor | Non
 def search_alpha(x: torch.Tensor, linears: list[nn.Linear], act_absmax: torch.Tensor, scheme: str,
                  grid: tuple[float, ...]) -> tuple[float, float]:
     """The alpha of ``grid`` with the lowest group error, and that error."""
+    reference = float_output(x, linears)
     errors = {a: group_error(x, linears, smoothing_scale(act_absmax, [l.weight for l in linears], a),
-                             scheme, act_absmax) for a in grid}
+                             scheme, act_absmax, reference) for a in grid}
     best = min(errors, key=errors.get)
     return best, errors[best]
 

@@ -50,6 +50,31 @@ def test_smoothing_alone_leaves_float_outputs_unchanged(tiny_model):
     assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_calibration_records_what_each_hooked_layer_and_the_head_see(tiny_model):
+    """The head's input is taken from the base model's output (no logits are computed): the same rows a
+    hook on the head sees in a whole forward pass."""
+    model = tiny_model
+    ids = torch.randint(0, 1000, (1, 40))
+    names = linear_names(model)
+    seen = {}
+
+    def hook(name):
+        def record(_module, inputs, _output) -> None:
+            seen[name] = inputs[0].reshape(-1, inputs[0].shape[-1])
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    stats = collect_activation_stats(model, names, [ids], sample_rows=40, progress=False)
+    for name in names:
+        assert torch.equal(stats[name]["absmax"], seen[name].abs().amax(dim=0)), name
+        assert stats[name]["sample"].shape == seen[name].shape
+        assert torch.equal(stats[name]["sample"].sort(dim=0).values, seen[name].sort(dim=0).values), name
+
+
 def outlier_layer(seed=0):
     """A linear whose input has a few channels 50x larger than the rest (LLM activation outliers)."""
     torch.manual_seed(seed)
