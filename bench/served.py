@@ -29,14 +29,15 @@ def free_port() -> int:
 class ServerProcess:
     """A real ``q8chat serve`` subprocess on loopback."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] = ()) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] = (),
+                 command: list[str] = (sys.executable, "-m", "server")) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [*launcher, sys.executable, "-m", "server", "--port", str(self.port), *args],
+            [*launcher, *command, "--port", str(self.port), *args],
             env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from bench.served import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-E2E_CALIB_SAMPLES = 16  # enough for a working INT8 model; keeps the first start of the e2e server short
+Q8CHAT_SERVE = (str(Path(sys.executable).parent / "q8chat"), "serve")  # what `make serve` runs
 
 
 @pytest.fixture(scope="session")
@@ -52,18 +53,19 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def start_server(cache_dir, tmp_path_factory):
-    """Start real servers on the default INT8 model (quantized once per session into ``cache_dir``)."""
+    """Start real servers on the default INT8 model, quantized by the default recipe once per session into
+    ``cache_dir`` (as `make serve` does at its first start)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True,
-              launcher: list[str] = ()) -> ServerProcess:
-        # eager decoding unless a test asks for --compile: compiling takes a minute per process
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True, launcher: list[str] = (),
+              command: tuple[str, ...] = (sys.executable, "-m", "server")) -> ServerProcess:
+        # eager decoding unless a test asks for --compile: compiling takes minutes per model
         proc = ServerProcess(list(args), {"Q8CHAT_CACHE_DIR": str(cache_dir), "Q8CHAT_COMPILE": "false",
-                                          "Q8CHAT_CALIB_SAMPLES": str(E2E_CALIB_SAMPLES), **(env or {})},
-                             tmp_path_factory.mktemp("logs") / "server.log", launcher)
+                                          **(env or {})},
+                             tmp_path_factory.mktemp("logs") / "server.log", launcher, command)
         started.append(proc)
         if wait:
-            proc.wait_ready(timeout=600)
+            proc.wait_ready(timeout=1800)  # the first start quantizes (minutes), a compiled one compiles too
         return proc
 
     yield start

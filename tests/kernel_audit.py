@@ -30,8 +30,13 @@ def onednn_implementations(run: Callable[[], object]) -> list[tuple[str, str]]:
             os.dup2(saved, 1)
             os.close(saved)
         captured.seek(0)
-        lines = captured.read().splitlines()
-    fields = [line.split(",") for line in lines if line.startswith("onednn_verbose") and ",primitive,exec," in line]
+        return onednn_executions(captured.read())
+
+
+def onednn_executions(text: str) -> list[tuple[str, str]]:
+    """(primitive, implementation) of each execution line of oneDNN's verbose output in ``text``."""
+    fields = [line.split(",") for line in text.splitlines()
+              if line.startswith("onednn_verbose") and ",primitive,exec," in line]
     return [(f[5], f[6]) for f in fields if len(f) > 6]
 
 

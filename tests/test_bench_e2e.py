@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import E2E_CALIB_SAMPLES, ROOT
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -17,7 +17,7 @@ def test_bench_writes_json_and_a_ratio_table(cache_dir, tmp_path):
         [sys.executable, "-m", "server.cli", "bench",
          "--variants", "hf-fp32,q8chat-int8-dynamic-eager,q8chat-served-eager",
          "--prompt-tokens", "48", "--decode-tokens", "8", "--new-tokens", "8", "--reps", "1",
-         "--cache-dir", str(cache_dir), "--calib-samples", str(E2E_CALIB_SAMPLES), "--json", str(out)],
+         "--cache-dir", str(cache_dir), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

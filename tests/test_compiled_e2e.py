@@ -1,6 +1,8 @@
-"""The compiled decode path, end to end: a server started with --compile starts its greedy answers with
-exactly the tokens the eager server gives, and a restart loads the compiled steps instead of compiling,
-with one copy of the constants the two steps have in common.
+"""The compiled server end to end, started as `make serve` starts it (the `q8chat serve` command, default
+recipe and flags; only its port and cache directory are the test's): it starts its greedy answers with
+exactly the tokens the eager server gives, its steps run no reference kernel, /health answers during a long
+compiled prefill, and a restart loads the compiled steps instead of compiling, with one copy of the
+constants the two steps have in common.
 
 Not whole answers: fused kernels round differently in the last float bit, per-token INT8 turns such a
 bit into a whole quantization step now and then, and after some tokens two near-tied candidates swap.
@@ -10,9 +12,16 @@ tokens agree. The first tokens agreeing shows the compiled step computes the sam
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import httpx
 import pytest
+
+from prompts import heldout_text
+from server import step_kernels
+from tests.conftest import Q8CHAT_SERVE
+from tests.kernel_audit import onednn_executions, reference_kernels
 
 pytestmark = pytest.mark.e2e
 
@@ -21,30 +30,74 @@ PROMPTS = ["Write a short story about a robot who learns to paint.",
            "List three uses of a paper clip, one per line."]
 
 
-def greedy(server, content: str) -> dict:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+def greedy(server, content: str, max_tokens: int = 8) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0}
-    response = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=300)
+    response = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=600)
     assert response.status_code == 200, response.text
     answer = response.json()
     return {"text": answer["choices"][0]["message"]["content"], "finish": answer["choices"][0]["finish_reason"],
-            "tokens": answer["usage"]["completion_tokens"]}
+            "tokens": answer["usage"]["completion_tokens"], "prompt_tokens": answer["usage"]["prompt_tokens"]}
 
 
-def test_compiled_server_starts_with_the_eager_greedy_tokens_and_restarts_without_compiling(start_server, server):
-    compiled = start_server("--compile", env={"Q8CHAT_COMPILE": "true"})
+def health_during(server, run) -> tuple[float, list[float]]:
+    """Seconds ``run()`` took, and how long each /health request took meanwhile."""
+    latencies, done = [], threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                begin = time.perf_counter()
+                assert client.get(server.base_url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - begin)
+                time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    begin = time.perf_counter()
+    poller.start()
+    try:
+        run()
+    finally:
+        done.set()
+        poller.join()
+    return time.perf_counter() - begin, latencies
+
+
+COMPILED = {"Q8CHAT_COMPILE": "true", "ONEDNN_VERBOSE": "1"}  # oneDNN names each primitive it runs
+
+
+def served_references(server) -> list[str]:
+    """The reference kernels among what the server's steps ran since it was ready (the build's autotuning
+    tries candidates it does not keep)."""
+    served = server.log().partition("ready in")[2]
+    return reference_kernels({}, onednn_executions(served))
+
+
+@pytest.mark.timeout(1800)  # builds both steps at its first start: minutes on 2 cores
+def test_the_compiled_server_as_make_serve_starts_it(start_server, server):
+    compiled = start_server(env=COMPILED, command=Q8CHAT_SERVE)
     log = compiled.log()
-    assert "decode step compiled in" in log and "prefill step compiled in" in log
+    assert "decode step compiled in" in log and "prefill step compiled in" in log, log[-3000:]
     assert "compiled decode step and prefill step (AOTInductor" in log
+    assert step_kernels.REFERENCE not in log  # what each step's GEMMs run is logged at build and load
     eager = [greedy(server, content) for content in PROMPTS]
     assert [answer["tokens"] for answer in eager] == [8] * len(PROMPTS)
     assert [greedy(compiled, content) for content in PROMPTS] == eager
+
+    # a prompt of thousands of tokens takes the compiled prefill seconds; the event loop keeps serving
+    long_prompt = "Summarize this text.\n\n" + heldout_text()[:12000]
+    answers = []
+    seconds, latencies = health_during(compiled, lambda: answers.append(greedy(compiled, long_prompt, 1)))
+    assert answers[0]["prompt_tokens"] > 2000 and seconds > 1.0
+    assert len(latencies) > 5 and max(latencies) < 0.5, (seconds, max(latencies))
+    assert served_references(compiled) == []
     compiled.stop()
 
-    restarted = start_server("--compile", env={"Q8CHAT_COMPILE": "true"})
+    restarted = start_server(env=COMPILED, command=Q8CHAT_SERVE)
     log = restarted.log()
     assert "loaded the compiled decode step" in log and "loaded the compiled prefill step" in log
     assert "step compiled in" not in log
     shared = re.search(r"the compiled steps share ([\d.]+) MB of constants; ([\d.]+) MB of memory given back", log)
     assert shared and float(shared[1]) > 50 and float(shared[2]) > 50, log[-2000:]  # most packed weights are alike
     assert [greedy(restarted, content) for content in PROMPTS] == eager
+    assert served_references(restarted) == []

@@ -115,8 +115,8 @@ def tiny_w8a8(tokenizer):
 
 
 def step_audit(model, kernel: str, step: str, directory) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """A compiled step of ``model`` with ``kernel`` on this CPU: its reference kernels, and its logits beside
-    the eager compact model's (this CPU's eager kernel) on the same tokens."""
+    """A compiled step of ``model`` with ``kernel`` on this CPU: the reference kernels it and the eager compact
+    model (this CPU's eager kernel) ran, and their logits on the same tokens."""
     net = StaticLlama(model, 64, kernel).eval()
     compiled_step.build(net, step, directory)
     loaded = compiled_step.load(directory)
@@ -125,11 +125,11 @@ def step_audit(model, kernel: str, step: str, directory) -> tuple[list[str], tor
     start = 20 if step == "decode" else 0
     ids = torch.randint(0, 2000, (1, count), generator=torch.Generator().manual_seed(3))
     args = (ids, torch.arange(start, start + count), attention_mask(64, start, count, compiled=True))
-    got = []
+    got, want = [], []
     with torch.no_grad():
         implementations = onednn_implementations(lambda: got.append(loaded(*args, new_kv_caches(model.config, 64))))
-        want = eager(*args, new_kv_caches(model.config, 64))
-    return reference_kernels(loaded.gemms, implementations), got[0], want
+        implementations += onednn_implementations(lambda: want.append(eager(*args, new_kv_caches(model.config, 64))))
+    return reference_kernels(loaded.gemms, implementations), got[0], want[0]
 
 
 @pytest.mark.parametrize("step", ["decode", "prefill"])
