@@ -179,9 +179,9 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
              "| --- |" + " ---: |" * (6 + len(bases))]
     for r in rows.values():
         ratios = " | ".join(f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}" for b in bases)
-        lines.append(f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']} | {ratios} | "
-                     f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']} | {r['ttft_s'] / bases[-1]['ttft_s']:.2f} | "
-                     f"{r['second_turn_ttft_s']} |")
+        lines.append(f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']:.1f} | {ratios} | "
+                     f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']:.3f} | {r['ttft_s'] / bases[-1]['ttft_s']:.2f} | "
+                     f"{r['second_turn_ttft_s']:.3f} |")
     for r in rows.values():
         if "rss_mb" in r:
             budget = r["weight_mb"] + r["kv_cache_mb"]

@@ -1,24 +1,29 @@
 """Which instructions compute a W8A8 product on this CPU, exactly and fast.
 
 A W8A8 product is ``sum_k xq[m, k] * w[n, k]`` over INT8 values: an integer, rescaled in float afterwards.
-x86 CPUs differ in which INT8 instruction they have, and each kernel family is exact only on some of them:
+x86 CPUs differ in which INT8 instruction they have, and each kernel family is exact and fast only on some:
 
 - ``s8s8``: ``torch._int_mm``. AMX multiplies s8 by s8 natively, and oneDNN's s8s8 kernels (inductor's AMX
   template when compiled) are fast there. Without AMX, oneDNN's prepacked s8s8 matmul runs its reference
   kernel (``ref_int8``, about 12 ms for a 576x1536 GEMV on AVX-512 VNNI), and without VNNI ``_int_mm`` is a
-  scalar loop.
+  scalar loop (338 us for a 576x960 GEMV on an AVX2 EPYC, against 47 us for ``bf16``). Compiled on an AVX2
+  CPU (no AVX-512, no VNNI), it runs q8chat's own micro-kernel for inductor's GEMM template
+  (``server/avx2_int8_gemm.py``: s8 times s8 through ``vpmaddubsw`` with the signs moved onto one operand,
+  exact for +-127 operands).
 - ``u8s8``: AVX-512 VNNI and AVX-VNNI multiply u8 by s8 (``vpdpbusd``). Activations are shifted by 128 to
   u8 and the product is written as the dequantize-linear pattern that inductor rewrites into oneDNN's u8s8
-  ``qlinear`` (or its own VNNI template): what x86's PT2E quantization compiles to on these CPUs.
-- ``bf16``: without VNNI the only INT8 multiply (``vpmaddubsw``) saturates its 16-bit pair sums; oneDNN's
-  int8 GEMM lost up to 20 % of a 512-row product to it on an AVX2 EPYC. Here the INT8 values travel in
-  BF16, which holds every one of them exactly, through the weight-only INT8 kernel, which multiplies and
-  accumulates in FP32: products are exact, and sums too while they stay below 2**24 in magnitude.
+  ``qlinear`` (or its own VNNI template): what x86's PT2E quantization compiles to on these CPUs. Compiled
+  steps only: the weights must be prepacked by inductor's freezing.
+- ``bf16``: the INT8 values travel in BF16, which holds every one of them exactly, through the weight-only
+  INT8 kernel (``_weight_int8pack_mm``), which multiplies and accumulates in FP32: products are exact, and
+  sums too while they stay below 2**24 in magnitude. The eager kernel of CPUs without VNNI, and the compiled
+  one of AVX-512 CPUs without VNNI. (oneDNN's own
+  u8s8 GEMM on AVX2 saturates ``vpmaddubsw``'s 16-bit pair sums: it lost up to 20 % of a 512-row product.)
 
 ``reference`` is the exact result on any CPU (FP32 BLAS on the INT8 values); quantization measures its
 errors with it, so a checkpoint does not depend on the CPU it was made on.
 
-``ONEDNN_MAX_CPU_ISA`` caps the choice as it caps oneDNN (``AVX2`` gives the ``bf16`` kernel on any CPU).
+``ONEDNN_MAX_CPU_ISA`` caps the choice as it caps oneDNN (``AVX2`` gives an AVX2 CPU's kernels on any CPU).
 """
 
 from __future__ import annotations
@@ -84,23 +89,27 @@ def _onednn_allows(feature: str, cap: str | None) -> bool:
     return "VNNI" in cap or _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_VNNI")
 
 
-def default_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> str:
-    """The kernel of KERNELS that computes W8A8 products exactly and fastest on this CPU (see the module)."""
+def _has(feature: str, flags: frozenset[str] | None, onednn_cap: str | None) -> bool:
     flags = cpu_flags() if flags is None else flags
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if onednn_cap is None else onednn_cap
-    if flags & set(_CAPS["AMX"]) and _onednn_allows("AMX", cap):
+    return bool(flags & set(_CAPS[feature])) and _onednn_allows(feature, cap)
+
+
+def default_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> str:
+    """The kernel of KERNELS that the compiled steps compute W8A8 products with, exactly and fastest on this
+    CPU (see the module)."""
+    if _has("AMX", flags, onednn_cap):
         return "s8s8"
-    if flags & set(_CAPS["VNNI"]) and _onednn_allows("VNNI", cap):
+    if _has("VNNI", flags, onednn_cap):
         return "u8s8"
-    return "bf16"
+    flags = cpu_flags() if flags is None else flags
+    return "s8s8" if "avx2" in flags and "avx512f" not in flags else "bf16"  # q8chat's AVX2 micro-kernel
 
 
-def eager_kernel(kernel: str | None = None) -> str:
-    """The kernel for uncompiled layers, given the compiled steps' ``kernel`` (default: this CPU's): ``u8s8``
-    needs weights that inductor's freezing prepacks, so eager layers run ``s8s8`` (``_int_mm``) in its place,
-    which oneDNN computes exactly and fast on VNNI CPUs without prepacking."""
-    kernel = kernel or default_kernel()
-    return "s8s8" if kernel == "u8s8" else kernel
+def eager_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> str:
+    """The kernel of uncompiled layers on this CPU: ``s8s8`` where oneDNN's ``_int_mm`` is fast without
+    prepacked weights (AMX, VNNI), else ``bf16``."""
+    return "s8s8" if _has("AMX", flags, onednn_cap) or _has("VNNI", flags, onednn_cap) else "bf16"
 
 
 def check_kernel(kernel: str) -> str:

@@ -38,14 +38,14 @@ import torch
 
 from quant import int8, kernels
 from quant.load import fingerprint
-from server import static_llama, step_constants, step_kernels
+from server import avx2_int8_gemm, static_llama, step_constants, step_kernels
 from server.aoti_container import Container
 from server.placement import cpu_isa
 from server.step_constants import constants_by_name, release_constants, unused_constants
 
 log = logging.getLogger(__name__)
 _SOURCES = (int8.__file__, kernels.__file__, static_llama.__file__, step_constants.__file__, step_kernels.__file__,
-            __file__)
+            avx2_int8_gemm.__file__, __file__)
 STEPS = ("decode", "prefill")
 LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-constants.json", "source.sha256"
 KERNELS = "kernels.json"
@@ -114,6 +114,7 @@ def configure_inductor() -> None:
         section, _, leaf = name.rpartition(".")
         setattr(getattr(inductor, section) if section else inductor, leaf, value)
     _register_one_row_micro_kernel()
+    avx2_int8_gemm.register()
 
 
 ONE_ROW_BLOCKING = (1, 64, 64)  # rows, columns, depth of the one-row AVX2 weight-only micro-kernel

@@ -174,7 +174,7 @@ def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
     compact model does not cover. So a restart with both steps compiled never reads the checkpoint's
     weights. ``packages``: the compiled steps' directories by step name (see
     ``compiled_step.package_paths``), built when absent; None decodes eagerly. ``kernel``: the W8A8 kernel
-    of the compiled steps (``quant.kernels``; None: this CPU's); eager steps get ``eager_kernel(kernel)``."""
+    of the compiled steps (``quant.kernels``; None: this CPU's); eager steps get this CPU's ``eager_kernel()``."""
     try:
         check_supported(config)
     except UnsupportedForCompile as exc:
@@ -183,7 +183,7 @@ def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
     kernel = kernel or default_kernel()
     model = functools.cache(load_model)
     compact = functools.cache(lambda kernel: StaticLlama(model(), max_len, kernel).eval())
-    eager = functools.partial(compact, eager_kernel(kernel))
+    eager = functools.partial(compact, eager_kernel())
     caches = new_kv_caches(config, max_len)
     steps = {}
     for step, package in (packages or {}).items():

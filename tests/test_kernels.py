@@ -8,7 +8,7 @@ from torch import nn
 from quant.int8 import Int8Linear
 from quant.kernels import REFERENCE, cpu_flags, default_kernel, eager_kernel, w8a8_matmul
 from quant.smoothquant import Recipe
-from server import compiled_step
+from server import avx2_int8_gemm, compiled_step
 from server.aoti_container import Container
 from server.static_llama import StaticLlama, attention_mask, new_kv_caches
 from tests.conftest import tiny_llama
@@ -22,14 +22,15 @@ ZEN3 = frozenset({"avx2", "fma"})
 
 
 def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
-    assert default_kernel(AMX, "") == "s8s8"
+    assert default_kernel(AMX, "") == eager_kernel(AMX, "") == "s8s8"
+    # u8s8 needs weights that inductor's freezing prepacks: eager layers multiply s8 by s8 on those CPUs
     assert default_kernel(ZEN4, "") == default_kernel(ALDER_LAKE, "") == "u8s8"
-    assert default_kernel(ZEN3, "") == "bf16"
-    # ONEDNN_MAX_CPU_ISA caps the choice as it caps oneDNN
+    assert eager_kernel(ZEN4, "") == eager_kernel(ALDER_LAKE, "") == "s8s8"
+    # AVX2 alone: compiled s8s8 through q8chat's micro-kernel; eagerly, _int_mm is a scalar loop there
+    assert default_kernel(ZEN3, "") == "s8s8" and eager_kernel(ZEN3, "") == "bf16"
+    # ONEDNN_MAX_CPU_ISA caps the choice as it caps oneDNN; an AVX-512 CPU without VNNI gets bf16
     assert default_kernel(AMX, "AVX512_CORE_VNNI") == "u8s8" and default_kernel(AMX, "avx2") == "bf16"
     assert default_kernel(ZEN4, "AVX512_CORE_AMX") == "u8s8"
-    # u8s8 needs weights prepacked by inductor: eager layers multiply s8 by s8 on those CPUs
-    assert eager_kernel("u8s8") == "s8s8" and eager_kernel("bf16") == "bf16"
 
 
 def exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -80,8 +81,7 @@ def compiled(kernel: str, w: torch.Tensor, rows: int, directory) -> tuple[Contai
     """The product compiled as the steps are: one token (decode) or a symbolic count of tokens (prefill)."""
     example = (torch.zeros(1, 1 if rows == 1 else 4, w.shape[1]),)
     dynamic = None if rows == 1 else ({1: torch.export.Dim("tokens", min=2, max=4096)},)
-    with torch.no_grad():
-        program = torch.export.export(IntegerProduct(w, kernel), example, dynamic_shapes=dynamic)
+    program = compiled_step.export_step(IntegerProduct(w, kernel), example, dynamic)  # as the steps are exported
     _, gemms = compiled_step.compile_program(program, directory)
     return Container(directory / "step.so", directory / "constants.blob"), gemms
 
@@ -139,9 +139,17 @@ def test_this_cpus_compiled_steps_run_no_reference_kernel_and_give_the_eager_log
     assert (got - want).abs().max() < 0.05 * want.std() and torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.skipif("amx_int8" in cpu_flags(), reason="s8s8 is this CPU's own kernel: AMX multiplies s8 by s8")
-def test_the_audit_catches_the_s8s8_steps_on_a_cpu_without_amx(tiny_w8a8, tmp_path):
-    """What the compiled steps ran before kernels were chosen by ISA: on AVX-512 VNNI, oneDNN's reference
-    int8 matmul (``ref_int8``); on AVX2, inductor's reference micro-kernel."""
+@pytest.mark.skipif("amx_int8" in cpu_flags(), reason="AMX multiplies s8 by s8: no reference kernel to catch")
+def test_the_audit_catches_the_reference_kernel_s8s8_ran_on_this_cpu_before_kernels_were_chosen(
+        tiny_w8a8, tmp_path, monkeypatch):
+    """On AVX-512 VNNI, oneDNN's reference int8 matmul (``ref_int8``); on AVX2, without q8chat's own micro-kernel
+    (``avx2_int8_gemm``), inductor's reference micro-kernel."""
+    if default_kernel() == "s8s8":  # AVX2 alone
+        ours = avx2_int8_gemm.register()  # first: it imports inductor's template machinery in its order
+        from torch._inductor import config
+        from torch._inductor.codegen import cpp_micro_gemm
+
+        monkeypatch.delitem(cpp_micro_gemm.micro_gemm_configs, ours)
+        monkeypatch.setattr(config, "fx_graph_cache", False)  # no code generated with it
     references, _, _ = step_audit(tiny_w8a8, "s8s8", "decode", tmp_path / "decode")
-    assert references, "the s8s8 decode step ran no reference kernel on a CPU without AMX"
+    assert references, "the s8s8 decode step ran no reference kernel"

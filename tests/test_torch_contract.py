@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from server import aoti_container, compiled_step
+from server import aoti_container, avx2_int8_gemm, compiled_step
 from server.aoti_container import PROTOTYPES, Container, ContainerError
 
 HEADERS = Path(torch.__file__).parent / "include/torch/csrc/inductor"
@@ -62,6 +62,23 @@ def test_the_one_row_micro_kernel_is_registered_once_beside_inductors_own():
             if tuple(c.register_blocking) == compiled_step.ONE_ROW_BLOCKING]
     assert len(ours) == 1 and ours[0].input_dtype == torch.bfloat16 and ours[0].input2_dtype == torch.int8
     assert ours[0].extra_check(ours[0], 1, 3072, 576, 1, 2) and not ours[0].extra_check(ours[0], 2, 3072, 576, 1, 2)
+
+
+def test_the_avx2_int8_micro_kernel_is_registered_once_for_s8s8_on_avx2_in_the_vnni4_layout():
+    compiled_step.configure_inductor()
+    from torch._inductor.codegen import cpp_micro_gemm as micro
+    from torch._inductor.cpu_vec_isa import VecAVX2
+
+    ours = avx2_int8_gemm.register()
+    configs = micro.micro_gemm_configs[ours]
+    assert {(c.vec_isa_cls, c.input_dtype, c.input2_dtype, c.output_dtype) for c in configs} == {
+        (VecAVX2, torch.int8, torch.int8, torch.int32)}
+    assert {tuple(c.register_blocking) for c in configs} == set(avx2_int8_gemm.BLOCKINGS)
+    one_row = [c for c in configs if c.register_blocking.block_m == 1]
+    assert [c.extra_check(c, 1, 960, 576, 1, 2) for c in one_row] == [True]
+    assert not one_row[0].extra_check(one_row[0], 1, 960, 576, 1, 2, dynamic_M=True)  # a prefill's M
+    assert micro.LayoutType.VNNI4 == ours("g", torch.int8, torch.int8, torch.int32, torch.int32,
+                                          configs[0].register_blocking).get_b_layout()
 
 
 class Scaled(nn.Module):
