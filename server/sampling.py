@@ -26,7 +26,7 @@ def new_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(seed % 2**64)  # torch takes an unsigned 64-bit seed
     return generator
 
 
@@ -44,11 +44,15 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
            prompt_ids: list[int], generated: list[int]) -> int:
-    """One token id from a 1-D logits vector."""
+    """One token id from a 1-D logits vector. Safe for every value the protocol accepts: penalties that
+    overflow a logit to infinity leave it the largest finite one, and logits are shifted to a maximum of 0
+    before the temperature divides them, so a tiny temperature sends the others to -inf, never to NaN."""
     logits = apply_penalties(logits.float().clone(), params, prompt_ids, generated)
-    if params.temperature == 0:
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    if params.temperature == 0 or not torch.isfinite(logits.max()):
         return int(logits.argmax())
-    logits /= params.temperature
+    # a temperature below float32's range would divide by zero (0 / 0 at the maximum)
+    logits = (logits - logits.max()) / max(params.temperature, torch.finfo(logits.dtype).tiny)
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits[logits < kth] = float("-inf")
