@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 self._captured_signals.remove(sig)
 
     slot = ServiceSlot()
-    app = create_app(slot, HttpSettings(max_body_bytes=settings.max_body_bytes, api_keys=tuple(settings.api_key),
+    app = create_app(slot, HttpSettings(max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
+                                        api_keys=tuple(settings.api_key),
                                         cors_origins=tuple(settings.cors_origins)))
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                            timeout_graceful_shutdown=settings.shutdown_grace_s))

@@ -8,12 +8,14 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -45,6 +47,7 @@ class ServiceSlot:
 @dataclass(frozen=True)
 class HttpSettings:
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 10.0
     api_keys: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
 
@@ -84,25 +87,79 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, QueueFull):
         return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    if isinstance(exc, ClientDisconnect):  # nobody to answer; not a server error
+        return ApiError(499, "Client closed the request.", code="client_closed_request")
     if isinstance(exc, (NotReady, ShuttingDown)):
         return ApiError(503, str(exc), type="service_unavailable", headers={"Retry-After": "5"})
     log.error("internal error: %r", exc, exc_info=exc)
     return ApiError(500, "The server had an internal error while processing the request.", type="server_error")
 
 
-async def read_json(request: Request, limit: int) -> object:
+JSON_MEDIA_TYPE = re.compile(r"application/([\w.-]+\+)?json")
+MAX_JSON_DEPTH = 64  # OpenAI requests nest a few levels; a JSON schema in a request, a few more
+
+
+async def read_json(request: Request, limit: int, timeout_s: float) -> object:
+    """The request's JSON body. It must say it is JSON (or say nothing), arrive within ``timeout_s`` of
+    each previous part, fit ``limit`` bytes, be UTF-8 and be plain JSON: no NaN or Infinity, no string
+    that is not Unicode text (a lone surrogate), no nesting deeper than ``MAX_JSON_DEPTH``."""
+    media_type, _, parameters = request.headers.get("content-type", "application/json").partition(";")
+    charset = parameters.strip().lower().removeprefix("charset=").strip('"') if "charset" in parameters else "utf-8"
+    if not JSON_MEDIA_TYPE.fullmatch(media_type.strip().lower()) or charset not in ("utf-8", "utf8"):
+        raise ApiError(415, "Send the request body as JSON in UTF-8 (Content-Type: application/json).",
+                       code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
     body = bytearray()
-    async for part in request.stream():
+    parts = aiter(request.stream())
+    while True:
+        try:
+            part = await asyncio.wait_for(anext(parts), timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(408, f"The request body did not arrive: nothing for {timeout_s:g} s.",
+                           code="request_timeout") from None
         body += part
         if len(body) > limit:
             raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    return parse_json(bytes(body))
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> object:
     try:
-        return json.loads(body)
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+    except RecursionError:
+        raise ApiError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                       code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+    _check_values(data)
+    return data
+
+
+def _check_values(data: object) -> None:
+    """Walk the parsed body (without recursion) for what ``json.loads`` lets through."""
+    pending = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json")
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "A string in the JSON body is not Unicode text (a lone surrogate such as "
+                                    "\\ud800).", code="invalid_json") from None
 
 
 def _sse(item: BaseModel | None) -> str:
@@ -202,7 +259,8 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"No route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return error_response(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, message, code=code, headers=exc.headers))  # 405: Allow
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -221,8 +279,8 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
     async def complete(request: Request, model: type, prepare, stream, whole) -> Response:
         try:
             service = slot.get()
-            body = model.parse(await read_json(request, http.max_body_bytes))
-            generation = prepare(service)(body)
+            body = model.parse(await read_json(request, http.max_body_bytes, http.body_timeout_s))
+            generation = await prepare(service)(body)
             request.state.generation = generation
         except Exception as exc:
             return error_response(as_api_error(exc))

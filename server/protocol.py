@@ -61,19 +61,24 @@ def _drop_no_op_parameters(data: Any, table: dict[str, tuple]) -> Any:
     return data
 
 
+# Requests are strict, as OpenAI's schema is: "4" is no integer, "yes" no boolean, 1 no string.
+STRICT = ConfigDict(extra="forbid", strict=True)
+INT64 = (-(2**63), 2**63 - 1)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -87,13 +92,13 @@ class ChatMessage(BaseModel):
 
 class SamplingFields(BaseModel):
     """Parameters shared by chat and text completions."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stop: str | list[str] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -150,7 +155,9 @@ class CompletionRequest(SamplingFields):
         if isinstance(value, list):
             if len(value) != 1:
                 raise ValueError("exactly one prompt is supported (batch size 1)")
-            return value[0]
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt is empty; send at least one character")
         return value
 
     @property

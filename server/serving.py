@@ -2,7 +2,7 @@
 
 Every request becomes one stream of protocol chunks; a non-streaming request drains the same stream.
 Validation, tokenization and the context-length and queue checks all happen in ``prepare``, before a
-response starts, so their errors can still carry a proper HTTP status.
+response starts, so their errors can still carry a proper HTTP status; tokenizing runs off the event loop.
 """
 
 from __future__ import annotations
@@ -106,9 +106,11 @@ class ChatService:
         return ModelList(data=[ModelCard(id=self.model_name, created=now())])
 
     # -- preparing -----------------------------------------------------------------------------
-    def _params(self, request: SamplingFields, prompt_tokens: int, stops: tuple[str, ...]) -> SamplingParams:
+    def _check_model(self, request: SamplingFields) -> None:
         if request.model != self.model_name:
             raise ModelNotFound(f"The model '{request.model}' does not exist; this server serves '{self.model_name}'.")
+
+    def _params(self, request: SamplingFields, prompt_tokens: int, stops: tuple[str, ...]) -> SamplingParams:
         limit = request.completion_limit
         self.engine.check_length(prompt_tokens, limit)
         return SamplingParams(
@@ -118,17 +120,22 @@ class ChatService:
             frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
             ignore_eos=request.ignore_eos)
 
-    def _prepare(self, prefix: str, ids: list[int], request: SamplingFields, stops: tuple[str, ...]) -> Generation:
+    async def _prepare(self, prefix: str, tokenize, request: SamplingFields, stops: tuple[str, ...]) -> Generation:
+        """Tokenize on a worker thread (rendering and tokenizing a megabyte takes seconds, which the event loop,
+        /health included, must not wait for), then admit the request to the queue."""
+        self._check_model(request)
+        ids = await asyncio.to_thread(tokenize)
         params = self._params(request, len(ids), stops)
         self.queue.admit()
         return Generation(new_id(prefix), ids, params, request.include_usage, self.queue)
 
-    def prepare_chat(self, request: ChatCompletionRequest) -> Generation:
-        ids = self.prompter.chat_ids([m.as_template_message() for m in request.messages])
-        return self._prepare("chatcmpl", ids, request, self.prompter.template.stop)
+    async def prepare_chat(self, request: ChatCompletionRequest) -> Generation:
+        messages = [m.as_template_message() for m in request.messages]
+        return await self._prepare("chatcmpl", lambda: self.prompter.chat_ids(messages), request,
+                                   self.prompter.template.stop)
 
-    def prepare_completion(self, request: CompletionRequest) -> Generation:
-        return self._prepare("cmpl", self.prompter.completion_ids(request.prompt), request, ())
+    async def prepare_completion(self, request: CompletionRequest) -> Generation:
+        return await self._prepare("cmpl", lambda: self.prompter.completion_ids(request.prompt), request, ())
 
     # -- running -------------------------------------------------------------------------------
     async def run(self, generation: Generation) -> AsyncIterator[StepOutput | None]:

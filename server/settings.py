@@ -41,6 +41,7 @@ class Settings(BaseSettings):
         "auto", description="W8A8 kernel of the compiled steps: auto (by the CPU: s8s8 with AMX, u8s8 with VNNI, "
                             "else bf16), or one of them to compare")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
+    body_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next part of a request body (408)")
     keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
     socket: int = Field(0, ge=0, description="CPU socket to pin to")
     threads: int | None = Field(None, ge=1, description="compute threads (default: the socket's physical cores)")

@@ -65,7 +65,12 @@ async def until_idle(svc, timeout=5.0):
 
 def test_stream_chunks_follow_the_openai_shape(tokenizer):
     svc = service(tokenizer, FakeEngine())
-    chunks = asyncio.run(collect(svc.chat_chunks(svc.prepare_chat(chat(stream=True, stream_options={"include_usage": True})))))
+    request = chat(stream=True, stream_options={"include_usage": True})
+
+    async def run():
+        return await collect(svc.chat_chunks(await svc.prepare_chat(request)))
+
+    chunks = asyncio.run(run())
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices].count("stop") == 1
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there friend"
@@ -75,7 +80,10 @@ def test_stream_chunks_follow_the_openai_shape(tokenizer):
 
 def test_non_stream_drains_the_same_stream(tokenizer):
     svc = service(tokenizer, FakeEngine())
-    response = asyncio.run(svc.chat_response(svc.prepare_chat(chat(max_tokens=2))))
+    async def run():
+        return await svc.chat_response(await svc.prepare_chat(chat(max_tokens=2)))
+
+    response = asyncio.run(run())
     assert response.choices[0].message.content == "Hello there"
     assert response.choices[0].finish_reason == "length"
     assert response.usage.total_tokens == response.usage.prompt_tokens + 2
@@ -84,16 +92,20 @@ def test_non_stream_drains_the_same_stream(tokenizer):
 def test_completion_stream(tokenizer):
     svc = service(tokenizer, FakeEngine())
     request = CompletionRequest.parse({"model": "tiny", "prompt": "Once", "max_tokens": 5})
-    chunks = asyncio.run(collect(svc.completion_chunks(svc.prepare_completion(request))))
+    async def run():
+        return await collect(svc.completion_chunks(await svc.prepare_completion(request)))
+
+    chunks = asyncio.run(run())
     assert "".join(c.choices[0].text for c in chunks) == "Hello there friend"
 
 
 def test_wrong_model_and_too_long_prompt_fail_before_streaming(tokenizer):
     svc = service(tokenizer, FakeEngine(context_length=30))
     with pytest.raises(ModelNotFound):
-        svc.prepare_chat(ChatCompletionRequest.parse({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
+        asyncio.run(svc.prepare_chat(ChatCompletionRequest.parse(
+            {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})))
     with pytest.raises(ContextLengthExceeded):
-        svc.prepare_chat(chat(max_tokens=25))
+        asyncio.run(svc.prepare_chat(chat(max_tokens=25)))
 
 
 def test_queue_admits_max_queue_waiters_then_refuses(tokenizer):
@@ -101,12 +113,12 @@ def test_queue_admits_max_queue_waiters_then_refuses(tokenizer):
     svc = service(tokenizer, engine, max_queue=1)
 
     async def scenario():
-        first = asyncio.ensure_future(svc.chat_response(svc.prepare_chat(chat())))
+        first = asyncio.ensure_future(svc.chat_response(await svc.prepare_chat(chat())))
         await asyncio.sleep(0.05)                 # first is running
-        second = asyncio.ensure_future(svc.chat_response(svc.prepare_chat(chat())))
+        second = asyncio.ensure_future(svc.chat_response(await svc.prepare_chat(chat())))
         await asyncio.sleep(0.05)                 # second is waiting
         with pytest.raises(QueueFull):
-            svc.prepare_chat(chat())
+            await svc.prepare_chat(chat())
         results = await asyncio.gather(first, second)
         assert await until_idle(svc)
         return results
@@ -119,12 +131,12 @@ def test_cancelled_stream_stops_the_engine_and_frees_the_turn(tokenizer):
     svc = service(tokenizer, engine)
 
     async def scenario():
-        stream = svc.chat_chunks(svc.prepare_chat(chat(stream=True)))
+        stream = svc.chat_chunks(await svc.prepare_chat(chat(stream=True)))
         async for chunk in stream:
             if engine.steps_run >= 3:
                 break
         await stream.aclose()
-        next_response = await asyncio.wait_for(svc.chat_response(svc.prepare_chat(chat(max_tokens=1))), 5)
+        next_response = await asyncio.wait_for(svc.chat_response(await svc.prepare_chat(chat(max_tokens=1))), 5)
         return next_response
 
     response = asyncio.run(scenario())
@@ -134,16 +146,16 @@ def test_cancelled_stream_stops_the_engine_and_frees_the_turn(tokenizer):
 
 def test_a_burst_is_admitted_up_to_capacity_and_abandoned_admissions_are_returned(tokenizer):
     svc = service(tokenizer, FakeEngine(), max_queue=2)
-    admitted = [svc.prepare_chat(chat()) for _ in range(3)]  # one to run, two to wait
+    admitted = [asyncio.run(svc.prepare_chat(chat())) for _ in range(3)]  # one to run, two to wait
     with pytest.raises(QueueFull):
-        svc.prepare_chat(chat())
+        asyncio.run(svc.prepare_chat(chat()))
     for generation in admitted:
         generation.abandon()
         generation.abandon()  # idempotent
     assert svc.queue.waiting == 0
 
     async def one_more():
-        await svc.chat_response(svc.prepare_chat(chat()))
+        await svc.chat_response(await svc.prepare_chat(chat()))
         return await until_idle(svc)
 
     assert asyncio.run(one_more())
