@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup serve test test-fast system-deps clean
+.PHONY: setup serve test test-fast lint system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(VENV)/bin/q8chat serve $(ARGS)
 
-test: setup system-deps
+test: setup system-deps lint
 	$(PY) -m pytest $(ARGS)
+
+# ruff's lint and format check, and the import layers declared in pyproject.toml (import-linter)
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Chromium (web page test), nginx (scale-out test) and g++ (torch.compile's kernels) are Debian packages.
 # Installed when running as root with apt-get; otherwise those tests skip and say why.

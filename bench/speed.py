@@ -19,23 +19,23 @@ from pathlib import Path
 
 import torch
 
-from prompts import heldout_text
 from bench import llamacpp
-from bench.results import Result, Sample
 from bench.random_model import is_random_spec, random_model_dir
+from bench.results import Result, Sample
 from bench.served import Served
+from prompts import heldout_text
 from quant import defaults
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
 from quant.kernels import check_kernel, cpu_class, default_kernel
 from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import int8_checkpoint, load_int8_model
-from server.compiled_step import package_paths
-from server.decoder import HFDecoder, make_decoder
-from server.engine import Engine
-from server.sampling import SamplingParams
+from server.engine.engine import Engine
+from server.engine.sampling import SamplingParams
+from server.runtime.aoti.steps import package_paths
+from server.runtime.decoders import HFDecoder, make_decoder
+from server.runtime.static_llama import kv_cache_bytes
 from server.settings import default_cache_dir
-from server.static_llama import kv_cache_bytes
 
 SERVED_NAME = "q8chat-bench"
 
@@ -197,8 +197,11 @@ def default_variants() -> list[str]:
     return names + [llamacpp.VARIANT] if llamacpp.available() else names
 
 
-def add_bench_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="decode speed and time to first token, float vs INT8, as ratios")
+USER_ERRORS = (llamacpp.LlamaCppUnavailable,)
+
+
+def configure_bench(p) -> None:
+    """``q8chat bench``'s arguments."""
     p.add_argument("--model", default="default",
                    help="as for serve, or random:llama-1b (a 1.1B Llama shape with random weights, built once)")
     p.add_argument("--variants", default=",".join(default_variants()),

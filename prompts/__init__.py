@@ -3,7 +3,16 @@ calibration and evaluation text. Imports no torch and nothing else of the projec
 
 from importlib import resources
 
-from prompts.chat import BUILTIN, ROLES, ChatTemplate, Piece, TemplateError, builtin_template, load_template, split_special
+from prompts.chat import (
+    BUILTIN,
+    ROLES,
+    ChatTemplate,
+    Piece,
+    TemplateError,
+    builtin_template,
+    load_template,
+    split_special,
+)
 
 
 def calibration_text() -> str:

@@ -45,10 +45,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_quantize_parser(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help="SmoothQuant a float model into an INT8 checkpoint",
-                              description="Calibrate, smooth (fixed or per-layer auto alpha), convert to W8A8 "
-                                          "INT8 and save a checkpoint that loads without calibration.")
+def configure_quantize(p: argparse.ArgumentParser) -> None:
+    """``q8chat quantize``'s arguments."""
+    p.description = ("Calibrate, smooth (fixed or per-layer auto alpha), convert to W8A8 INT8 and save a checkpoint "
+                     "that loads without calibration.")
     p.add_argument("--model", default="default", help="HF directory, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--out", required=True, type=Path, help="output directory (must be empty unless --force)")
     p.add_argument("--alpha", default="auto", type=parse_alpha, help="'auto' (per-layer search) or a value")
@@ -67,10 +67,10 @@ def add_quantize_parser(subparsers) -> None:
     p.set_defaults(run=run_quantize)
 
 
-def add_eval_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="perplexity and LAMBADA accuracy of float vs INT8 variants",
-                              description="Compare variants on held-out text: perplexity, LAMBADA accuracy, "
-                                          "size on disk, load time and the matmul kernels that run.")
+def configure_eval(p: argparse.ArgumentParser) -> None:
+    """``q8chat eval``'s arguments."""
+    p.description = ("Compare variants on held-out text: perplexity, LAMBADA accuracy, size on disk, load time and "
+                     "the matmul kernels that run.")
     p.add_argument("--model", default="default", help="HF directory, .gguf file, 'default', or an INT8 checkpoint")
     p.add_argument("--compare", default="float,naive,sq0.5,auto",
                    help="variants: float, naive, sqALPHA, auto; ':static'/':dynamic' suffix picks the scheme")

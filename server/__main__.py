@@ -22,17 +22,17 @@ def build_service(settings: Settings, metrics, placement):
     weights are read only if a step has to be compiled or run eagerly."""
     from prompts import load_template
     from quant.checkpoint import load_checkpoint, read_checkpoint_info, stored_weight_bytes
-    from quant.cli import parse_alpha
     from quant.kernels import default_kernel
     from quant.smoothquant import Recipe
     from quant.store import int8_checkpoint
-    from server.compiled_step import package_paths
-    from server.decoder import make_decoder
-    from server.engine import Engine
-    from server.placement import cpu_isa
-    from server.serving import ChatService, Prompter
+    from server.engine.engine import Engine
+    from server.runtime.aoti.steps import package_paths
+    from server.runtime.decoders import make_decoder
+    from server.runtime.placement import cpu_isa
+    from server.service.serving import ChatService, Prompter
 
-    recipe = Recipe(alpha=parse_alpha(settings.alpha), scheme=settings.scheme, calib_samples=settings.calib_samples)
+    recipe = Recipe(alpha=None if settings.alpha == "auto" else settings.alpha, scheme=settings.scheme,
+                    calib_samples=settings.calib_samples)
     checkpoint = read_checkpoint_info(int8_checkpoint(settings.model, recipe, settings.cache_dir))
     log.info("INT8 checkpoint %s", checkpoint.path)
 
@@ -65,25 +65,37 @@ def return_freed_memory() -> None:
     mapped: 180 MB of the default model's resident memory until ``malloc_trim``."""
     import gc
 
-    from server import heap
+    from server.runtime import heap
 
     gc.collect()
     heap.trim()
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings.from_args(sys.argv[1:] if argv is None else argv)
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings.from_args(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:  # a bad flag fails here, before anything starts
+        problems: dict[str, list[str]] = {}
+        for error in exc.errors():
+            problems.setdefault("--" + str(error["loc"][0]).replace("_", "-"), []).append(error["msg"])
+        problems = "; ".join(f"{flag}: {', or '.join(messages)}" for flag, messages in problems.items())
+        print(f"q8chat serve: error: {problems}", file=sys.stderr)
+        return 2
     # inductor's kernel cache lives with our checkpoints (and in the Docker volume); set before torch loads
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir).expanduser() / "inductor"))
     from server.logs import configure_logging
     configure_logging(settings.log_level, settings.log_format)
 
-    from server.placement import place
+    from server.runtime.placement import place
     placement = place(settings.socket, settings.threads)
     log.info("placement: %s", placement.describe())
 
     import uvicorn
-    from server.app import HttpSettings, ServiceSlot, create_app
+
+    from server.http.app import HttpSettings, ServiceSlot, create_app
+    from server.http.wire import JsonErrorsH11Protocol
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT: waiting requests get 503 at once; the running generation may finish
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                         api_keys=tuple(settings.api_key),
                                         cors_origins=tuple(settings.cors_origins)))
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                           http=JsonErrorsH11Protocol,
                                            timeout_graceful_shutdown=settings.shutdown_grace_s))
     failed = threading.Event()
 

@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(8, ge=0, description="requests that may wait while one generates; more get 429")
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
     default_max_tokens: int = Field(512, ge=1, description="completion limit when a request sets none")
-    alpha: str = Field("auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' or a number")
+    alpha: Literal["auto"] | Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        "auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' (per-layer search) or in [0, 1]")
     scheme: Literal["dynamic", "static"] = Field("dynamic", description="INT8 activation scheme when quantizing")
     calib_samples: int = Field(defaults.CALIB_SAMPLES, ge=1, description="calibration sequences when quantizing")
     cache_dir: Path = Field(default_factory=default_cache_dir,

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.served import ServerProcess
+from tests.harness import tiny_checkpoint, tiny_llama, tiny_mpt
 
 ROOT = Path(__file__).resolve().parent.parent
 Q8CHAT_SERVE = (str(Path(sys.executable).parent / "q8chat"), "serve")  # what `make serve` runs
@@ -17,26 +17,10 @@ Q8CHAT_SERVE = (str(Path(sys.executable).parent / "q8chat"), "serve")  # what `m
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
+
     from quant.load import default_model_path
     path = default_model_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def tiny_mpt(vocab_size: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, MptConfig
-    torch.manual_seed(seed)
-    config = MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=vocab_size, max_seq_len=256,
-                       eos_token_id=2, bos_token_id=1)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture(params=["llama", "mpt"])
@@ -77,3 +61,12 @@ def start_server(cache_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(start_server):
     return start_server("--max-queue", "2", "--keepalive-s", "0.5")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(start_server, tokenizer, tmp_path_factory):
+    """A real server on a tiny random INT8 model: the whole HTTP surface at thousands of tokens a second (what
+    the fuzz and robustness tests need; its answers are noise). Bodies time out after 1 s."""
+    checkpoint = tiny_checkpoint(tokenizer, tmp_path_factory.mktemp("tiny") / "tiny")
+    return start_server("--model", str(checkpoint), "--context-length", "256", "--body-timeout-s", "1",
+                        "--max-queue", "64", env={"Q8CHAT_CACHE_DIR": str(tmp_path_factory.mktemp("tiny-cache"))})

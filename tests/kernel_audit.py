@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from server import step_kernels
+from server.runtime.aoti import kernels as step_kernels
 
 
 def onednn_implementations(run: Callable[[], object]) -> list[tuple[str, str]]:

@@ -4,9 +4,9 @@ keeps serving."""
 from fastapi.testclient import TestClient
 
 from prompts import builtin_template
-from server.app import ServiceSlot, create_app
-from server.serving import ChatService, Prompter
-from tests.test_serving import FakeEngine
+from server.http.app import ServiceSlot, create_app
+from server.service.serving import ChatService, Prompter
+from tests.harness import FakeEngine
 
 
 class BrokenEngine(FakeEngine):

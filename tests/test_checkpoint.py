@@ -7,19 +7,12 @@ import pytest
 import torch
 
 from quant.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
-from quant.calibrate import collect_activation_stats
 from quant.int8 import Int8Embedding, Int8Linear
-from quant.smoothquant import Recipe, linear_names, quantize_model
-from server.decoder import HFDecoder
-from server.engine import Engine
-from server.sampling import SamplingParams
-
-
-def quantized_tiny(model, recipe=Recipe(alpha=None)):
-    batches = [torch.randint(0, 2000, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    stats = collect_activation_stats(model, linear_names(model), batches, progress=False)
-    report = quantize_model(model, stats, recipe, progress=False)
-    return {"name": "tiny", "recipe": recipe.to_dict(), "alphas": report.alphas(), "fallback": report.fallback}
+from quant.smoothquant import Recipe, linear_names
+from server.engine.engine import Engine
+from server.engine.sampling import SamplingParams
+from server.runtime.decoders import HFDecoder
+from tests.harness import quantized_tiny
 
 
 @torch.no_grad()

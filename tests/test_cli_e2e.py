@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def q8chat(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "q8chat", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

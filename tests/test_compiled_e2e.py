@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from prompts import heldout_text
-from server import step_kernels
+from server.runtime.aoti import kernels as step_kernels
 from tests.conftest import Q8CHAT_SERVE
 from tests.kernel_audit import onednn_executions, reference_kernels
 

@@ -9,14 +9,12 @@ import httpx
 import pytest
 import torch
 
-from quant.checkpoint import save_checkpoint
 from quant.smoothquant import Recipe
-from server import compiled_step
-from server.compiled_step import package_paths, prune_stale, source_digest
-from server.decoder import StaticDecoder, make_decoder
-from server.static_llama import StaticLlama, new_kv_caches
-from tests.conftest import tiny_llama
-from tests.test_checkpoint import quantized_tiny
+from server.runtime.aoti import steps as compiled_step
+from server.runtime.aoti.steps import package_paths, prune_stale, source_digest
+from server.runtime.decoders import StaticDecoder, make_decoder
+from server.runtime.static_llama import StaticLlama, new_kv_caches
+from tests.harness import quantized_tiny, tiny_checkpoint, tiny_llama
 
 
 def test_a_step_is_keyed_by_context_length_kernel_and_thread_count(tmp_path, monkeypatch):
@@ -60,8 +58,7 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
 @pytest.mark.e2e
 def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_the_next_start(
         start_server, tokenizer, tmp_path):
-    model = tiny_llama(len(tokenizer))
-    checkpoint = save_checkpoint(model, tokenizer, tmp_path / "tiny", quantized_tiny(model))
+    checkpoint = tiny_checkpoint(tokenizer, tmp_path / "tiny")
     env = {"Q8CHAT_COMPILE": "true", "Q8CHAT_CACHE_DIR": str(tmp_path / "cache"), "CXX": "/nonexistent/c++"}
     first = start_server("--model", str(checkpoint), env=env)
     for step in ("decode", "prefill"):  # inductor may find out while lowering (LoweringException) or after

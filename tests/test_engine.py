@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from server.decoder import HFDecoder, StaticDecoder, make_decoder
-from server.engine import ContextLengthExceeded, Engine, GenerationStats
-from server.sampling import SamplingParams
-from server.static_llama import UnsupportedForCompile, check_supported
+from server.engine.engine import ContextLengthExceeded, Engine, GenerationStats
+from server.engine.sampling import SamplingParams
+from server.runtime.decoders import HFDecoder, StaticDecoder, make_decoder
+from server.runtime.static_llama import UnsupportedForCompile, check_supported
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 

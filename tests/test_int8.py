@@ -1,9 +1,8 @@
 """INT8 kernels: quantization error bounds, real integer matmuls, static vs dynamic activations."""
 
+import pytest
 import torch
 from torch import nn
-
-import pytest
 
 from quant.int8 import Int8Embedding, Int8Linear, fuse_linears, quantize_per_channel, quantize_rows
 from quant.kernels import EAGER_OPS, eager_kernel

@@ -8,12 +8,12 @@ from torch import nn
 from quant.int8 import Int8Linear
 from quant.kernels import REFERENCE, cpu_flags, default_kernel, eager_kernel, w8a8_matmul
 from quant.smoothquant import Recipe
-from server import avx2_int8_gemm, compiled_step
-from server.aoti_container import Container
-from server.static_llama import StaticLlama, attention_mask, new_kv_caches
-from tests.conftest import tiny_llama
+from server.runtime.aoti import avx2_int8_gemm
+from server.runtime.aoti import steps as compiled_step
+from server.runtime.aoti.container import Container
+from server.runtime.static_llama import StaticLlama, attention_mask, new_kv_caches
+from tests.harness import quantized_tiny, tiny_llama
 from tests.kernel_audit import onednn_implementations, reference_kernels
-from tests.test_checkpoint import quantized_tiny
 
 AMX = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"})
 ZEN4 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
@@ -144,12 +144,13 @@ def test_the_audit_catches_the_reference_kernel_s8s8_ran_on_this_cpu_before_kern
         tiny_w8a8, tmp_path, monkeypatch):
     """On AVX-512 VNNI, oneDNN's reference int8 matmul (``ref_int8``); on AVX2, without q8chat's own micro-kernel
     (``avx2_int8_gemm``), inductor's reference micro-kernel."""
+    from torch._inductor import config
+
     if default_kernel() == "s8s8":  # AVX2 alone
         ours = avx2_int8_gemm.register()  # first: it imports inductor's template machinery in its order
-        from torch._inductor import config
         from torch._inductor.codegen import cpp_micro_gemm
 
         monkeypatch.delitem(cpp_micro_gemm.micro_gemm_configs, ours)
-        monkeypatch.setattr(config, "fx_graph_cache", False)  # no code generated with it
-    references, _, _ = step_audit(tiny_w8a8, "s8s8", "decode", tmp_path / "decode")
+    with config.patch(fx_graph_cache=False):  # no code generated with q8chat's kernel
+        references, _, _ = step_audit(tiny_w8a8, "s8s8", "decode", tmp_path / "decode")
     assert references, "the s8s8 decode step ran no reference kernel"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from server.placement import choose, parse_cpu_list, read_topology
+from server.runtime.placement import choose, parse_cpu_list, read_topology
 
 
 def fake_sys(root: Path, cpus: dict[int, tuple[int, int]], nodes: dict[int, str] | None = None, online=True) -> Path:
@@ -64,7 +64,7 @@ def test_this_machine(tmp_path):
 
 
 def test_isa_names_the_int8_extensions(tmp_path):
-    from server.placement import cpu_isa
+    from server.runtime.placement import cpu_isa
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni amx_int8 amx_tile\n")
     isa = cpu_isa(cpuinfo)

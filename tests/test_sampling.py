@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.sampling import SamplingParams, apply_penalties, new_generator, sample
+from server.engine.sampling import SamplingParams, apply_penalties, new_generator, sample
 
 
 def logits():

@@ -1,45 +1,15 @@
 """The serving layer against a fake engine: chunk shapes, usage, queue bounds, cancellation."""
 
 import asyncio
-import threading
-import time
 
 import pytest
 
 from prompts import builtin_template
-from server.engine import ContextLengthExceeded, StepOutput
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.scheduling import QueueFull
-from server.serving import ChatService, ModelNotFound, Prompter
-
-
-class FakeEngine:
-    """Emits the words of ``reply`` one per step, honouring max_tokens and cancellation."""
-
-    def __init__(self, reply="Hello there friend", step_s=0.0, context_length=100):
-        self.words = reply.split(" ")
-        self.step_s = step_s
-        self.context_length = context_length
-        self.steps_run = 0
-        self.running = threading.Event()
-
-    def check_length(self, prompt_tokens, max_tokens):
-        if prompt_tokens + (max_tokens or 0) > self.context_length:
-            raise ContextLengthExceeded("too long")
-
-    def generate(self, prompt_ids, params, stats, cancelled=lambda: False):
-        stats.prompt_tokens = len(prompt_ids)
-        self.running.set()
-        for i, word in enumerate(self.words):
-            if cancelled():
-                return
-            time.sleep(self.step_s)
-            self.steps_run += 1
-            stats.completion_tokens = i + 1
-            last = i == len(self.words) - 1 or i + 1 == params.max_tokens
-            yield StepOutput(("" if i == 0 else " ") + word, ("stop" if i == len(self.words) - 1 else "length") if last else None)
-            if last:
-                return
+from server.engine.engine import ContextLengthExceeded
+from server.service.protocol import ChatCompletionRequest, CompletionRequest
+from server.service.scheduling import QueueFull
+from server.service.serving import ChatService, ModelNotFound, Prompter
+from tests.harness import FakeEngine
 
 
 def service(tokenizer, engine, max_queue=2):

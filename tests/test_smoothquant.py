@@ -10,8 +10,16 @@ from torch import nn
 from quant.calibrate import collect_activation_stats
 from quant.families import bound_groups
 from quant.int8 import Int8Linear
-from quant.smoothquant import (Recipe, _convert_group, group_error, linear_names, quantize_model, search_alpha,
-                               smoothing_scale, static_input_scale)
+from quant.smoothquant import (
+    Recipe,
+    _convert_group,
+    group_error,
+    linear_names,
+    quantize_model,
+    search_alpha,
+    smoothing_scale,
+    static_input_scale,
+)
 
 
 def test_smoothing_scale_formula():

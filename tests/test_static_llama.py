@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from quant.smoothquant import Recipe
-from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, new_kv_caches
-from tests.conftest import tiny_llama, tiny_mpt
-from tests.test_checkpoint import quantized_tiny
+from server.runtime.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, new_kv_caches
+from tests.harness import quantized_tiny, tiny_llama, tiny_mpt
 
 
 def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]:

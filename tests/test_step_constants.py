@@ -6,8 +6,14 @@ import mmap
 
 import torch
 
-from server.step_constants import (_release, constants_by_name, inner_pages, release_constants, share_constants,
-                                   unused_constants)
+from server.runtime.aoti.constants import (
+    _release,
+    constants_by_name,
+    inner_pages,
+    release_constants,
+    share_constants,
+    unused_constants,
+)
 
 PAGE = mmap.PAGESIZE
 

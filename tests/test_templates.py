@@ -3,7 +3,7 @@
 import pytest
 
 from prompts import TemplateError, builtin_template, calibration_text, heldout_text, load_template
-from server.serving import Prompter
+from server.service.serving import Prompter
 
 HISTORY = [
     {"role": "user", "content": "Hello!"},

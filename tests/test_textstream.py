@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.textstream import IncrementalDetokenizer, StopStrings
+from server.engine.textstream import IncrementalDetokenizer, StopStrings
 
 TEXTS = ["héllo wörld", "日本語のテキスト", "emoji 😀👍🏽 and 🇫🇷 flags", "naïve café — “quotes”", "plain ascii text"]
 

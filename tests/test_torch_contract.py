@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from server import aoti_container, avx2_int8_gemm, compiled_step
-from server.aoti_container import PROTOTYPES, Container, ContainerError
+from server.runtime.aoti import avx2_int8_gemm
+from server.runtime.aoti import container as aoti_container
+from server.runtime.aoti import steps as compiled_step
+from server.runtime.aoti.container import PROTOTYPES, Container, ContainerError
 
 HEADERS = Path(torch.__file__).parent / "include/torch/csrc/inductor"
 C_TYPES = {  # the C parameter types of the functions we call, as ctypes declares them
@@ -110,7 +112,7 @@ def test_a_container_runs_and_a_container_error_raises_with_its_message(tiny_ste
 
 
 def test_the_wrapper_binds_constants_in_the_form_the_unused_constants_search_reads(tmp_path):
-    from server.step_constants import unused_constants
+    from server.runtime.aoti.constants import unused_constants
     with torch.no_grad():
         program = torch.export.export(Scaled(), (torch.ones(4, 64),))
     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "step.pt2"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
@@ -99,7 +99,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
@@ -107,13 +107,6 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value):
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -143,8 +136,12 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    # one prompt (batch size 1), as a string or a list of one
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)
 
     not_implemented: ClassVar[dict[str, tuple]] = NOT_IMPLEMENTED_COMPLETION
@@ -152,13 +149,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value):
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("exactly one prompt is supported (batch size 1)")
-            value = value[0]
-        if not value:
-            raise ValueError("the prompt is empty; send at least one character")
-        return value
+        return value[0] if isinstance(value, list) else value
 
     @property
     def completion_limit(self) -> int | None:

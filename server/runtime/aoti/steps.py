@@ -38,10 +38,13 @@ import torch
 
 from quant import int8, kernels
 from quant.load import fingerprint
-from server import avx2_int8_gemm, static_llama, step_constants, step_kernels
-from server.aoti_container import Container
-from server.placement import cpu_isa
-from server.step_constants import constants_by_name, release_constants, unused_constants
+from server.runtime import static_llama
+from server.runtime.aoti import avx2_int8_gemm
+from server.runtime.aoti import constants as step_constants
+from server.runtime.aoti import kernels as step_kernels
+from server.runtime.aoti.constants import constants_by_name, release_constants, unused_constants
+from server.runtime.aoti.container import Container
+from server.runtime.placement import cpu_isa
 
 log = logging.getLogger(__name__)
 _SOURCES = (int8.__file__, kernels.__file__, static_llama.__file__, step_constants.__file__, step_kernels.__file__,

@@ -16,14 +16,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from prompts import ChatTemplate, split_special
-from server.engine import Engine, GenerationStats, StepOutput
-from server.metrics import Metrics
-from server.scheduling import GenerationQueue
-from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                             ChunkChoice, CompletionChoice, CompletionRequest, CompletionResponse, Delta,
-                             ModelCard, ModelList, PromptTokensDetails, ResponseMessage, SamplingFields, Usage,
-                             new_id, now)
-from server.sampling import SamplingParams
+from server.engine.engine import Engine, GenerationStats, StepOutput
+from server.engine.sampling import SamplingParams
+from server.service.metrics import Metrics
+from server.service.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    ResponseMessage,
+    SamplingFields,
+    Usage,
+    new_id,
+    now,
+)
+from server.service.scheduling import GenerationQueue
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 # rows, columns, depth: a few rows share each loaded column vector (prefill), one row streams 4 of them (decode)
 BLOCKINGS = ((4, 16, 4), (2, 32, 4), (1, 32, 4))
 

@@ -1,7 +1,7 @@
 """Tokens in, tokens out, one generation at a time (batch size 1): prefill with KV-cache prefix reuse,
 a decode loop, sampling, stop strings and UTF-8-safe detokenization. No web imports.
 
-The KV cache of the previous generation is kept (inside the decoder, see ``server/decoder.py``): a chat
+The KV cache of the previous generation is kept (inside the decoder, see ``decoder.Decoder``): a chat
 client resends the whole history, so the next prompt usually starts with the tokens already in the
 cache, and only the rest is prefilled.
 """
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from server import heap
-from server.sampling import SamplingParams, new_generator, sample
-from server.textstream import IncrementalDetokenizer, StopStrings
+from server.engine.decoder import Decoder
+from server.engine.sampling import SamplingParams, new_generator, sample
+from server.engine.textstream import IncrementalDetokenizer, StopStrings
+from server.runtime import heap
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    def __init__(self, decoder, tokenizer, context_length: int, eos_token_ids: set[int]) -> None:
+    def __init__(self, decoder: Decoder, tokenizer, context_length: int, eos_token_ids: set[int]) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.context_length = context_length

@@ -19,9 +19,16 @@ import torch
 from torch import nn
 
 from quant.kernels import default_kernel, eager_kernel
-from server import compiled_step, step_kernels
-from server.step_constants import share_constants
-from server.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, check_supported, new_kv_caches
+from server.runtime.aoti import kernels as step_kernels
+from server.runtime.aoti import steps as compiled_step
+from server.runtime.aoti.constants import share_constants
+from server.runtime.static_llama import (
+    StaticLlama,
+    UnsupportedForCompile,
+    attention_mask,
+    check_supported,
+    new_kv_caches,
+)
 
 log = logging.getLogger(__name__)
 
