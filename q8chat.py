@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         from server.__main__ import main as serve
+
         return serve(argv[1:])
 
-    parser = argparse.ArgumentParser(prog="q8chat", description="SmoothQuant INT8 chat models served on one CPU socket.")
+    parser = argparse.ArgumentParser(
+        prog="q8chat", description="SmoothQuant INT8 chat models served on one CPU socket."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", help="OpenAI-compatible chat server (q8chat serve --help)")
     module = None

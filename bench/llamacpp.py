@@ -50,6 +50,7 @@ class _Library:
         if not available():
             raise LlamaCppUnavailable(f"the {VARIANT} variant needs llama-cpp-python: {INSTALL_HINT}")
         import llama_cpp
+
         self.api = llama_cpp
         self._log_callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
         llama_cpp.llama_log_set(self._log_callback, ctypes.c_void_p(0))
@@ -76,8 +77,10 @@ def q8_0_gguf(source: Path, cache_dir: Path, threads: int, converter: Path | Non
     elif source.is_dir() and converter is not None:
         _convert(converter, source, partial)
     else:
-        raise LlamaCppUnavailable(f"{source}: the {VARIANT} variant needs a GGUF model, or for a Hugging Face "
-                                  "directory, llama.cpp's convert_hf_to_gguf.py (--llama-cpp-converter)")
+        raise LlamaCppUnavailable(
+            f"{source}: the {VARIANT} variant needs a GGUF model, or for a Hugging Face "
+            "directory, llama.cpp's convert_hf_to_gguf.py (--llama-cpp-converter)"
+        )
     partial.rename(out)
     return out
 
@@ -98,8 +101,12 @@ def _convert(converter: Path, source: Path, out: Path) -> None:
     log.info("converting %s to Q8_0 GGUF with %s", source, converter)
     paths = [str(converter.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-    done = subprocess.run([sys.executable, str(converter), str(source), "--outtype", "q8_0", "--outfile", str(out)],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(converter), str(source), "--outtype", "q8_0", "--outfile", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         out.unlink(missing_ok=True)
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -109,6 +116,7 @@ def _convert(converter: Path, source: Path, out: Path) -> None:
 def tensor_bytes(path: Path) -> int:
     """Bytes of the tensors in a GGUF file (what decoding reads), without metadata and vocabulary."""
     from gguf import GGUFReader
+
     return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
 
 
@@ -129,8 +137,9 @@ class LlamaCppDecoder:
         self._ctx = api.llama_init_from_model(self._model, ctx_params)
         self._batch = api.llama_batch_init(context, 0, 1)
         self._vocab = api.llama_vocab_n_tokens(api.llama_model_get_vocab(self._model))
-        self.description = (f"llama.cpp {api.__version__} ({path.name}, {threads} threads"
-                            f"{', no AMX buffers' if amx else ''})")
+        self.description = (
+            f"llama.cpp {api.__version__} ({path.name}, {threads} threads{', no AMX buffers' if amx else ''})"
+        )
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         api, batch = self.api, self._batch

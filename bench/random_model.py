@@ -11,8 +11,9 @@ log = logging.getLogger(__name__)
 
 PREFIX = "random:"
 SHAPES = {  # TinyLlama-1.1B's shape: 22 layers, hidden 2048, grouped-query attention with 4 KV heads
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4),
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
 }
 
 
@@ -36,9 +37,14 @@ def random_model_dir(spec: str, cache_dir: Path) -> Path:
 
     gguf = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer), max_position_embeddings=4096,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     log.info("building %s with random weights (%s)", spec, SHAPES[shape])
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Sample:
-    ttft_s: float                 # prompt of --prompt-tokens, empty cache
+    ttft_s: float  # prompt of --prompt-tokens, empty cache
     decode_tok_s: float
-    second_turn_ttft_s: float     # the first turn's prompt and reply reused, --new-tokens new
+    second_turn_ttft_s: float  # the first turn's prompt and reply reused, --new-tokens new
 
 
 @dataclass
@@ -23,5 +23,12 @@ class Result:
     def summary(self) -> dict:
         def median(key: str) -> float:
             return round(statistics.median(getattr(s, key) for s in self.samples), 4)
-        return {"variant": self.variant, "weight_mb": round(self.weight_mb, 1), "decode_tok_s": median("decode_tok_s"),
-                "ttft_s": median("ttft_s"), "second_turn_ttft_s": median("second_turn_ttft_s"), **self.extra}
+
+        return {
+            "variant": self.variant,
+            "weight_mb": round(self.weight_mb, 1),
+            "decode_tok_s": median("decode_tok_s"),
+            "ttft_s": median("ttft_s"),
+            "second_turn_ttft_s": median("second_turn_ttft_s"),
+            **self.extra,
+        }

@@ -29,8 +29,14 @@ def free_port() -> int:
 class ServerProcess:
     """A real ``q8chat serve`` subprocess on loopback."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] = (),
-                 command: list[str] = (sys.executable, "-m", "server")) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        launcher: list[str] = (),
+        command: list[str] = (sys.executable, "-m", "server"),
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -38,7 +44,10 @@ class ServerProcess:
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
             [*launcher, *command, "--port", str(self.port), *args],
-            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float) -> float:
         """Seconds from launch until ``/health`` answered 200."""
@@ -75,8 +84,8 @@ class ServerProcess:
 
 @dataclass
 class StreamTiming:
-    ttft_s: float           # request sent -> first chunk with text (or the last chunk, if none has text)
-    decode_tok_s: float     # completion tokens after the first / time from first to last content chunk
+    ttft_s: float  # request sent -> first chunk with text (or the last chunk, if none has text)
+    decode_tok_s: float  # completion tokens after the first / time from first to last content chunk
     text: str
     prompt_tokens: int
     cached_tokens: int
@@ -86,8 +95,15 @@ def stream_chat(client: httpx.Client, base_url: str, model: str, messages: list[
     """One greedy streamed chat completion (EOS ignored, so exactly ``max_tokens`` tokens), timed per chunk.
     ``client`` is made once: a new httpx client costs 15-25 ms (it builds an SSL context), which is not the
     server's time."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     chunk_times, text, usage = [], [], None
     start = time.perf_counter()
     with client.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -103,17 +119,22 @@ def stream_chat(client: httpx.Client, base_url: str, model: str, messages: list[
                 text.append(choice["delta"].get("content") or "")
     tokens = usage["completion_tokens"]
     span = chunk_times[-1] - chunk_times[0]
-    return StreamTiming(ttft_s=chunk_times[0] - start, decode_tok_s=(tokens - 1) / span if span else 0.0,
-                        text="".join(text), prompt_tokens=usage["prompt_tokens"],
-                        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+    return StreamTiming(
+        ttft_s=chunk_times[0] - start,
+        decode_tok_s=(tokens - 1) / span if span else 0.0,
+        text="".join(text),
+        prompt_tokens=usage["prompt_tokens"],
+        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+    )
 
 
 class Served:
     """``q8chat serve`` in its own process, measured over HTTP as a client sees it. It is started twice:
     the second start is a restart with the quantized checkpoint and compiled kernels already cached."""
 
-    def __init__(self, server_args: list[str], model_name: str, tokenizer, log_dir: Path,
-                 timeout_s: float = 3600) -> None:
+    def __init__(
+        self, server_args: list[str], model_name: str, tokenizer, log_dir: Path, timeout_s: float = 3600
+    ) -> None:
         self.model_name, self.tokenizer = model_name, tokenizer
         self.extra = {"first_start_s": self._start(server_args, log_dir / "serve-first-start.log", timeout_s)}
         self.server.stop()
@@ -134,12 +155,19 @@ class Served:
         system = {"role": "system", "content": f"Conversation {self._conversations}."}
         user = {"role": "user", "content": self.tokenizer.decode(prompt)}
         first = stream_chat(self._client, self.server.base_url, self.model_name, [system, user], decode_tokens)
-        follow_up = [system, user, {"role": "assistant", "content": first.text},
-                     {"role": "user", "content": self.tokenizer.decode(prompt[:new_tokens])}]
+        follow_up = [
+            system,
+            user,
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": self.tokenizer.decode(prompt[:new_tokens])},
+        ]
         second = stream_chat(self._client, self.server.base_url, self.model_name, follow_up, 1)
-        self.extra.update(prompt_tokens=first.prompt_tokens, first_turn_cached_tokens=first.cached_tokens,
-                          second_turn_prompt_tokens=second.prompt_tokens,
-                          second_turn_cached_tokens=second.cached_tokens)
+        self.extra.update(
+            prompt_tokens=first.prompt_tokens,
+            first_turn_cached_tokens=first.cached_tokens,
+            second_turn_prompt_tokens=second.prompt_tokens,
+            second_turn_cached_tokens=second.cached_tokens,
+        )
         return Sample(ttft_s=first.ttft_s, decode_tok_s=first.decode_tok_s, second_turn_ttft_s=second.ttft_s)
 
     def figures(self) -> dict:

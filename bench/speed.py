@@ -70,8 +70,11 @@ class InProcess:
         follow_up = history + prompt[:new_tokens]
         second = time.perf_counter()
         next(iter(engine.generate(follow_up, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))))
-        return Sample(ttft_s=times[0] - start, decode_tok_s=(len(times) - 1) / (times[-1] - times[0]),
-                      second_turn_ttft_s=time.perf_counter() - second)
+        return Sample(
+            ttft_s=times[0] - start,
+            decode_tok_s=(len(times) - 1) / (times[-1] - times[0]),
+            second_turn_ttft_s=time.perf_counter() - second,
+        )
 
     def figures(self) -> dict:
         return {}
@@ -82,12 +85,30 @@ class InProcess:
 
 def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool, kernel: str = "auto") -> list[str]:
     """``q8chat serve`` flags serving the in-process variants' INT8 checkpoint with the same context."""
-    return ["--model", str(checkpoint), "--served-model-name", SERVED_NAME, "--cache-dir", str(cache_dir),
-            "--context-length", str(context), "--compile" if compile else "--no-compile", "--int8-kernel", kernel]
+    return [
+        "--model",
+        str(checkpoint),
+        "--served-model-name",
+        SERVED_NAME,
+        "--cache-dir",
+        str(cache_dir),
+        "--context-length",
+        str(context),
+        "--compile" if compile else "--no-compile",
+        "--int8-kernel",
+        kernel,
+    ]
 
 
-def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: int, context: int, log_dir: Path,
-             converter: Path | None):
+def variants(
+    model_spec: str,
+    cache_dir: Path,
+    names: list[str],
+    calib_samples: int,
+    context: int,
+    log_dir: Path,
+    converter: Path | None,
+):
     """(name, runner, weight bytes) for each requested variant, built from one float model."""
     float_model = load_float_model(model_spec)
     tokenizer = float_model.tokenizer
@@ -104,8 +125,9 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
             decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages, kernel)
             yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
         elif base in ("q8chat-served", "q8chat-served-eager"):
-            checkpoint = read_checkpoint_info(int8_checkpoint(model_spec, Recipe(calib_samples=calib_samples),
-                                                              cache_dir))
+            checkpoint = read_checkpoint_info(
+                int8_checkpoint(model_spec, Recipe(calib_samples=calib_samples), cache_dir)
+            )
             args = served_args(checkpoint.path, cache_dir, context, not base.endswith("-eager"), kernel or "auto")
             served = Served(args, SERVED_NAME, tokenizer, log_dir)
             served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context) / 1e6, 1)
@@ -120,7 +142,7 @@ def variants(model_spec: str, cache_dir: Path, names: list[str], calib_samples: 
 
 def measure_all(loaded: list, args) -> dict[str, Result]:
     """Every variant, rep by rep (interleaved), after a warm-up call each; then each runner's own figures."""
-    prompt = loaded[0][1].tokenizer(heldout_text(), add_special_tokens=False).input_ids[:args.prompt_tokens]
+    prompt = loaded[0][1].tokenizer(heldout_text(), add_special_tokens=False).input_ids[: args.prompt_tokens]
     results = {name: Result(name, size / 1e6) for name, _, size in loaded}
     for _, runner, _ in loaded:  # warm-up: first calls allocate and pick kernels
         runner.measure(prompt[:64], 4, 8)
@@ -128,8 +150,10 @@ def measure_all(loaded: list, args) -> dict[str, Result]:
         for name, runner, _ in loaded:
             sample = runner.measure(prompt, args.decode_tokens, args.new_tokens)
             results[name].samples.append(sample)
-            print(f"rep {rep + 1}/{args.reps} {name}: {sample.decode_tok_s:.1f} tok/s, TTFT {sample.ttft_s:.3f} s",
-                  flush=True)
+            print(
+                f"rep {rep + 1}/{args.reps} {name}: {sample.decode_tok_s:.1f} tok/s, TTFT {sample.ttft_s:.3f} s",
+                flush=True,
+            )
     for name, runner, _ in loaded:
         results[name].extra.update(runner.figures())
     return results
@@ -142,8 +166,15 @@ def run(args) -> dict:
     model = str(random_model_dir(args.model, args.cache_dir)) if is_random_spec(args.model) else args.model
     loaded = []
     try:  # served variants run a server process: stop it whatever fails
-        for variant in variants(model, args.cache_dir, args.variants.split(","), args.calib_samples, context,
-                                log_dir, args.llama_cpp_converter):
+        for variant in variants(
+            model,
+            args.cache_dir,
+            args.variants.split(","),
+            args.calib_samples,
+            context,
+            log_dir,
+            args.llama_cpp_converter,
+        ):
             loaded.append(variant)
         results = measure_all(loaded, args)
     finally:
@@ -154,13 +185,24 @@ def run(args) -> dict:
     for row in rows:
         row["roofline_tok_s"] = round(bandwidth * 1e3 / row["weight_mb"], 1)
         row["roofline_fraction"] = round(row["decode_tok_s"] / row["roofline_tok_s"], 3)
-    return {"machine": {"threads": torch.get_num_threads(), "bandwidth_gb_s": round(bandwidth, 1),
-                        "isa": torch.backends.cpu.get_cpu_capability(), **cpu_class(),
-                        "default_int8_kernel": default_kernel()},
-            "workload": {"model": args.model, "prompt_tokens": args.prompt_tokens,
-                         "decode_tokens": args.decode_tokens, "second_turn_new_tokens": args.new_tokens,
-                         "reps": args.reps, "server_logs": str(log_dir)},
-            "results": rows}
+    return {
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "bandwidth_gb_s": round(bandwidth, 1),
+            "isa": torch.backends.cpu.get_cpu_capability(),
+            **cpu_class(),
+            "default_int8_kernel": default_kernel(),
+        },
+        "workload": {
+            "model": args.model,
+            "prompt_tokens": args.prompt_tokens,
+            "decode_tokens": args.decode_tokens,
+            "second_turn_new_tokens": args.new_tokens,
+            "reps": args.reps,
+            "server_logs": str(log_dir),
+        },
+        "results": rows,
+    }
 
 
 def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VARIANT)) -> str:
@@ -169,26 +211,36 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
     rows = {r["variant"]: r for r in report["results"]}
     bases = [rows[name] for name in baselines if name in rows] or [next(iter(rows.values()))]
     machine = report["machine"]
-    lines = [f"CPU {machine['model_name']} ({' '.join(machine['flags'])}), W8A8 kernel by default "
-             f"{machine['default_int8_kernel']}. "
-             f"Memory bandwidth {machine['bandwidth_gb_s']} GB/s, {machine['threads']} threads; "
-             f"prompt {report['workload']['prompt_tokens']} tokens, {report['workload']['decode_tokens']} decoded, "
-             f"median of {report['workload']['reps']}.", "",
-             "| variant | weights MB | decode tok/s | " + " | ".join(f"× {b['variant']}" for b in bases)
-             + " | of roofline | TTFT s | × TTFT " + bases[-1]["variant"] + " | 2nd-turn TTFT s |",
-             "| --- |" + " ---: |" * (6 + len(bases))]
+    lines = [
+        f"CPU {machine['model_name']} ({' '.join(machine['flags'])}), W8A8 kernel by default "
+        f"{machine['default_int8_kernel']}. "
+        f"Memory bandwidth {machine['bandwidth_gb_s']} GB/s, {machine['threads']} threads; "
+        f"prompt {report['workload']['prompt_tokens']} tokens, {report['workload']['decode_tokens']} decoded, "
+        f"median of {report['workload']['reps']}.",
+        "",
+        "| variant | weights MB | decode tok/s | "
+        + " | ".join(f"× {b['variant']}" for b in bases)
+        + " | of roofline | TTFT s | × TTFT "
+        + bases[-1]["variant"]
+        + " | 2nd-turn TTFT s |",
+        "| --- |" + " ---: |" * (6 + len(bases)),
+    ]
     for r in rows.values():
         ratios = " | ".join(f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}" for b in bases)
-        lines.append(f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']:.1f} | {ratios} | "
-                     f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']:.3f} | {r['ttft_s'] / bases[-1]['ttft_s']:.2f} | "
-                     f"{r['second_turn_ttft_s']:.3f} |")
+        lines.append(
+            f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']:.1f} | {ratios} | "
+            f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']:.3f} | {r['ttft_s'] / bases[-1]['ttft_s']:.2f} | "
+            f"{r['second_turn_ttft_s']:.3f} |"
+        )
     for r in rows.values():
         if "rss_mb" in r:
             budget = r["weight_mb"] + r["kv_cache_mb"]
-            lines.append(f"\n{r['variant']}: first start {r['first_start_s']} s, restart {r['restart_s']} s; "
-                         f"resident {r['rss_mb']} MB (peak {r['peak_rss_mb']}) = {r['rss_mb'] / budget:.2f}× "
-                         f"weights + KV cache ({budget:.1f} MB); prompt {r['prompt_tokens']} tokens, second turn "
-                         f"{r['second_turn_cached_tokens']} of {r['second_turn_prompt_tokens']} cached.")
+            lines.append(
+                f"\n{r['variant']}: first start {r['first_start_s']} s, restart {r['restart_s']} s; "
+                f"resident {r['rss_mb']} MB (peak {r['peak_rss_mb']}) = {r['rss_mb'] / budget:.2f}× "
+                f"weights + KV cache ({budget:.1f} MB); prompt {r['prompt_tokens']} tokens, second turn "
+                f"{r['second_turn_cached_tokens']} of {r['second_turn_prompt_tokens']} cached."
+            )
     return "\n".join(lines)
 
 
@@ -202,22 +254,32 @@ USER_ERRORS = (llamacpp.LlamaCppUnavailable,)
 
 def configure_bench(p) -> None:
     """``q8chat bench``'s arguments."""
-    p.add_argument("--model", default="default",
-                   help="as for serve, or random:llama-1b (a 1.1B Llama shape with random weights, built once)")
-    p.add_argument("--variants", default=",".join(default_variants()),
-                   help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
-                        "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; a q8chat "
-                        "variant@KERNEL (s8s8, u8s8, bf16) forces that W8A8 kernel; "
-                        f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
-                        "installed)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="as for serve, or random:llama-1b (a 1.1B Llama shape with random weights, built once)",
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(default_variants()),
+        help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
+        "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; a q8chat "
+        "variant@KERNEL (s8s8, u8s8, bf16) forces that W8A8 kernel; "
+        f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
+        "installed)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the second turn")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="INT8 checkpoints (as serve uses)")
     p.add_argument("--calib-samples", type=int, default=defaults.CALIB_SAMPLES)
-    p.add_argument("--llama-cpp-converter", type=Path, default=None,
-                   help="llama.cpp's convert_hf_to_gguf.py, for the llama.cpp variant of a non-GGUF model")
+    p.add_argument(
+        "--llama-cpp-converter",
+        type=Path,
+        default=None,
+        help="llama.cpp's convert_hf_to_gguf.py, for the llama.cpp variant of a non-GGUF model",
+    )
     p.add_argument("--json", type=Path, default=Path("bench-results.json"))
     p.set_defaults(run=run_bench)
 

@@ -25,5 +25,15 @@ def heldout_text() -> str:
     return resources.files("prompts").joinpath("data/heldout.txt").read_text("utf-8")
 
 
-__all__ = ["BUILTIN", "ROLES", "ChatTemplate", "Piece", "TemplateError", "builtin_template", "calibration_text",
-           "heldout_text", "load_template", "split_special"]
+__all__ = [
+    "BUILTIN",
+    "ROLES",
+    "ChatTemplate",
+    "Piece",
+    "TemplateError",
+    "builtin_template",
+    "calibration_text",
+    "heldout_text",
+    "load_template",
+    "split_special",
+]

@@ -30,6 +30,7 @@ class TemplateError(ValueError):
 @dataclass(frozen=True)
 class Piece:
     """A run of prompt text. ``trusted`` text comes from the template and may contain special tokens."""
+
     text: str
     trusted: bool
 
@@ -41,22 +42,27 @@ class ChatTemplate:
     default_system: str | None = None
     stop: tuple[str, ...] = ()
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, bos_token: str = "",
-               eos_token: str = "") -> list[Piece]:
+    def render(
+        self, messages: list[dict], *, add_generation_prompt: bool = True, bos_token: str = "", eos_token: str = ""
+    ) -> list[Piece]:
         """Render ``messages`` ([{"role", "content"}]) into trusted template text and untrusted contents."""
         contents = [m["content"] for m in messages]
         masked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
         try:
             text = _compile(self.source).render(
-                messages=masked, add_generation_prompt=add_generation_prompt, default_system=self.default_system,
-                bos_token=bos_token, eos_token=eos_token)
+                messages=masked,
+                add_generation_prompt=add_generation_prompt,
+                default_system=self.default_system,
+                bos_token=bos_token,
+                eos_token=eos_token,
+            )
         except JinjaTemplateError as exc:
             raise TemplateError(f"template {self.name!r} failed to render: {exc}") from None
         pieces: list[Piece] = []
         position = 0
         for match in _PLACEHOLDER.finditer(text):
             if match.start() > position:
-                pieces.append(Piece(text[position:match.start()], True))
+                pieces.append(Piece(text[position : match.start()], True))
             pieces.append(Piece(contents[int(match.group(1))], False))
             position = match.end()
         if position < len(text):
@@ -86,8 +92,12 @@ def _raise(message: str):
 def _from_toml(name: str, text: str) -> ChatTemplate:
     try:
         data = tomllib.loads(text)
-        return ChatTemplate(name=name, source=data["template"], default_system=data.get("default_system"),
-                            stop=tuple(data.get("stop", ())))
+        return ChatTemplate(
+            name=name,
+            source=data["template"],
+            default_system=data.get("default_system"),
+            stop=tuple(data.get("stop", ())),
+        )
     except (tomllib.TOMLDecodeError, KeyError) as exc:
         raise TemplateError(f"template {name!r} is not a valid template file: {exc}") from None
 
@@ -119,8 +129,11 @@ def load_template(spec: str, model_template: str | None = None, eos_token: str |
 def split_special(pieces: list[Piece], special_tokens: list[str]) -> list[tuple[str, str]]:
     """Turn pieces into ``("special", token)`` and ``("text", text)`` runs. Special tokens are found in
     trusted pieces only; neighbouring text is merged so it tokenizes as one string would."""
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))) \
-        if special_tokens else None
+    pattern = (
+        re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)))
+        if special_tokens
+        else None
+    )
     runs: list[tuple[str, str]] = []
 
     def add_text(text: str) -> None:
@@ -137,7 +150,7 @@ def split_special(pieces: list[Piece], special_tokens: list[str]) -> list[tuple[
             continue
         position = 0
         for match in pattern.finditer(piece.text):
-            add_text(piece.text[position:match.start()])
+            add_text(piece.text[position : match.start()])
             runs.append(("special", match.group(0)))
             position = match.end()
         add_text(piece.text[position:])

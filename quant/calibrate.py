@@ -23,7 +23,7 @@ def token_windows(tokenizer, text: str, count: int, length: int, seed: int = 0) 
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window of {length}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - length, (count,), generator=generator)
-    return [ids[s:s + length].unsqueeze(0) for s in starts.tolist()]
+    return [ids[s : s + length].unsqueeze(0) for s in starts.tolist()]
 
 
 def calibration_windows(tokenizer, count: int, length: int, seed: int = 0) -> list[torch.Tensor]:
@@ -31,9 +31,14 @@ def calibration_windows(tokenizer, count: int, length: int, seed: int = 0) -> li
 
 
 @torch.no_grad()
-def collect_activation_stats(model: nn.Module, names: Iterable[str], batches: list[torch.Tensor],
-                             sample_rows: int = 2048, seed: int = 0,
-                             progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def collect_activation_stats(
+    model: nn.Module,
+    names: Iterable[str],
+    batches: list[torch.Tensor],
+    sample_rows: int = 2048,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Run ``batches`` through ``model``; return ``{name: {"absmax": [in], "sample": [rows, in]}}``.
 
     Only the base model runs: the LM head's input is its output, so the head's statistics come without
@@ -52,8 +57,11 @@ def collect_activation_stats(model: nn.Module, names: Iterable[str], batches: li
         samples[name].append(x[rows].clone())
 
     head = next((n for n in names if model.get_submodule(n) is model.get_output_embeddings()), None)
-    handles = [model.get_submodule(n).register_forward_hook(lambda _m, inputs, _out, n=n: record(n, inputs[0]))
-               for n in names if n != head]
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda _m, inputs, _out, n=n: record(n, inputs[0]))
+        for n in names
+        if n != head
+    ]
     try:
         for batch in tqdm(batches, desc="calibrating", unit="seq", disable=not progress):
             hidden = model.base_model(input_ids=batch, use_cache=False)[0]

@@ -66,26 +66,49 @@ def describe_modules(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]
     embeddings: dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, Int8Embedding):
-            specs[name] = {"kind": "int8_embedding", "num_embeddings": module.num_embeddings,
-                           "embedding_dim": module.embedding_dim, "padding_idx": module.padding_idx,
-                           "column_scale": module.column_scale is not None}
+            specs[name] = {
+                "kind": "int8_embedding",
+                "num_embeddings": module.num_embeddings,
+                "embedding_dim": module.embedding_dim,
+                "padding_idx": module.padding_idx,
+                "column_scale": module.column_scale is not None,
+            }
             embeddings[id(module.weight)] = name
         elif isinstance(module, Int8Linear):
-            specs[name] = {"kind": "int8_linear", "in_features": module.in_features,
-                           "out_features": module.out_features, "bias": module.bias is not None,
-                           "scheme": module.scheme, "smooth": module.smooth is not None}
-    tied = {name: embeddings[id(module.weight)] for name, module in model.named_modules()
-            if isinstance(module, Int8Linear) and id(module.weight) in embeddings}
+            specs[name] = {
+                "kind": "int8_linear",
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+                "scheme": module.scheme,
+                "smooth": module.smooth is not None,
+            }
+    tied = {
+        name: embeddings[id(module.weight)]
+        for name, module in model.named_modules()
+        if isinstance(module, Int8Linear) and id(module.weight) in embeddings
+    }
     return specs, tied
 
 
 def _build_module(spec: dict) -> nn.Module:
     if spec["kind"] == "int8_embedding":
-        return Int8Embedding(spec["num_embeddings"], spec["embedding_dim"], spec["padding_idx"],
-                             column_scale=spec["column_scale"], device="meta")
+        return Int8Embedding(
+            spec["num_embeddings"],
+            spec["embedding_dim"],
+            spec["padding_idx"],
+            column_scale=spec["column_scale"],
+            device="meta",
+        )
     if spec["kind"] == "int8_linear":
-        return Int8Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
-                          scheme=spec["scheme"], smooth=spec["smooth"], device="meta")
+        return Int8Linear(
+            spec["in_features"],
+            spec["out_features"],
+            bias=spec["bias"],
+            scheme=spec["scheme"],
+            smooth=spec["smooth"],
+            device="meta",
+        )
     raise CheckpointError(f"unknown module kind {spec['kind']!r}")
 
 
@@ -107,8 +130,7 @@ def check_writable(out: Path, force: bool) -> None:
         raise CheckpointError(f"{out}: exists and is not empty (use --force to overwrite)")
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
-                    force: bool = False) -> Path:
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, force: bool = False) -> Path:
     """Write a complete checkpoint to ``out_dir`` atomically. ``manifest`` holds the recipe and report."""
     out = Path(out_dir).expanduser()
     check_writable(out, force)
@@ -120,8 +142,15 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, manifest: 
         save_file(_tensors(model), tmp / WEIGHTS, metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "modules": specs,
-                "tied": tied, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        full = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **manifest,
+            "modules": specs,
+            "tied": tied,
+            "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -185,6 +214,7 @@ def load_tokenizer(path: Path):
 @dataclass
 class CheckpointInfo:
     """What serving needs of a checkpoint besides its weights."""
+
     path: Path
     manifest: dict
     config: object
@@ -203,8 +233,11 @@ def read_config(path: Path):
     from transformers import AutoConfig, PretrainedConfig
 
     values = json.loads((path / "config.json").read_text())
-    return PretrainedConfig.from_dict(values) if values.get("model_type") in PLAIN_CONFIGS \
+    return (
+        PretrainedConfig.from_dict(values)
+        if values.get("model_type") in PLAIN_CONFIGS
         else AutoConfig.from_pretrained(path)
+    )
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
@@ -221,8 +254,12 @@ def stored_weight_bytes(path: str | Path) -> int:
     """Bytes of the tensors in a checkpoint's weights file (each stored once), read from its header."""
     with open(Path(path) / WEIGHTS, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return sum(end - start for name, entry in header.items() if name != "__metadata__"
-               for start, end in [entry["data_offsets"]])
+    return sum(
+        end - start
+        for name, entry in header.items()
+        if name != "__metadata__"
+        for start, end in [entry["data_offsets"]]
+    )
 
 
 def load_checkpoint(path: str | Path) -> QuantizedModel:

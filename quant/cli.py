@@ -47,21 +47,35 @@ def positive_int(text: str) -> int:
 
 def configure_quantize(p: argparse.ArgumentParser) -> None:
     """``q8chat quantize``'s arguments."""
-    p.description = ("Calibrate, smooth (fixed or per-layer auto alpha), convert to W8A8 INT8 and save a checkpoint "
-                     "that loads without calibration.")
+    p.description = (
+        "Calibrate, smooth (fixed or per-layer auto alpha), convert to W8A8 INT8 and save a checkpoint "
+        "that loads without calibration."
+    )
     p.add_argument("--model", default="default", help="HF directory, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--out", required=True, type=Path, help="output directory (must be empty unless --force)")
     p.add_argument("--alpha", default="auto", type=parse_alpha, help="'auto' (per-layer search) or a value")
-    p.add_argument("--scheme", default="dynamic", choices=SCHEMES,
-                   help="activations: per-token dynamic, or per-tensor static (SmoothQuant-O3)")
-    p.add_argument("--calib-samples", default=defaults.CALIB_SAMPLES, type=positive_int,
-                   help="calibration sequences")
-    p.add_argument("--calib-length", default=defaults.CALIB_LENGTH, type=positive_int,
-                   help="tokens per calibration sequence")
-    p.add_argument("--fallback-error", default=DEFAULT_FALLBACK_ERROR, type=parse_fallback,
-                   help="layers whose relative INT8 error exceeds this keep BF16 activations ('none': never)")
-    p.add_argument("--head-scheme", default="weight_only", choices=HEAD_SCHEMES,
-                   help="LM head activations: BF16 (weight_only, default) or per-token INT8 (dynamic)")
+    p.add_argument(
+        "--scheme",
+        default="dynamic",
+        choices=SCHEMES,
+        help="activations: per-token dynamic, or per-tensor static (SmoothQuant-O3)",
+    )
+    p.add_argument("--calib-samples", default=defaults.CALIB_SAMPLES, type=positive_int, help="calibration sequences")
+    p.add_argument(
+        "--calib-length", default=defaults.CALIB_LENGTH, type=positive_int, help="tokens per calibration sequence"
+    )
+    p.add_argument(
+        "--fallback-error",
+        default=DEFAULT_FALLBACK_ERROR,
+        type=parse_fallback,
+        help="layers whose relative INT8 error exceeds this keep BF16 activations ('none': never)",
+    )
+    p.add_argument(
+        "--head-scheme",
+        default="weight_only",
+        choices=HEAD_SCHEMES,
+        help="LM head activations: BF16 (weight_only, default) or per-token INT8 (dynamic)",
+    )
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without smoothing (for comparison)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(run=run_quantize)
@@ -69,24 +83,34 @@ def configure_quantize(p: argparse.ArgumentParser) -> None:
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
     """``q8chat eval``'s arguments."""
-    p.description = ("Compare variants on held-out text: perplexity, LAMBADA accuracy, size on disk, load time and "
-                     "the matmul kernels that run.")
+    p.description = (
+        "Compare variants on held-out text: perplexity, LAMBADA accuracy, size on disk, load time and "
+        "the matmul kernels that run."
+    )
     p.add_argument("--model", default="default", help="HF directory, .gguf file, 'default', or an INT8 checkpoint")
-    p.add_argument("--compare", default="float,naive,sq0.5,auto",
-                   help="variants: float, naive, sqALPHA, auto; ':static'/':dynamic' suffix picks the scheme")
+    p.add_argument(
+        "--compare",
+        default="float,naive,sq0.5,auto",
+        help="variants: float, naive, sqALPHA, auto; ':static'/':dynamic' suffix picks the scheme",
+    )
     p.add_argument("--scheme", default="dynamic", choices=SCHEMES, help="scheme for variants without a suffix")
     p.add_argument("--limit", default=1000, type=positive_int, help="LAMBADA examples")
     p.add_argument("--ppl-tokens", default=32768, type=positive_int, help="held-out tokens for perplexity")
-    p.add_argument("--calib-samples", default=defaults.CALIB_SAMPLES, type=positive_int,
-                   help="calibration sequences")
+    p.add_argument("--calib-samples", default=defaults.CALIB_SAMPLES, type=positive_int, help="calibration sequences")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(run=run_eval)
 
 
 def run_quantize(args) -> int:
-    recipe = Recipe(alpha=args.alpha, scheme=args.scheme, smooth=not args.no_smooth,
-                    fallback_error=args.fallback_error, head_scheme=args.head_scheme,
-                    calib_samples=args.calib_samples, calib_length=args.calib_length)
+    recipe = Recipe(
+        alpha=args.alpha,
+        scheme=args.scheme,
+        smooth=not args.no_smooth,
+        fallback_error=args.fallback_error,
+        head_scheme=args.head_scheme,
+        calib_samples=args.calib_samples,
+        calib_length=args.calib_length,
+    )
     out = args.out.expanduser()
     check_writable(out, args.force)
     float_model = load_float_model(args.model)
@@ -102,9 +126,14 @@ def run_eval(args) -> int:
         results = [evaluate_checkpoint(Path(args.model), args.limit, args.ppl_tokens)]
     else:
         float_model = load_float_model(args.model)
-        results = evaluate_variants(float_model, [v.strip() for v in args.compare.split(",") if v.strip()],
-                                    scheme=args.scheme, limit=args.limit, ppl_tokens=args.ppl_tokens,
-                                    calib_samples=args.calib_samples)
+        results = evaluate_variants(
+            float_model,
+            [v.strip() for v in args.compare.split(",") if v.strip()],
+            scheme=args.scheme,
+            limit=args.limit,
+            ppl_tokens=args.ppl_tokens,
+            calib_samples=args.calib_samples,
+        )
     print(format_table(results))
     for r in results:
         if r.fallback:

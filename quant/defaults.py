@@ -2,4 +2,4 @@
 (``q8chat serve`` reads its settings first, and sets inductor's cache directory before torch loads)."""
 
 CALIB_SAMPLES = 128  # calibration sequences
-CALIB_LENGTH = 512   # tokens per calibration sequence
+CALIB_LENGTH = 512  # tokens per calibration sequence

@@ -51,13 +51,14 @@ def lambada_examples(limit: int | None = None) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, text: str, window: int = 512, max_tokens: int = 32768,
-               progress: bool = False) -> float:
+def perplexity(
+    model: nn.Module, tokenizer, text: str, window: int = 512, max_tokens: int = 32768, progress: bool = False
+) -> float:
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids[:max_tokens])
     nll, count = 0.0, 0
     starts = range(0, len(ids) - 1, window)
     for start in tqdm(starts, desc="perplexity", unit="win", disable=not progress, leave=False):
-        chunk = ids[start:start + window + 1].unsqueeze(0)
+        chunk = ids[start : start + window + 1].unsqueeze(0)
         if chunk.shape[1] < 2:
             break
         logits = model(input_ids=chunk[:, :-1], use_cache=False).logits.float()
@@ -73,7 +74,7 @@ def lambada_accuracy(model: nn.Module, tokenizer, examples: list[tuple[str, str]
         ctx = tokenizer(context, add_special_tokens=False).input_ids
         target = tokenizer(continuation, add_special_tokens=False).input_ids
         ids = torch.tensor([ctx + target[:-1]])
-        logits = model(input_ids=ids, use_cache=False).logits[0, len(ctx) - 1:]
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(ctx) - 1 :]
         correct += int(logits.argmax(-1).tolist() == target)
     return correct / len(examples)
 
@@ -83,8 +84,15 @@ def kernel_counts(model: nn.Module, length: int = 16) -> Counter:
     ids = torch.zeros(1, length, dtype=torch.long)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(input_ids=ids, use_cache=False)
-    names = ("aten::_int_mm", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::bmm",
-             "aten::matmul")
+    names = (
+        "aten::_int_mm",
+        "aten::_weight_int8pack_mm",
+        "aten::mm",
+        "aten::addmm",
+        "aten::linear",
+        "aten::bmm",
+        "aten::matmul",
+    )
     return Counter(e.name for e in prof.events() if e.name in names)
 
 
@@ -126,6 +134,7 @@ def _dir_mb(path: Path) -> float:
 
 def _float_size_and_load(float_model: FloatModel, workdir: Path) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
+
     out = workdir / "float"
     float_model.model.save_pretrained(out)
     start = time.perf_counter()
@@ -140,18 +149,37 @@ def _int8_size_and_load(quantized, workdir: Path, name: str) -> tuple[float, flo
     return _dir_mb(out), time.perf_counter() - start
 
 
-def score(name: str, model: nn.Module, tokenizer, examples, ppl_tokens: int, size_mb: float, load_s: float,
-          progress: bool, fallback: list | None = None) -> VariantResult:
+def score(
+    name: str,
+    model: nn.Module,
+    tokenizer,
+    examples,
+    ppl_tokens: int,
+    size_mb: float,
+    load_s: float,
+    progress: bool,
+    fallback: list | None = None,
+) -> VariantResult:
     return VariantResult(
         name=name,
         perplexity=perplexity(model, tokenizer, heldout_text(), max_tokens=ppl_tokens, progress=progress),
         lambada=lambada_accuracy(model, tokenizer, examples, progress=progress),
-        size_mb=size_mb, load_s=load_s, kernels=dict(kernel_counts(model)), fallback=fallback or [])
+        size_mb=size_mb,
+        load_s=load_s,
+        kernels=dict(kernel_counts(model)),
+        fallback=fallback or [],
+    )
 
 
-def evaluate_variants(float_model: FloatModel, variants: list[str], scheme: str = "dynamic",
-                      limit: int | None = 1000, ppl_tokens: int = 32768, calib_samples: int = 128,
-                      progress: bool = True) -> list[VariantResult]:
+def evaluate_variants(
+    float_model: FloatModel,
+    variants: list[str],
+    scheme: str = "dynamic",
+    limit: int | None = 1000,
+    ppl_tokens: int = 32768,
+    calib_samples: int = 128,
+    progress: bool = True,
+) -> list[VariantResult]:
     """Score each variant, quantized from the same float model with the same calibration statistics."""
     recipes = {v: parse_variant(v, scheme) for v in variants}
     examples = lambada_examples(limit)
@@ -162,19 +190,35 @@ def evaluate_variants(float_model: FloatModel, variants: list[str], scheme: str 
         for variant, recipe in recipes.items():
             if recipe is None:
                 size, load = _float_size_and_load(float_model, workdir)
-                results.append(score(variant, float_model.model, float_model.tokenizer, examples, ppl_tokens,
-                                     size, load, progress))
+                results.append(
+                    score(variant, float_model.model, float_model.tokenizer, examples, ppl_tokens, size, load, progress)
+                )
                 continue
             recipe = replace(recipe, calib_samples=calib_samples)
             if stats is None:
                 stats = calibrate(float_model, recipe, progress)
-            copy_model = FloatModel(copy.deepcopy(float_model.model), float_model.tokenizer, float_model.path,
-                                    float_model.name, float_model.fingerprint)
+            copy_model = FloatModel(
+                copy.deepcopy(float_model.model),
+                float_model.tokenizer,
+                float_model.path,
+                float_model.name,
+                float_model.fingerprint,
+            )
             quantized = quantize(copy_model, recipe, stats=stats, progress=progress)
             size, load = _int8_size_and_load(quantized, workdir, recipe.name)
-            results.append(score(f"{variant} ({recipe.scheme})" if ":" not in variant else variant,
-                                 quantized.model, quantized.tokenizer, examples, ppl_tokens, size, load,
-                                 progress, quantized.manifest["fallback"]))
+            results.append(
+                score(
+                    f"{variant} ({recipe.scheme})" if ":" not in variant else variant,
+                    quantized.model,
+                    quantized.tokenizer,
+                    examples,
+                    ppl_tokens,
+                    size,
+                    load,
+                    progress,
+                    quantized.manifest["fallback"],
+                )
+            )
             del quantized, copy_model
     return results
 
@@ -183,18 +227,30 @@ def evaluate_checkpoint(path: Path, limit: int | None, ppl_tokens: int, progress
     start = time.perf_counter()
     quantized = load_checkpoint(path)
     load_s = time.perf_counter() - start
-    return score(f"checkpoint ({quantized.manifest['recipe']['name']})", quantized.model, quantized.tokenizer,
-                 lambada_examples(limit), ppl_tokens, _dir_mb(path), load_s, progress,
-                 quantized.manifest["fallback"])
+    return score(
+        f"checkpoint ({quantized.manifest['recipe']['name']})",
+        quantized.model,
+        quantized.tokenizer,
+        lambada_examples(limit),
+        ppl_tokens,
+        _dir_mb(path),
+        load_s,
+        progress,
+        quantized.manifest["fallback"],
+    )
 
 
 def format_table(results: list[VariantResult]) -> str:
     base = results[0]
-    lines = ["| variant | perplexity | Δppl | LAMBADA acc | Δacc (pt) | size MB | load s | matmul kernels |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| variant | perplexity | Δppl | LAMBADA acc | Δacc (pt) | size MB | load s | matmul kernels |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in results:
         kernels = ", ".join(f"{k.removeprefix('aten::')}×{v}" for k, v in sorted(r.kernels.items()))
-        lines.append(f"| {r.name} | {r.perplexity:.3f} | {100 * (r.perplexity / base.perplexity - 1):+.2f}% "
-                     f"| {100 * r.lambada:.2f}% | {100 * (r.lambada - base.lambada):+.2f} | {r.size_mb:.1f} "
-                     f"| {r.load_s:.2f} | {kernels} |")
+        lines.append(
+            f"| {r.name} | {r.perplexity:.3f} | {100 * (r.perplexity / base.perplexity - 1):+.2f}% "
+            f"| {100 * r.lambada:.2f}% | {100 * (r.lambada - base.lambada):+.2f} | {r.size_mb:.1f} "
+            f"| {r.load_s:.2f} | {kernels} |"
+        )
     return "\n".join(lines)

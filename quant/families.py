@@ -14,16 +14,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SmoothGroup:
-    norm: str | None          # path inside a block, or None when no norm precedes the linears
+    norm: str | None  # path inside a block, or None when no norm precedes the linears
     linears: tuple[str, ...]  # paths inside a block; all read the same input
 
 
 @dataclass(frozen=True)
 class Family:
-    blocks: str               # path of the ModuleList of decoder blocks
+    blocks: str  # path of the ModuleList of decoder blocks
     groups: tuple[SmoothGroup, ...]
     embedding: str
-    final_norm: str           # the norm in front of the LM head
+    final_norm: str  # the norm in front of the LM head
     lm_head: str
 
 
@@ -66,12 +66,14 @@ def family_of(model_type: str) -> Family:
         return FAMILIES[model_type]
     except KeyError:
         raise UnsupportedModel(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}") from None
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        ) from None
 
 
 @dataclass(frozen=True)
 class BoundGroup:
     """A smoothing group of one concrete block, with full module names."""
+
     block: int
     norm: str | None
     linears: tuple[str, ...]
@@ -89,11 +91,13 @@ def bound_groups(model: nn.Module) -> list[BoundGroup]:
     for i in range(len(blocks)):
         prefix = f"{family.blocks}.{i}."
         for g in family.groups:
-            groups.append(BoundGroup(
-                block=i,
-                norm=prefix + g.norm if g.norm else None,
-                linears=tuple(prefix + name for name in g.linears),
-            ))
+            groups.append(
+                BoundGroup(
+                    block=i,
+                    norm=prefix + g.norm if g.norm else None,
+                    linears=tuple(prefix + name for name in g.linears),
+                )
+            )
     return groups
 
 

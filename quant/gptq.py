@@ -14,7 +14,7 @@ import torch
 from quant.int8 import QMAX
 
 DAMPING = 0.01  # of the mean diagonal of X^T X: keeps the inverse stable with fewer rows than inputs
-BLOCK = 128     # columns whose error is propagated lazily, as one matrix product
+BLOCK = 128  # columns whose error is propagated lazily, as one matrix product
 
 
 @torch.no_grad()

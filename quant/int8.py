@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from quant.kernels import REFERENCE, check_kernel, eager_kernel, w8a8_matmul
 
-SCHEMES = ("dynamic", "static")             # W8A8 activation schemes a recipe can ask for
+SCHEMES = ("dynamic", "static")  # W8A8 activation schemes a recipe can ask for
 LINEAR_SCHEMES = SCHEMES + ("weight_only",)  # ... plus the fallback
 QMAX = 127.0
 CLIP_RATIOS = tuple(round(1 - 0.02 * i, 2) for i in range(26))  # weight range clipping: 1.00 .. 0.50
@@ -85,8 +85,9 @@ class Int8Linear(nn.Module):
     of ``quant.kernels``; None: this CPU's for eager use.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, scheme: str,
-                 smooth: bool, device=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, scheme: str, smooth: bool, device=None
+    ) -> None:
         super().__init__()
         if scheme not in LINEAR_SCHEMES:
             raise ValueError(f"unknown activation scheme {scheme!r}; expected one of {LINEAR_SCHEMES}")
@@ -99,14 +100,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("smooth", torch.empty(in_features, device=device) if smooth else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, *, scheme: str, input_scale: float | None = None,
-                   smooth: torch.Tensor | None = None) -> "Int8Linear":
-        return cls.from_weight(linear.weight, linear.bias, scheme=scheme, input_scale=input_scale,
-                               smooth=smooth)
+    def from_float(
+        cls, linear: nn.Linear, *, scheme: str, input_scale: float | None = None, smooth: torch.Tensor | None = None
+    ) -> "Int8Linear":
+        return cls.from_weight(linear.weight, linear.bias, scheme=scheme, input_scale=input_scale, smooth=smooth)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, scheme: str,
-                    input_scale: float | None = None, smooth: torch.Tensor | None = None) -> "Int8Linear":
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        scheme: str,
+        input_scale: float | None = None,
+        smooth: torch.Tensor | None = None,
+    ) -> "Int8Linear":
         """Quantize a float weight [out, in]. For ``static``, ``input_scale`` is max|input| / 127 from
         calibration (of the input after ``smooth`` is applied)."""
         if scheme == "static" and input_scale is None:
@@ -155,8 +163,10 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
-                f"smooth={self.smooth is not None}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
+            f"smooth={self.smooth is not None}, bias={self.bias is not None}"
+        )
 
 
 def fuse_linears(linears: list[Int8Linear]) -> Int8Linear:
@@ -165,13 +175,22 @@ def fuse_linears(linears: list[Int8Linear]) -> Int8Linear:
     shared static) activation scales are unchanged by stacking output channels."""
     first = linears[0]
     for other in linears[1:]:
-        same = (other.in_features == first.in_features and other.scheme == first.scheme
-                and (other.bias is None) == (first.bias is None)
-                and _same(other.smooth, first.smooth) and _same(other.input_scale, first.input_scale))
+        same = (
+            other.in_features == first.in_features
+            and other.scheme == first.scheme
+            and (other.bias is None) == (first.bias is None)
+            and _same(other.smooth, first.smooth)
+            and _same(other.input_scale, first.input_scale)
+        )
         if not same:
             raise ValueError("only INT8 linears with the same input, scheme and scales can be fused")
-    fused = Int8Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
-                       scheme=first.scheme, smooth=first.smooth is not None)
+    fused = Int8Linear(
+        first.in_features,
+        sum(m.out_features for m in linears),
+        bias=first.bias is not None,
+        scheme=first.scheme,
+        smooth=first.smooth is not None,
+    )
     fused.weight = torch.cat([m.weight for m in linears])
     fused.weight_scale = torch.cat([m.weight_scale for m in linears])
     if first.bias is not None:
@@ -191,8 +210,15 @@ class Int8Embedding(nn.Module):
     head is smoothed, the shared table holds ``W * s`` and ``column_scale`` (1/s) restores ``W`` here.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
-                 column_scale: bool = False, device=None) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        column_scale: bool = False,
+        device=None,
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
@@ -200,8 +226,9 @@ class Int8Embedding(nn.Module):
         self.register_buffer("column_scale", torch.empty(embedding_dim, device=device) if column_scale else None)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, padding_idx: int | None = None,
-                    column_scale: torch.Tensor | None = None) -> "Int8Embedding":
+    def from_weight(
+        cls, weight: torch.Tensor, padding_idx: int | None = None, column_scale: torch.Tensor | None = None
+    ) -> "Int8Embedding":
         module = cls(*weight.shape, padding_idx, column_scale=column_scale is not None)
         module.weight, module.weight_scale = quantize_per_channel(weight)
         if column_scale is not None:

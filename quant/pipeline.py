@@ -30,12 +30,17 @@ def manifest_for(float_model: FloatModel, recipe: Recipe, report: QuantReport) -
     }
 
 
-def quantize(float_model: FloatModel, recipe: Recipe, stats: dict | None = None,
-             progress: bool = True) -> QuantizedModel:
+def quantize(
+    float_model: FloatModel, recipe: Recipe, stats: dict | None = None, progress: bool = True
+) -> QuantizedModel:
     """Quantize ``float_model.model`` in place (pass a copy to keep the float one)."""
     stats = stats if stats is not None else calibrate(float_model, recipe, progress)
     report = quantize_model(float_model.model, stats, recipe, progress=progress)
     if report.fallback:
-        log.warning("%d layers keep BF16 activations (INT8 weights; relative error above %g): %s",
-                    len(report.fallback), recipe.fallback_error, ", ".join(report.fallback))
+        log.warning(
+            "%d layers keep BF16 activations (INT8 weights; relative error above %g): %s",
+            len(report.fallback),
+            recipe.fallback_error,
+            ", ".join(report.fallback),
+        )
     return QuantizedModel(float_model.model, float_model.tokenizer, manifest_for(float_model, recipe, report), None)

@@ -41,6 +41,7 @@ class Recipe:
     round-to-nearest, which ranks alphas alike at a fraction of the cost. The tied head and embedding
     share one table and round to nearest: a lookup wants each row's own error small.
     """
+
     alpha: float | None = None
     scheme: str = "dynamic"
     head_scheme: str = "weight_only"
@@ -59,15 +60,19 @@ class Recipe:
         return f"{'auto' if self.alpha is None else f'sq{self.alpha:g}'}-{self.scheme}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "alpha_grid": list(self.alpha_grid), "name": self.name,
-                "weight_rounding": WEIGHT_ROUNDING}
+        return {
+            **asdict(self),
+            "alpha_grid": list(self.alpha_grid),
+            "name": self.name,
+            "weight_rounding": WEIGHT_ROUNDING,
+        }
 
 
 @dataclass
 class GroupResult:
     linears: list[str]
     alpha: float | None
-    error: float       # relative squared error of the quantized group output vs float
+    error: float  # relative squared error of the quantized group output vs float
     fallback: bool
 
 
@@ -96,20 +101,28 @@ def static_input_scale(act_absmax: torch.Tensor, s: torch.Tensor | None) -> floa
     return max(float(smoothed.max()), _FLOOR) / QMAX
 
 
-def _quantized_group(linears: list[nn.Linear], s: torch.Tensor | None, scheme: str,
-                     act_absmax: torch.Tensor, prescale: bool,
-                     gptq_inputs: torch.Tensor | None = None) -> list[Int8Linear]:
+def _quantized_group(
+    linears: list[nn.Linear],
+    s: torch.Tensor | None,
+    scheme: str,
+    act_absmax: torch.Tensor,
+    prescale: bool,
+    gptq_inputs: torch.Tensor | None = None,
+) -> list[Int8Linear]:
     """W8A8 versions of ``linears`` with smoothing ``s`` (None: no smoothing). With ``prescale`` the
     1/s stays inside the layers; otherwise the caller has divided the input (norm fold). Weights are
     rounded to nearest, or by GPTQ on ``gptq_inputs`` (calibration rows before smoothing)."""
     input_scale = static_input_scale(act_absmax, s) if scheme == "static" else None
     smooth = (1.0 / s) if (s is not None and prescale) else None
     weights = [lin.weight.detach().float() * (1 if s is None else s) for lin in linears]
-    quantized = [Int8Linear.from_weight(w, lin.bias, scheme=scheme, input_scale=input_scale, smooth=smooth)
-                 for w, lin in zip(weights, linears)]
+    quantized = [
+        Int8Linear.from_weight(w, lin.bias, scheme=scheme, input_scale=input_scale, smooth=smooth)
+        for w, lin in zip(weights, linears)
+    ]
     if gptq_inputs is not None:  # the group shares one input, so one Hessian: GPTQ rounds rows independently
-        values = gptq_round(torch.cat(weights), torch.cat([m.weight_scale for m in quantized]),
-                            gptq_inputs / (1 if s is None else s))
+        values = gptq_round(
+            torch.cat(weights), torch.cat([m.weight_scale for m in quantized]), gptq_inputs / (1 if s is None else s)
+        )
         for module, part in zip(quantized, values.split([m.out_features for m in quantized])):
             module.weight = part.clone()  # own, aligned storage (checkpoints refuse shared views)
     return quantized
@@ -122,24 +135,36 @@ def float_output(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_error(x: torch.Tensor, linears: list[nn.Linear], s: torch.Tensor | None, scheme: str,
-                act_absmax: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+def group_error(
+    x: torch.Tensor,
+    linears: list[nn.Linear],
+    s: torch.Tensor | None,
+    scheme: str,
+    act_absmax: torch.Tensor,
+    reference: torch.Tensor | None = None,
+) -> float:
     """Relative squared error of the quantized (and smoothed) group output on input rows ``x`` against
     ``reference`` (default: ``float_output``). The INT8 products are the exact ones (``kernels.REFERENCE``),
     whatever this CPU's kernel rounds."""
     reference = float_output(x, linears) if reference is None else reference
-    quantized = torch.cat([q.with_kernel(REFERENCE)(x)
-                           for q in _quantized_group(linears, s, scheme, act_absmax, prescale=True)], dim=-1)
-    return float(((quantized - reference) ** 2).sum() / (reference ** 2).sum().clamp(min=1e-12))
+    quantized = torch.cat(
+        [q.with_kernel(REFERENCE)(x) for q in _quantized_group(linears, s, scheme, act_absmax, prescale=True)], dim=-1
+    )
+    return float(((quantized - reference) ** 2).sum() / (reference**2).sum().clamp(min=1e-12))
 
 
 @torch.no_grad()
-def search_alpha(x: torch.Tensor, linears: list[nn.Linear], act_absmax: torch.Tensor, scheme: str,
-                 grid: tuple[float, ...]) -> tuple[float, float]:
+def search_alpha(
+    x: torch.Tensor, linears: list[nn.Linear], act_absmax: torch.Tensor, scheme: str, grid: tuple[float, ...]
+) -> tuple[float, float]:
     """The alpha of ``grid`` with the lowest group error, and that error."""
     reference = float_output(x, linears)
-    errors = {a: group_error(x, linears, smoothing_scale(act_absmax, [l.weight for l in linears], a),
-                             scheme, act_absmax, reference) for a in grid}
+    errors = {
+        a: group_error(
+            x, linears, smoothing_scale(act_absmax, [lin.weight for lin in linears], a), scheme, act_absmax, reference
+        )
+        for a in grid
+    }
     best = min(errors, key=errors.get)
     return best, errors[best]
 
@@ -152,8 +177,15 @@ def _fold_into_norm(model: nn.Module, norm_name: str, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _convert_group(model: nn.Module, group: BoundGroup, linears: list[nn.Linear], s: torch.Tensor | None,
-                   scheme: str, act_absmax: torch.Tensor, gptq_inputs: torch.Tensor | None = None) -> None:
+def _convert_group(
+    model: nn.Module,
+    group: BoundGroup,
+    linears: list[nn.Linear],
+    s: torch.Tensor | None,
+    scheme: str,
+    act_absmax: torch.Tensor,
+    gptq_inputs: torch.Tensor | None = None,
+) -> None:
     fold = s is not None and group.norm is not None
     if fold:
         _fold_into_norm(model, group.norm, s)
@@ -162,22 +194,24 @@ def _convert_group(model: nn.Module, group: BoundGroup, linears: list[nn.Linear]
         set_submodule(model, name, module)
 
 
-def _smoothing(group: BoundGroup, linears: list[nn.Linear], stats: dict, recipe: Recipe,
-               scheme: str) -> tuple[float | None, torch.Tensor | None, float]:
+def _smoothing(
+    group: BoundGroup, linears: list[nn.Linear], stats: dict, recipe: Recipe, scheme: str
+) -> tuple[float | None, torch.Tensor | None, float]:
     """(alpha, s, relative error) for one group under ``recipe``; s is None without smoothing."""
     x, act_absmax = stats[group.key]["sample"], stats[group.key]["absmax"]
     if not recipe.smooth:
         return None, None, group_error(x, linears, None, scheme, act_absmax)
     if recipe.alpha is None:
         alpha, error = search_alpha(x, linears, act_absmax, scheme, recipe.alpha_grid)
-        return alpha, smoothing_scale(act_absmax, [l.weight for l in linears], alpha), error
-    s = smoothing_scale(act_absmax, [l.weight for l in linears], recipe.alpha)
+        return alpha, smoothing_scale(act_absmax, [lin.weight for lin in linears], alpha), error
+    s = smoothing_scale(act_absmax, [lin.weight for lin in linears], recipe.alpha)
     return recipe.alpha, s, group_error(x, linears, s, scheme, act_absmax)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], recipe: Recipe,
-                   progress: bool = True) -> QuantReport:
+def quantize_model(
+    model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], recipe: Recipe, progress: bool = True
+) -> QuantReport:
     """Smooth and convert every group of ``model`` in place; embeddings and LM head become INT8 too
     (the head never with static activations: its input range varies most from token to token)."""
     report = QuantReport()
@@ -198,8 +232,15 @@ def quantize_model(model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], 
         if is_head:
             quantize_head(model, s, scheme)
         else:
-            _convert_group(model, group, linears, s, scheme, stats[group.key]["absmax"],
-                           stats[group.key]["sample"] if recipe.gptq else None)
+            _convert_group(
+                model,
+                group,
+                linears,
+                s,
+                scheme,
+                stats[group.key]["absmax"],
+                stats[group.key]["sample"] if recipe.gptq else None,
+            )
         report.groups.append(GroupResult(list(group.linears), alpha, error, fallback))
     return report
 
@@ -216,10 +257,12 @@ def quantize_head(model: nn.Module, s: torch.Tensor | None, scheme: str = "dynam
         _fold_into_norm(model, family.final_norm, s)
     scaled_head = head.weight.detach().float() * (1 if s is None else s)
     if tied:
-        q_embedding = Int8Embedding.from_weight(scaled_head, embedding.padding_idx,
-                                                column_scale=None if s is None else 1.0 / s)
-        q_head = Int8Linear(head.in_features, head.out_features, bias=head.bias is not None,
-                            scheme=scheme, smooth=False)
+        q_embedding = Int8Embedding.from_weight(
+            scaled_head, embedding.padding_idx, column_scale=None if s is None else 1.0 / s
+        )
+        q_head = Int8Linear(
+            head.in_features, head.out_features, bias=head.bias is not None, scheme=scheme, smooth=False
+        )
         q_head.weight, q_head.weight_scale = q_embedding.weight, q_embedding.weight_scale
         if head.bias is not None:
             q_head.bias = head.bias.detach().float().clone()

@@ -31,8 +31,11 @@ def build_service(settings: Settings, metrics, placement):
     from server.runtime.placement import cpu_isa
     from server.service.serving import ChatService, Prompter
 
-    recipe = Recipe(alpha=None if settings.alpha == "auto" else settings.alpha, scheme=settings.scheme,
-                    calib_samples=settings.calib_samples)
+    recipe = Recipe(
+        alpha=None if settings.alpha == "auto" else settings.alpha,
+        scheme=settings.scheme,
+        calib_samples=settings.calib_samples,
+    )
     checkpoint = read_checkpoint_info(int8_checkpoint(settings.model, recipe, settings.cache_dir))
     log.info("INT8 checkpoint %s", checkpoint.path)
 
@@ -51,12 +54,28 @@ def build_service(settings: Settings, metrics, placement):
     decoder = make_decoder(eager_model, config, context, packages, kernel)
     engine = Engine(decoder, tokenizer, context, eos)
     name = settings.served_model_name or checkpoint.name
-    log.info("serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "
-             "context %d tokens; %s", name, placement.describe(), cpu_isa(), stored_weight_bytes(checkpoint.path) / 1e6,
-             checkpoint.manifest["recipe"]["scheme"], len(checkpoint.manifest["fallback"]), template.name, context,
-             decoder.description)
-    return ChatService(engine, Prompter(tokenizer, template), name, settings.max_queue, settings.default_max_tokens,
-                       metrics, heartbeat_s=settings.keepalive_s)
+    log.info(
+        "serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "
+        "context %d tokens; %s",
+        name,
+        placement.describe(),
+        cpu_isa(),
+        stored_weight_bytes(checkpoint.path) / 1e6,
+        checkpoint.manifest["recipe"]["scheme"],
+        len(checkpoint.manifest["fallback"]),
+        template.name,
+        context,
+        decoder.description,
+    )
+    return ChatService(
+        engine,
+        Prompter(tokenizer, template),
+        name,
+        settings.max_queue,
+        settings.default_max_tokens,
+        metrics,
+        heartbeat_s=settings.keepalive_s,
+    )
 
 
 def return_freed_memory() -> None:
@@ -86,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     # inductor's kernel cache lives with our checkpoints (and in the Docker volume); set before torch loads
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir).expanduser() / "inductor"))
     from server.logs import configure_logging
+
     configure_logging(settings.log_level, settings.log_format)
 
     from server.runtime.placement import place
+
     placement = place(settings.socket, settings.threads)
     log.info("placement: %s", placement.describe())
 
@@ -109,12 +130,25 @@ def main(argv: list[str] | None = None) -> int:
                 self._captured_signals.remove(sig)
 
     slot = ServiceSlot()
-    app = create_app(slot, HttpSettings(max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
-                                        api_keys=tuple(settings.api_key),
-                                        cors_origins=tuple(settings.cors_origins)))
-    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                                           http=JsonErrorsH11Protocol,
-                                           timeout_graceful_shutdown=settings.shutdown_grace_s))
+    app = create_app(
+        slot,
+        HttpSettings(
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout_s=settings.body_timeout_s,
+            api_keys=tuple(settings.api_key),
+            cors_origins=tuple(settings.cors_origins),
+        ),
+    )
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            http=JsonErrorsH11Protocol,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )
+    )
     failed = threading.Event()
 
     def load() -> None:

@@ -14,14 +14,21 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = getattr(record, "http", None)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k not in ("method", "path", "status"))
+            line += " " + " ".join(
+                f"{k}={v}" for k, v in fields.items() if v is not None and k not in ("method", "path", "status")
+            )
         return line
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage(), **(getattr(record, "http", None) or {})}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **(getattr(record, "http", None) or {}),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -18,8 +18,9 @@ def default_cache_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="Q8CHAT_", cli_kebab_case=True, cli_prog_name="q8chat serve",
-                                      cli_implicit_flags=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="Q8CHAT_", cli_kebab_case=True, cli_prog_name="q8chat serve", cli_implicit_flags=True, extra="ignore"
+    )
 
     model: str = Field("default", description="INT8 checkpoint dir, HF model dir, .gguf file, or 'default'")
     served_model_name: str | None = Field(None, description="name clients must send as 'model' (default: the model's)")
@@ -30,26 +31,35 @@ class Settings(BaseSettings):
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
     default_max_tokens: int = Field(512, ge=1, description="completion limit when a request sets none")
     alpha: Literal["auto"] | Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        "auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' (per-layer search) or in [0, 1]")
+        "auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' (per-layer search) or in [0, 1]"
+    )
     scheme: Literal["dynamic", "static"] = Field("dynamic", description="INT8 activation scheme when quantizing")
     calib_samples: int = Field(defaults.CALIB_SAMPLES, ge=1, description="calibration sequences when quantizing")
-    cache_dir: Path = Field(default_factory=default_cache_dir,
-                            description="where quantized checkpoints and compiled kernels are cached")
-    compile: bool = Field(True, description="compile the prefill and decode steps (Llama family; about 2.5 "
-                                            "minutes on 2 cores at the first start, then loaded from the cache "
-                                            "dir in seconds); --no-compile runs them eagerly, slower")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="where quantized checkpoints and compiled kernels are cached"
+    )
+    compile: bool = Field(
+        True,
+        description="compile the prefill and decode steps (Llama family; about 2.5 "
+        "minutes on 2 cores at the first start, then loaded from the cache "
+        "dir in seconds); --no-compile runs them eagerly, slower",
+    )
     int8_kernel: Literal["auto", "s8s8", "u8s8", "bf16"] = Field(
-        "auto", description="W8A8 kernel of the compiled steps: auto (by the CPU: s8s8 with AMX, u8s8 with VNNI, "
-                            "else bf16), or one of them to compare")
+        "auto",
+        description="W8A8 kernel of the compiled steps: auto (by the CPU: s8s8 with AMX, u8s8 with VNNI, "
+        "else bf16), or one of them to compare",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     body_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next part of a request body (408)")
     keepalive_s: float = Field(10.0, gt=0, description="SSE keep-alive comment interval while no token comes")
     socket: int = Field(0, ge=0, description="CPU socket to pin to")
     threads: int | None = Field(None, ge=1, description="compute threads (default: the socket's physical cores)")
     api_key: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="accepted API keys: repeat the flag, or Q8CHAT_API_KEY=key1,key2")
+        default_factory=list, description="accepted API keys: repeat the flag, or Q8CHAT_API_KEY=key1,key2"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="origins allowed by CORS (default: none), comma-separated in the env")
+        default_factory=list, description="origins allowed by CORS (default: none), comma-separated in the env"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, how long the running generation may finish")

@@ -19,6 +19,7 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     from quant.load import default_model_path
+
     path = default_model_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
@@ -41,12 +42,21 @@ def start_server(cache_dir, tmp_path_factory):
     ``cache_dir`` (as `make serve` does at its first start)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True, launcher: list[str] = (),
-              command: tuple[str, ...] = (sys.executable, "-m", "server")) -> ServerProcess:
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        launcher: list[str] = (),
+        command: tuple[str, ...] = (sys.executable, "-m", "server"),
+    ) -> ServerProcess:
         # eager decoding unless a test asks for --compile: compiling takes minutes per model
-        proc = ServerProcess(list(args), {"Q8CHAT_CACHE_DIR": str(cache_dir), "Q8CHAT_COMPILE": "false",
-                                          **(env or {})},
-                             tmp_path_factory.mktemp("logs") / "server.log", launcher, command)
+        proc = ServerProcess(
+            list(args),
+            {"Q8CHAT_CACHE_DIR": str(cache_dir), "Q8CHAT_COMPILE": "false", **(env or {})},
+            tmp_path_factory.mktemp("logs") / "server.log",
+            launcher,
+            command,
+        )
         started.append(proc)
         if wait:
             proc.wait_ready(timeout=1800)  # the first start quantizes (minutes), a compiled one compiles too
@@ -68,5 +78,14 @@ def tiny_server(start_server, tokenizer, tmp_path_factory):
     """A real server on a tiny random INT8 model: the whole HTTP surface at thousands of tokens a second (what
     the fuzz and robustness tests need; its answers are noise). Bodies time out after 1 s."""
     checkpoint = tiny_checkpoint(tokenizer, tmp_path_factory.mktemp("tiny") / "tiny")
-    return start_server("--model", str(checkpoint), "--context-length", "256", "--body-timeout-s", "1",
-                        "--max-queue", "64", env={"Q8CHAT_CACHE_DIR": str(tmp_path_factory.mktemp("tiny-cache"))})
+    return start_server(
+        "--model",
+        str(checkpoint),
+        "--context-length",
+        "256",
+        "--body-timeout-s",
+        "1",
+        "--max-queue",
+        "64",
+        env={"Q8CHAT_CACHE_DIR": str(tmp_path_factory.mktemp("tiny-cache"))},
+    )

@@ -18,18 +18,37 @@ from server.engine.engine import ContextLengthExceeded, StepOutput
 
 def tiny_llama(vocab_size: int, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
+
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
 def tiny_mpt(vocab_size: int, seed: int = 0):
     from transformers import AutoModelForCausalLM, MptConfig
+
     torch.manual_seed(seed)
-    config = MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=vocab_size, max_seq_len=256,
-                       eos_token_id=2, bos_token_id=1)
+    config = MptConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        expansion_ratio=2,
+        vocab_size=vocab_size,
+        max_seq_len=256,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -71,6 +90,8 @@ class FakeEngine:
             self.steps_run += 1
             stats.completion_tokens = i + 1
             last = i == len(self.words) - 1 or i + 1 == params.max_tokens
-            yield StepOutput(("" if i == 0 else " ") + word, ("stop" if i == len(self.words) - 1 else "length") if last else None)
+            yield StepOutput(
+                ("" if i == 0 else " ") + word, ("stop" if i == len(self.words) - 1 else "length") if last else None
+            )
             if last:
                 return

@@ -35,8 +35,11 @@ def onednn_implementations(run: Callable[[], object]) -> list[tuple[str, str]]:
 
 def onednn_executions(text: str) -> list[tuple[str, str]]:
     """(primitive, implementation) of each execution line of oneDNN's verbose output in ``text``."""
-    fields = [line.split(",") for line in text.splitlines()
-              if line.startswith("onednn_verbose") and ",primitive,exec," in line]
+    fields = [
+        line.split(",")
+        for line in text.splitlines()
+        if line.startswith("onednn_verbose") and ",primitive,exec," in line
+    ]
     return [(f[5], f[6]) for f in fields if len(f) > 6]
 
 

@@ -14,11 +14,31 @@ pytestmark = pytest.mark.e2e
 def test_bench_writes_json_and_a_ratio_table(cache_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "q8chat", "bench",
-         "--variants", "hf-fp32,q8chat-int8-dynamic-eager,q8chat-served-eager",
-         "--prompt-tokens", "48", "--decode-tokens", "8", "--new-tokens", "8", "--reps", "1",
-         "--cache-dir", str(cache_dir), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "q8chat",
+            "bench",
+            "--variants",
+            "hf-fp32,q8chat-int8-dynamic-eager,q8chat-served-eager",
+            "--prompt-tokens",
+            "48",
+            "--decode-tokens",
+            "8",
+            "--new-tokens",
+            "8",
+            "--reps",
+            "1",
+            "--cache-dir",
+            str(cache_dir),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {r["variant"]: r for r in report["results"]}

@@ -15,15 +15,29 @@ pytestmark = pytest.mark.e2e
 
 
 def q8chat(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "q8chat", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "q8chat", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "smollm2-int8"
-    result = q8chat("quantize", "--model", "default", "--out", str(out), "--alpha", "auto", "--scheme", "static",
-                    "--calib-samples", "8", "--calib-length", "256")
+    result = q8chat(
+        "quantize",
+        "--model",
+        "default",
+        "--out",
+        str(out),
+        "--alpha",
+        "auto",
+        "--scheme",
+        "static",
+        "--calib-samples",
+        "8",
+        "--calib-length",
+        "256",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "calibrating" in result.stderr and "alpha search" in result.stderr  # progress bars
     return out
@@ -44,7 +58,8 @@ def test_quantize_refuses_a_non_empty_directory(checkpoint):
     result = q8chat("quantize", "--out", str(checkpoint))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"q8chat quantize: error: {checkpoint}: exists and is not empty (use --force to overwrite)")
+        f"q8chat quantize: error: {checkpoint}: exists and is not empty (use --force to overwrite)"
+    )
 
 
 def test_bad_model_path_is_one_clear_line(tmp_path):
@@ -55,8 +70,21 @@ def test_bad_model_path_is_one_clear_line(tmp_path):
 
 def test_eval_compares_variants_and_shows_int8_kernels(tmp_path):
     report = tmp_path / "eval.json"
-    result = q8chat("eval", "--model", "default", "--compare", "float,naive,auto", "--limit", "20",
-                    "--ppl-tokens", "2048", "--calib-samples", "8", "--json", str(report))
+    result = q8chat(
+        "eval",
+        "--model",
+        "default",
+        "--compare",
+        "float,naive,auto",
+        "--limit",
+        "20",
+        "--ppl-tokens",
+        "2048",
+        "--calib-samples",
+        "8",
+        "--json",
+        str(report),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(report.read_text())
     assert [r["name"] for r in rows] == ["float", "naive (dynamic)", "auto (dynamic)"]

@@ -26,18 +26,25 @@ from tests.kernel_audit import onednn_executions, reference_kernels
 pytestmark = pytest.mark.e2e
 
 MODEL = "SmolLM2-135M-Instruct"
-PROMPTS = ["Write a short story about a robot who learns to paint.",
-           "List three uses of a paper clip, one per line."]
+PROMPTS = ["Write a short story about a robot who learns to paint.", "List three uses of a paper clip, one per line."]
 
 
 def greedy(server, content: str, max_tokens: int = 8) -> dict:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     response = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=600)
     assert response.status_code == 200, response.text
     answer = response.json()
-    return {"text": answer["choices"][0]["message"]["content"], "finish": answer["choices"][0]["finish_reason"],
-            "tokens": answer["usage"]["completion_tokens"], "prompt_tokens": answer["usage"]["prompt_tokens"]}
+    return {
+        "text": answer["choices"][0]["message"]["content"],
+        "finish": answer["choices"][0]["finish_reason"],
+        "tokens": answer["usage"]["completion_tokens"],
+        "prompt_tokens": answer["usage"]["prompt_tokens"],
+    }
 
 
 def health_during(server, run) -> tuple[float, list[float]]:

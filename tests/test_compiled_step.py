@@ -47,8 +47,9 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
     prompt = torch.randint(0, 2000, (20,), generator=torch.Generator().manual_seed(7)).tolist()
 
     def logits(decoder):
-        return torch.stack([decoder.forward(prompt, 0)] +
-                           [decoder.forward([token], 20 + i) for i, token in enumerate(prompt[:8])])
+        return torch.stack(
+            [decoder.forward(prompt, 0)] + [decoder.forward([token], 20 + i) for i, token in enumerate(prompt[:8])]
+        )
 
     expected, got = logits(eager), logits(compiled)
     assert (got - expected).abs().max() < 0.1 * expected.std()
@@ -57,7 +58,8 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
 
 @pytest.mark.e2e
 def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_the_next_start(
-        start_server, tokenizer, tmp_path):
+    start_server, tokenizer, tmp_path
+):
     checkpoint = tiny_checkpoint(tokenizer, tmp_path / "tiny")
     env = {"Q8CHAT_COMPILE": "true", "Q8CHAT_CACHE_DIR": str(tmp_path / "cache"), "CXX": "/nonexistent/c++"}
     first = start_server("--model", str(checkpoint), env=env)
@@ -126,6 +128,7 @@ def test_a_step_slower_than_eager_is_not_served_nor_built_again(tiny_int8, tmp_p
             def __call__(self, *args):
                 time.sleep(0.05)
                 return call(*args)
+
         return Slow()
 
     monkeypatch.setattr(compiled_step, "load", slow_load)

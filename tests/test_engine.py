@@ -24,6 +24,7 @@ def make_engine(request, tiny_model, tokenizer):
             decoder = make_decoder(lambda: tiny_model, tiny_model.config, context)
             assert isinstance(decoder, StaticDecoder)
         return Engine(decoder, tokenizer, context, set(eos))
+
     return make
 
 

@@ -11,17 +11,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import load_all_checks
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = 100  # per operation and mode: 400 completions requests in all
 COMPLETIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]
 READS = [("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/")]
-RUNS = [(method, path, mode) for method, path in COMPLETIONS for mode in (GenerationMode.POSITIVE,
-                                                                          GenerationMode.NEGATIVE)] + \
-       [(method, path, GenerationMode.POSITIVE) for method, path in READS]
+RUNS = [
+    (method, path, mode) for method, path in COMPLETIONS for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+] + [(method, path, GenerationMode.POSITIVE) for method, path in READS]
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -35,8 +38,9 @@ def published(tiny_server):
 def test_generated_requests_get_no_5xx_and_openai_shaped_4xx(published, tiny_server, method, path, mode):
     strategy = published[path][method].as_strategy(generation_mode=mode)
 
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(data=st.data())
     def run(data):
         case = data.draw(strategy)

@@ -19,8 +19,10 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert q.dtype == torch.int8 and q.abs().max() <= 127
 
     for x in (calibration, inputs(1024)):  # held-out rows too: not just fitted to the calibration
+
         def output_error(values):
             return ((x @ (values.float() * scale[:, None]).T - x @ w.T) ** 2).mean()
+
         assert output_error(q) < 0.3 * output_error(rtn)
 
 

@@ -43,8 +43,14 @@ def still_serving(client) -> None:
 
 
 LOOSE = [  # values OpenAI's schema types strictly: accepted by coercion before
-    ("stream", "yes"), ("max_tokens", "4"), ("max_tokens", True), ("temperature", "0.5"), ("top_k", 2.0),
-    ("seed", 2**64), ("seed", -(2**63) - 1), ("stop", ["a", "b", "c", "d", "e"]),
+    ("stream", "yes"),
+    ("max_tokens", "4"),
+    ("max_tokens", True),
+    ("temperature", "0.5"),
+    ("top_k", 2.0),
+    ("seed", 2**64),
+    ("seed", -(2**63) - 1),
+    ("stop", ["a", "b", "c", "d", "e"]),
 ]
 
 
@@ -66,11 +72,18 @@ def test_an_empty_or_batched_completion_prompt_is_a_400_before_streaming(client,
     assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
 
 
-@pytest.mark.parametrize("raw", [b'{"model": "tiny", "messages": [], "temperature": NaN}',
-                                 b'{"model": "tiny", "temperature": Infinity}', b'{"a": -Infinity}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "tiny", "messages": [], "temperature": NaN}',
+        b'{"model": "tiny", "temperature": Infinity}',
+        b'{"a": -Infinity}',
+    ],
+)
 def test_nan_and_infinity_are_not_json(client, raw):
-    error = assert_error(client.post(URL, content=raw, headers={"content-type": "application/json"}), 400,
-                         code="invalid_json")
+    error = assert_error(
+        client.post(URL, content=raw, headers={"content-type": "application/json"}), 400, code="invalid_json"
+    )
     assert "not valid JSON" in error["message"]
 
 
@@ -83,18 +96,25 @@ def test_json_nested_100000_deep_is_a_400(client):
 @pytest.mark.parametrize("where", ["content", "model", "key"])
 def test_a_lone_surrogate_is_a_400_and_the_connection_survives(client, where):
     body = json.dumps(M)
-    body = {"content": body.replace('"hi"', '"hi \\ud800"'), "model": body.replace('"tiny"', '"\\udfff"'),
-            "key": body.replace('"max_tokens"', '"\\ud800"')}[where]
+    body = {
+        "content": body.replace('"hi"', '"hi \\ud800"'),
+        "model": body.replace('"tiny"', '"\\udfff"'),
+        "key": body.replace('"max_tokens"', '"\\ud800"'),
+    }[where]
     error = assert_error(client.post(URL, content=body.encode()), 400, code="invalid_json")
     assert "surrogate" in error["message"]
     still_serving(client)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "application/json; charset=utf-16"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/json; charset=utf-16"]
+)
 def test_a_body_not_declared_as_utf8_json_is_a_415(client, content_type):
-    assert_error(client.post(URL, content=json.dumps(M).encode(), headers={"content-type": content_type}), 415,
-                 code="unsupported_media_type")
+    assert_error(
+        client.post(URL, content=json.dumps(M).encode(), headers={"content-type": content_type}),
+        415,
+        code="unsupported_media_type",
+    )
 
 
 def test_json_declared_without_a_content_type_or_as_a_json_subtype_is_read(client):
@@ -105,8 +125,7 @@ def test_json_declared_without_a_content_type_or_as_a_json_subtype_is_read(clien
 
 def test_a_utf16_body_is_a_400_not_json_by_guesswork(client):
     raw = json.dumps(M).encode("utf-16")
-    assert_error(client.post(URL, content=raw, headers={"content-type": "application/json"}), 400,
-                 code="invalid_json")
+    assert_error(client.post(URL, content=raw, headers={"content-type": "application/json"}), 400, code="invalid_json")
 
 
 def test_405_names_the_allowed_methods(client):

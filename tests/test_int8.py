@@ -34,8 +34,8 @@ def test_each_row_is_quantized_on_its_own_whatever_block_it_is_searched_in():
     w = torch.randn(1100, 48) * torch.logspace(-2, 1, 1100)[:, None]  # more rows than one search block
     q, scale = quantize_per_channel(w)
     for row in (0, 1023, 1024, 1099):
-        alone_q, alone_scale = quantize_per_channel(w[row:row + 1])
-        assert torch.equal(q[row:row + 1], alone_q) and torch.equal(scale[row:row + 1], alone_scale)
+        alone_q, alone_scale = quantize_per_channel(w[row : row + 1])
+        assert torch.equal(q[row : row + 1], alone_q) and torch.equal(scale[row : row + 1], alone_scale)
 
 
 def test_per_token_activation_error_is_within_half_a_step():

@@ -44,7 +44,7 @@ def operands(rows: int, k: int = 576, n: int = 192, seed: int = 0) -> tuple[torc
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
     x[0] = 127
     w[: n // 2] = 127
-    w[n // 2:, : k // 2] = -127
+    w[n // 2 :, : k // 2] = -127
     return x, w
 
 
@@ -52,7 +52,7 @@ def assert_exact(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, kernel: st
     """s8s8, u8s8 and the reference are exact; bf16 sums exactly and may round the sum to BF16 (2**-9)."""
     want = exact(x, w)
     error = (got.double() - want).abs()
-    bound = 0 if kernel != "bf16" else want.abs() * 2 ** -8
+    bound = 0 if kernel != "bf16" else want.abs() * 2**-8
     assert torch.all(error <= bound), f"{kernel}: error {error.max():.0f} where the sum is {want.abs().max():.0f}"
 
 
@@ -64,8 +64,9 @@ def test_this_cpus_eager_kernel_and_the_reference_are_exact(rows):
 
 
 class IntegerProduct(nn.Module):
-    """An INT8 layer's integer product compiled alone: the layer's kernel on token rows [1, T, K] (per-token scale 1, so exact integers in), with its float rescale (weight scale 1/2: exact, and
-    not a multiplication by one that inductor would drop, taking the INT8 pattern with it)."""
+    """An INT8 layer's integer product compiled alone: the layer's kernel on token rows [1, T, K] (per-token
+    scale 1, so exact integers in), with its float rescale (weight scale 1/2: exact, and not a multiplication by
+    one that inductor would drop, taking the INT8 pattern with it)."""
 
     def __init__(self, weight: torch.Tensor, kernel: str) -> None:
         super().__init__()
@@ -141,7 +142,8 @@ def test_this_cpus_compiled_steps_run_no_reference_kernel_and_give_the_eager_log
 
 @pytest.mark.skipif("amx_int8" in cpu_flags(), reason="AMX multiplies s8 by s8: no reference kernel to catch")
 def test_the_audit_catches_the_reference_kernel_s8s8_ran_on_this_cpu_before_kernels_were_chosen(
-        tiny_w8a8, tmp_path, monkeypatch):
+    tiny_w8a8, tmp_path, monkeypatch
+):
     """On AVX-512 VNNI, oneDNN's reference int8 matmul (``ref_int8``); on AVX2, without q8chat's own micro-kernel
     (``avx2_int8_gemm``), inductor's reference micro-kernel."""
     from torch._inductor import config

@@ -33,6 +33,7 @@ def test_directory_without_config(tmp_path):
 
 def test_hf_directory_roundtrip(tmp_path, tokenizer):
     from tests.conftest import tiny_mpt
+
     model = tiny_mpt(len(tokenizer))
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -19,8 +19,11 @@ QUESTION = [{"role": "user", "content": "Say hello."}]
 
 def samples(base_url: str, headers=None) -> dict[tuple, float]:
     text = httpx.get(base_url + "/metrics", headers=headers).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(metrics, name, **labels) -> float:
@@ -37,13 +40,25 @@ def test_metrics_count_requests_tokens_and_latencies_exactly(ops_server):
     before = samples(url)
     usages = []
     for i in range(3):
-        r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 5 + i,
-                                                           "ignore_eos": True}, timeout=120)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": QUESTION, "max_tokens": 5 + i, "ignore_eos": True},
+            timeout=120,
+        )
         usages.append(r.json()["usage"])
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120,
-                      json={"model": MODEL, "messages": QUESTION, "max_tokens": 4, "stream": True,
-                            "stream_options": {"include_usage": True}}) as r:
-        lines = [l for l in r.iter_lines() if l.startswith("data: {")]
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": MODEL,
+            "messages": QUESTION,
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
     usages.append(json.loads(lines[-1][6:])["usage"])
     httpx.post(url + "/v1/chat/completions", json={"model": "nope", "messages": QUESTION}, timeout=30)
     after = samples(url)
@@ -82,8 +97,16 @@ def test_gauges_return_to_zero_after_cancelled_requests(ops_server):
 
 @pytest.fixture(scope="module")
 def keyed_server(start_server):
-    return start_server("--api-key", "k1-secret-value", "--api-key", "k2-secret-value", "--log-format", "json",
-                        "--cors-origins", "http://chat.example")
+    return start_server(
+        "--api-key",
+        "k1-secret-value",
+        "--api-key",
+        "k2-secret-value",
+        "--log-format",
+        "json",
+        "--cors-origins",
+        "http://chat.example",
+    )
 
 
 def test_api_keys(keyed_server):
@@ -93,7 +116,9 @@ def test_api_keys(keyed_server):
         r = httpx.post(url, json=body, headers=headers, timeout=60)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(keyed_server.base_url + "/v1/models").status_code == 401
-    assert httpx.post(url, json=body, headers={"Authorization": "Bearer k1-secret-value"}, timeout=60).status_code == 200
+    assert (
+        httpx.post(url, json=body, headers={"Authorization": "Bearer k1-secret-value"}, timeout=60).status_code == 200
+    )
     assert httpx.post(url, json=body, headers={"X-Api-Key": "k2-secret-value"}, timeout=60).status_code == 200
     assert httpx.get(keyed_server.base_url + "/health").status_code == 200  # open for health checks
     log = keyed_server.log()
@@ -102,7 +127,10 @@ def test_api_keys(keyed_server):
 
 def test_cors_allows_only_the_configured_origins(keyed_server):
     url = keyed_server.base_url + "/v1/chat/completions"
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     allowed = httpx.options(url, headers={"Origin": "http://chat.example", **preflight})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://chat.example"
     other = httpx.options(url, headers={"Origin": "http://evil.example", **preflight})
@@ -110,11 +138,17 @@ def test_cors_allows_only_the_configured_origins(keyed_server):
 
 
 def test_json_access_log_has_one_line_per_request(keyed_server):
-    r = httpx.post(keyed_server.base_url + "/v1/chat/completions", headers={"X-Api-Key": "k1-secret-value"},
-                   json={"model": MODEL, "messages": QUESTION, "max_tokens": 3, "ignore_eos": True}, timeout=60)
+    r = httpx.post(
+        keyed_server.base_url + "/v1/chat/completions",
+        headers={"X-Api-Key": "k1-secret-value"},
+        json={"model": MODEL, "messages": QUESTION, "max_tokens": 3, "ignore_eos": True},
+        timeout=60,
+    )
     request_id = r.json()["id"]
     time.sleep(0.2)
-    lines = [json.loads(l) for l in keyed_server.log().splitlines() if l.startswith("{") and request_id in l]
+    lines = [
+        json.loads(line) for line in keyed_server.log().splitlines() if line.startswith("{") and request_id in line
+    ]
     assert len(lines) == 1
     entry = lines[0]
     assert entry["status"] == 200 and entry["completion_tokens"] == 3 and entry["ttft_s"] > 0
@@ -127,8 +161,9 @@ def test_sigterm_finishes_the_running_generation_refuses_waiters_and_exits_zero(
     results: dict[str, httpx.Response] = {}
 
     def call(name, tokens):
-        results[name] = httpx.post(url, json={"model": MODEL, "messages": QUESTION, "max_tokens": tokens,
-                                              "ignore_eos": True}, timeout=120)
+        results[name] = httpx.post(
+            url, json={"model": MODEL, "messages": QUESTION, "max_tokens": tokens, "ignore_eos": True}, timeout=120
+        )
 
     # long enough to be still running at SIGTERM (1.5 s in): 60 tokens sometimes finished first, the
     # waiting request got its turn, and the test saw 200 instead of 503

@@ -65,6 +65,7 @@ def test_this_machine(tmp_path):
 
 def test_isa_names_the_int8_extensions(tmp_path):
     from server.runtime.placement import cpu_isa
+
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni amx_int8 amx_tile\n")
     isa = cpu_isa(cpuinfo)

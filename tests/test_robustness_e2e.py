@@ -29,16 +29,19 @@ def raw_exchange(server, data: bytes, wait_s: float = 10.0) -> bytes:
 
 
 def request_head(length: int) -> bytes:
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def server_errors(server) -> list[str]:
     """What the server recorded as its own failures: 500s in /metrics (503s are its start), tracebacks in its log."""
     metrics = httpx.get(server.base_url + "/metrics").text
     fives = re.findall(r'q8chat_requests_total\{[^}]*status="500"[^}]*\} ([\d.]+)', metrics)
-    return [f"{count} 500s" for count in fives if float(count)] + \
-        [line for line in server.log().splitlines() if "Traceback" in line or "internal error" in line]
+    return [f"{count} 500s" for count in fives if float(count)] + [
+        line for line in server.log().splitlines() if "Traceback" in line or "internal error" in line
+    ]
 
 
 def assert_serving(server) -> None:
@@ -80,8 +83,15 @@ def test_a_keep_alive_connection_survives_a_400_for_a_lone_surrogate(tiny_server
     assert server_errors(tiny_server) == []
 
 
-@pytest.mark.parametrize("extreme", [{"temperature": 1e-300}, {"repetition_penalty": 5e-324},
-                                     {"repetition_penalty": 1e300, "temperature": 2.0}, {"top_p": 5e-324}])
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        {"temperature": 1e-300},
+        {"repetition_penalty": 5e-324},
+        {"repetition_penalty": 1e300, "temperature": 2.0},
+        {"top_p": 5e-324},
+    ],
+)
 def test_extreme_sampling_values_sample(tiny_server, extreme):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extreme}
     response = httpx.post(tiny_server.base_url + "/v1/chat/completions", json=body, timeout=60)

@@ -17,7 +17,10 @@ def test_greedy_takes_the_argmax():
 
 def test_same_seed_same_tokens_different_seed_differs():
     params = SamplingParams(max_tokens=1, temperature=1.5)
-    draw = lambda seed: [sample(logits(), params, g, [], []) for g in [new_generator(seed)] for _ in range(50)]
+
+    def draw(seed):
+        return [sample(logits(), params, g, [], []) for g in [new_generator(seed)] for _ in range(50)]
+
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
 
@@ -43,19 +46,33 @@ def test_penalties():
 def test_a_64_bit_seed_of_either_sign_seeds_a_generator():
     params = SamplingParams(max_tokens=1, temperature=1.0)
     for seed in (2**63 - 1, -(2**63), -1):
-        assert sample(logits(), params, new_generator(seed), [], []) == sample(logits(), params, new_generator(seed), [], [])
+        first, again = (sample(logits(), params, new_generator(seed), [], []) for _ in range(2))
+        assert first == again
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(temperature=st.one_of(st.just(0.0), st.floats(0.0, 2.0, allow_subnormal=True)),
-       top_p=st.floats(5e-324, 1.0, exclude_min=False), top_k=st.integers(0, 10),
-       presence=st.floats(-2.0, 2.0), frequency=st.floats(-2.0, 2.0),
-       repetition=st.floats(5e-324, 1e308), scale=st.sampled_from([1.0, 1e30, 1e-30]))
-def test_every_parameter_the_protocol_accepts_samples_a_valid_token(temperature, top_p, top_k, presence, frequency,
-                                                                    repetition, scale):
+@given(
+    temperature=st.one_of(st.just(0.0), st.floats(0.0, 2.0, allow_subnormal=True)),
+    top_p=st.floats(5e-324, 1.0, exclude_min=False),
+    top_k=st.integers(0, 10),
+    presence=st.floats(-2.0, 2.0),
+    frequency=st.floats(-2.0, 2.0),
+    repetition=st.floats(5e-324, 1e308),
+    scale=st.sampled_from([1.0, 1e30, 1e-30]),
+)
+def test_every_parameter_the_protocol_accepts_samples_a_valid_token(
+    temperature, top_p, top_k, presence, frequency, repetition, scale
+):
     """Extreme but valid values (a temperature of 1e-300, a repetition penalty of 5e-324) must never give a
     NaN distribution: sampling raised 'probability tensor contains inf, nan or element < 0' on them."""
-    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k,
-                            presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition)
+    params = SamplingParams(
+        max_tokens=1,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
+    )
     token = sample(logits() * scale, params, new_generator(0), prompt_ids=[0, 3], generated=[1, 1, 4])
     assert 0 <= token < 5

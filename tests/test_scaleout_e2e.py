@@ -36,10 +36,14 @@ def cluster(start_server, tmp_path_factory):
     prefix = tmp_path_factory.mktemp("nginx")
     port = free_port()
     conf = Template((ROOT / "deploy/nginx-local.conf.template").read_text()).safe_substitute(
-        PORT_A=replicas[0].port, PORT_B=replicas[1].port, PORT_NGINX=port, PREFIX=prefix, DEPLOY_DIR=ROOT / "deploy")
+        PORT_A=replicas[0].port, PORT_B=replicas[1].port, PORT_NGINX=port, PREFIX=prefix, DEPLOY_DIR=ROOT / "deploy"
+    )
     (prefix / "nginx.conf").write_text(conf)
-    nginx = subprocess.Popen([NGINX, "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    nginx = subprocess.Popen(
+        [NGINX, "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(50):
         try:
@@ -53,8 +57,11 @@ def cluster(start_server, tmp_path_factory):
 
 
 def chat(base, **extra):
-    return httpx.post(base + "/v1/chat/completions", timeout=120,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, **extra})
+    return httpx.post(
+        base + "/v1/chat/completions",
+        timeout=120,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, **extra},
+    )
 
 
 def test_replicas_are_pinned_to_different_cores(cluster):
@@ -68,6 +75,7 @@ def test_replicas_are_pinned_to_different_cores(cluster):
 def test_requests_spread_across_both_replicas(cluster):
     base, replicas, access_log, _ = cluster
     import threading
+
     threads = [threading.Thread(target=chat, args=(base,)) for _ in range(6)]
     for t in threads:
         t.start()
@@ -81,9 +89,18 @@ def test_requests_spread_across_both_replicas(cluster):
 def test_streaming_passes_through_unbuffered(cluster):
     base, *_ = cluster
     arrivals = []
-    with httpx.stream("POST", base + "/v1/chat/completions", timeout=120,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "Count to fifty."}],
-                            "max_tokens": 60, "ignore_eos": True, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        base + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Count to fifty."}],
+            "max_tokens": 60,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: {"):

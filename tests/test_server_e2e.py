@@ -52,8 +52,12 @@ def test_chat_non_stream_with_the_openai_client(client):
 
 
 def test_greedy_stream_equals_greedy_non_stream(client):
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
-                  max_tokens=40, temperature=0)
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+        max_tokens=40,
+        temperature=0,
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -63,20 +67,26 @@ def test_greedy_stream_equals_greedy_non_stream(client):
 def test_completions_stream_and_non_stream(client):
     whole = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert whole.object == "text_completion" and whole.choices[0].text
-    streamed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
-                                         temperature=0, stream=True)
+    streamed = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
 
 
 def test_sse_framing_usage_chunk_and_done(server):
-    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": QUESTION,
+        "max_tokens": 12,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        lines = [l for l in sse_events(r) if not l.startswith(":")]
-    assert all(l.startswith("data: ") for l in lines)
+        lines = [line for line in sse_events(r) if not line.startswith(":")]
+    assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert sum(1 for c in chunks for ch in c["choices"] if ch["finish_reason"]) == 1
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -85,32 +95,44 @@ def test_sse_framing_usage_chunk_and_done(server):
 
 
 def test_seed_reproduces_sampled_output(client):
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a short story."}], max_tokens=24,
-                  temperature=1.0, top_p=0.95, seed=1234)
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a short story."}],
+        max_tokens=24,
+        temperature=1.0,
+        top_p=0.95,
+        seed=1234,
+    )
     first = client.chat.completions.create(**kwargs).choices[0].message.content
     second = client.chat.completions.create(**kwargs).choices[0].message.content
     assert first == second
 
 
 def test_stop_string_is_not_emitted(client):
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Count from one to ten in words."}],
-                  max_tokens=40, temperature=0)
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count from one to ten in words."}],
+        max_tokens=40,
+        temperature=0,
+    )
     full = client.chat.completions.create(**kwargs).choices[0].message.content
     words = full.split()
     assert len(words) > 4, full
     stop = words[3]
     r = client.chat.completions.create(stop=[stop], **kwargs)
-    assert r.choices[0].message.content == full[:full.index(stop)]
+    assert r.choices[0].message.content == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     streamed = client.chat.completions.create(stop=stop, stream=True, **kwargs)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.index(stop)]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[: full.index(stop)]
 
 
 def test_second_turn_reuses_the_cached_prefix(client):
     history = [{"role": "user", "content": "Name a fruit."}]
     first = client.chat.completions.create(model=MODEL, messages=history, max_tokens=12, temperature=0)
-    history += [{"role": "assistant", "content": first.choices[0].message.content},
-                {"role": "user", "content": "And a vegetable?"}]
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And a vegetable?"},
+    ]
     second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=12, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
@@ -118,8 +140,13 @@ def test_second_turn_reuses_the_cached_prefix(client):
 
 def test_streamed_text_has_no_broken_characters(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Réponds en français avec des émojis 😀 : ça va ?"}],
-        max_tokens=40, temperature=0.8, seed=3, stream=True)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Réponds en français avec des émojis 😀 : ça va ?"}],
+        max_tokens=40,
+        temperature=0.8,
+        seed=3,
+        stream=True,
+    )
     assert all("\ufffd" not in (c.choices[0].delta.content or "") for c in stream if c.choices)
 
 
@@ -152,8 +179,11 @@ def test_bad_requests_get_openai_shaped_errors(server, name, body, status, param
 def test_context_length_exceeded_before_streaming(server):
     long = "word " * 9000
     for stream in (False, True):
-        r = post(server, "/v1/chat/completions", {"model": MODEL, "stream": stream,
-                                                  "messages": [{"role": "user", "content": long}]})
+        r = post(
+            server,
+            "/v1/chat/completions",
+            {"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": long}]},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert_still_serving(server)
 
@@ -161,7 +191,9 @@ def test_context_length_exceeded_before_streaming(server):
 def test_unknown_route_and_oversized_body(server):
     r = httpx.get(server.base_url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2_000_000}]})
+    r = post(
+        server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    )
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
     assert_still_serving(server)
 
@@ -190,8 +222,9 @@ def test_queue_overflow_answers_429_never_hangs(server):
     lock = threading.Lock()
 
     def request():
-        r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 24,
-                                                  "ignore_eos": True})
+        r = post(
+            server, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 24, "ignore_eos": True}
+        )
         with lock:
             results.append(r)
 
@@ -210,14 +243,19 @@ def test_queue_overflow_answers_429_never_hangs(server):
 
 def test_keepalive_comments_while_waiting_for_the_turn(server):
     """A stream waiting behind a long generation receives SSE comments, not silence."""
-    blocker = threading.Thread(target=post, args=(server, "/v1/chat/completions",
-                                                  {**long_stream_body(120), "stream": False}))
+    blocker = threading.Thread(
+        target=post, args=(server, "/v1/chat/completions", {**long_stream_body(120), "stream": False})
+    )
     blocker.start()
     time.sleep(1.0)
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions",
-                      json={"model": MODEL, "messages": QUESTION, "max_tokens": 4, "stream": True}, timeout=300) as r:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": QUESTION, "max_tokens": 4, "stream": True},
+        timeout=300,
+    ) as r:
         lines = sse_events(r)
     blocker.join()
-    first_content = next(i for i, l in enumerate(lines) if '"content":"' in l and '"content":""' not in l)
-    assert any(l.startswith(":") for l in lines[:first_content])  # comments while it waited its turn
+    first_content = next(i for i, line in enumerate(lines) if '"content":"' in line and '"content":""' not in line)
+    assert any(line.startswith(":") for line in lines[:first_content])  # comments while it waited its turn
     assert lines[-1] == "data: [DONE]"

@@ -50,6 +50,7 @@ def test_stream_chunks_follow_the_openai_shape(tokenizer):
 
 def test_non_stream_drains_the_same_stream(tokenizer):
     svc = service(tokenizer, FakeEngine())
+
     async def run():
         return await svc.chat_response(await svc.prepare_chat(chat(max_tokens=2)))
 
@@ -62,6 +63,7 @@ def test_non_stream_drains_the_same_stream(tokenizer):
 def test_completion_stream(tokenizer):
     svc = service(tokenizer, FakeEngine())
     request = CompletionRequest.parse({"model": "tiny", "prompt": "Once", "max_tokens": 5})
+
     async def run():
         return await collect(svc.completion_chunks(await svc.prepare_completion(request)))
 
@@ -72,8 +74,11 @@ def test_completion_stream(tokenizer):
 def test_wrong_model_and_too_long_prompt_fail_before_streaming(tokenizer):
     svc = service(tokenizer, FakeEngine(context_length=30))
     with pytest.raises(ModelNotFound):
-        asyncio.run(svc.prepare_chat(ChatCompletionRequest.parse(
-            {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})))
+        asyncio.run(
+            svc.prepare_chat(
+                ChatCompletionRequest.parse({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
+            )
+        )
     with pytest.raises(ContextLengthExceeded):
         asyncio.run(svc.prepare_chat(chat(max_tokens=25)))
 
@@ -84,9 +89,9 @@ def test_queue_admits_max_queue_waiters_then_refuses(tokenizer):
 
     async def scenario():
         first = asyncio.ensure_future(svc.chat_response(await svc.prepare_chat(chat())))
-        await asyncio.sleep(0.05)                 # first is running
+        await asyncio.sleep(0.05)  # first is running
         second = asyncio.ensure_future(svc.chat_response(await svc.prepare_chat(chat())))
-        await asyncio.sleep(0.05)                 # second is waiting
+        await asyncio.sleep(0.05)  # second is waiting
         with pytest.raises(QueueFull):
             await svc.prepare_chat(chat())
         results = await asyncio.gather(first, second)

@@ -24,9 +24,12 @@ def test_defaults_listen_on_loopback_only(monkeypatch):
 
 def test_a_bad_flag_stops_q8chat_serve_before_it_starts_anything():
     """--alpha was parsed only after the HTTP server was up and the model was loading."""
-    result = subprocess.run([sys.executable, "-m", "server", "--alpha", "1.5", "--port", "1"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--alpha", "1.5", "--port", "1"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip() == "q8chat serve: error: --alpha: Input should be 'auto', or Input should be less " \
-                                    "than or equal to 1"
+    assert (
+        result.stderr.strip() == "q8chat serve: error: --alpha: Input should be 'auto', or Input should be less "
+        "than or equal to 1"
+    )
     assert Settings.from_args(["--alpha", "0.5"]).alpha == 0.5 and Settings.from_args([]).alpha == "auto"

@@ -50,7 +50,7 @@ def test_smoothing_alone_leaves_float_outputs_unchanged(tiny_model):
         if group.norm is None:
             continue
         linears = [model.get_submodule(n) for n in group.linears]
-        s = smoothing_scale(stats[group.key]["absmax"], [l.weight for l in linears], 0.5)
+        s = smoothing_scale(stats[group.key]["absmax"], [lin.weight for lin in linears], 0.5)
         norm = model.get_submodule(group.norm)
         norm.weight.div_(s)
         for lin in linears:
@@ -70,6 +70,7 @@ def test_calibration_records_what_each_hooked_layer_and_the_head_see(tiny_model)
     def hook(name):
         def record(_module, inputs, _output) -> None:
             seen[name] = inputs[0].reshape(-1, inputs[0].shape[-1])
+
         return record
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
@@ -107,8 +108,9 @@ def test_smoothquant_beats_naive_w8a8_on_outlier_channels():
     assert sqnr(smoothed, ref) > sqnr(naive, ref) + 6, (sqnr(smoothed, ref), sqnr(naive, ref))
     # the per-tensor static scheme suffers most from outliers, and gains the most
     naive_static = Int8Linear.from_float(linear, scheme="static", input_scale=static_input_scale(absmax, None))(x)
-    smoothed_static = Int8Linear.from_weight(linear.weight * s, None, scheme="static",
-                                             input_scale=static_input_scale(absmax, s), smooth=1 / s)(x)
+    smoothed_static = Int8Linear.from_weight(
+        linear.weight * s, None, scheme="static", input_scale=static_input_scale(absmax, s), smooth=1 / s
+    )(x)
     assert sqnr(smoothed_static, ref) > sqnr(naive_static, ref) + 10
 
 
@@ -133,10 +135,11 @@ def test_norm_fold_and_prescale_give_the_same_quantized_output(tiny_model):
     group = next(g for g in bound_groups(model) if g.norm is not None)
     linears = [model.get_submodule(n) for n in group.linears]
     absmax = stats[group.key]["absmax"]
-    s = smoothing_scale(absmax, [l.weight for l in linears], 0.5)
+    s = smoothing_scale(absmax, [lin.weight for lin in linears], 0.5)
     x = stats[group.key]["sample"]
-    expected = torch.cat([Int8Linear.from_weight(l.weight * s, None, scheme="dynamic", smooth=1 / s)(x)
-                          for l in linears], -1)
+    expected = torch.cat(
+        [Int8Linear.from_weight(lin.weight * s, None, scheme="dynamic", smooth=1 / s)(x) for lin in linears], -1
+    )
     folded = copy.deepcopy(model)
     _convert_group(folded, group, [folded.get_submodule(n) for n in group.linears], s, "dynamic", absmax)
     norm = folded.get_submodule(group.norm)
@@ -147,9 +150,16 @@ def test_norm_fold_and_prescale_give_the_same_quantized_output(tiny_model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("recipe", [Recipe(alpha=None), Recipe(alpha=None, head_scheme="dynamic"),
-                                    Recipe(alpha=0.5, scheme="static"), Recipe(smooth=False)],
-                         ids=lambda r: f"{r.name}-head-{r.head_scheme}")
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(alpha=None),
+        Recipe(alpha=None, head_scheme="dynamic"),
+        Recipe(alpha=0.5, scheme="static"),
+        Recipe(smooth=False),
+    ],
+    ids=lambda r: f"{r.name}-head-{r.head_scheme}",
+)
 def test_quantized_tiny_model_stays_close_to_float(tiny_model, recipe):
     """Every block group, the tied LM head (smoothed W8A8, or INT8 weights with BF16 activations) and
     the embedding in INT8: logits stay close."""
@@ -189,8 +199,7 @@ def test_fallback_keeps_int8_weights_with_bf16_activations(tiny_model):
 @torch.no_grad()
 def test_the_head_keeps_bf16_activations_by_recipe_not_as_a_fallback(tiny_model):
     model = tiny_model
-    stats = collect_activation_stats(model, linear_names(model), [torch.randint(0, 2000, (1, 32))],
-                                     progress=False)
+    stats = collect_activation_stats(model, linear_names(model), [torch.randint(0, 2000, (1, 32))], progress=False)
     report = quantize_model(model, stats, Recipe(alpha=None), progress=False)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     assert head.scheme == "weight_only" and head.smooth is None and embedding.column_scale is None

@@ -12,7 +12,7 @@ def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]
     """Run ``ids`` through the compact model in chunks of the given sizes; logits after each chunk."""
     start, out, caches = 0, [], new_kv_caches(net.config, net.max_len)
     for size in chunks:
-        part = ids[start:start + size]
+        part = ids[start : start + size]
         mask = attention_mask(net.max_len, start, size)
         out.append(net(torch.tensor([part]), torch.arange(start, start + size), mask, caches)[0])
         start += size
@@ -20,9 +20,11 @@ def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("recipe", [None, Recipe(alpha=None), Recipe(alpha=None, scheme="static"),
-                                    Recipe(alpha=0.5, fallback_error=0.0)], ids=["float", "dynamic", "static",
-                                                                                  "weight-only"])
+@pytest.mark.parametrize(
+    "recipe",
+    [None, Recipe(alpha=None), Recipe(alpha=None, scheme="static"), Recipe(alpha=0.5, fallback_error=0.0)],
+    ids=["float", "dynamic", "static", "weight-only"],
+)
 def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe):
     model = tiny_llama(len(tokenizer))
     if recipe is not None:
@@ -32,7 +34,7 @@ def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe
     net = StaticLlama(model, 64).eval()
     # a prompt in one piece, then token by token, as the engine runs it
     chunks = [16] + [1] * 8
-    ends = [sum(chunks[:i + 1]) - 1 for i in range(len(chunks))]
+    ends = [sum(chunks[: i + 1]) - 1 for i in range(len(chunks))]
     for logits, end in zip(compact_logits(net, ids, chunks), ends):
         assert torch.allclose(logits, expected[end], atol=2e-3, rtol=1e-3), end
 
@@ -48,8 +50,11 @@ def test_attention_mask_sees_each_position_up_to_itself():
 
 def test_compiled_steps_get_a_mask_at_least_two_positions_wide():
     assert attention_mask(8, 0, 1, compiled=True).tolist() == [[True, False]]  # the extra position is masked
-    assert attention_mask(8, 0, 3, compiled=True).tolist() == [[True, False, False], [True, True, False],
-                                                               [True, True, True]]
+    assert attention_mask(8, 0, 3, compiled=True).tolist() == [
+        [True, False, False],
+        [True, True, False],
+        [True, True, True],
+    ]
     assert torch.equal(attention_mask(8, 3, 2, compiled=True), attention_mask(8, 3, 2))
 
 

@@ -28,12 +28,12 @@ def test_inner_pages_are_the_whole_pages_inside_the_range():
 
 def test_released_pages_read_as_zeros_and_the_bytes_around_them_are_kept():
     block = torch.full((8 * PAGE,), 7, dtype=torch.uint8)
-    constant = block[100:100 + 5 * PAGE]  # starts mid-page, like a constant inside a package's blob
+    constant = block[100 : 100 + 5 * PAGE]  # starts mid-page, like a constant inside a package's blob
     start, length = inner_pages(constant.data_ptr(), constant.nbytes)
     assert _release(constant) == length == 4 * PAGE
     first = start - block.data_ptr()
-    assert torch.all(block[first:first + length] == 0)  # the kernel's zero page: the memory was given back
-    assert torch.all(block[:first] == 7) and torch.all(block[first + length:] == 7)
+    assert torch.all(block[first : first + length] == 0)  # the kernel's zero page: the memory was given back
+    assert torch.all(block[:first] == 7) and torch.all(block[first + length :] == 7)
 
 
 WRAPPER = """
@@ -68,9 +68,15 @@ class ContainerConstants:
 def test_constants_sharing_an_original_name_are_named_by_size_where_that_tells_them_apart():
     packed, raw = torch.zeros(1536, 576, 32, dtype=torch.int8), torch.zeros(100, dtype=torch.int8)
     scale = torch.ones(1)
-    container = ContainerConstants({"w": ("model.w", raw), "constant9": ("constant9", raw),
-                                    "constant9_0": ("constant9", packed),
-                                    "x_scale": ("x_scale", scale), "x_scale_0": ("x_scale", scale.clone())})
+    container = ContainerConstants(
+        {
+            "w": ("model.w", raw),
+            "constant9": ("constant9", raw),
+            "constant9_0": ("constant9", packed),
+            "x_scale": ("x_scale", scale),
+            "x_scale_0": ("x_scale", scale.clone()),
+        }
+    )
     found = constants_by_name(container)
     assert set(found) == {"w", "constant9_0"} and found["constant9_0"] is packed  # two 4-byte scales: unknown
 

@@ -10,17 +10,22 @@ HISTORY = [
     {"role": "assistant", "content": "Hi there!"},
     {"role": "user", "content": "How are you?"},
 ]
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
-MPT_SYSTEM = ("- You are a helpful assistant chatbot trained by MosaicML.\n- You answer questions.\n- You are excited "
-              "to be able to help the user, but will refuse to do anything that could be considered harmful to the "
-              "user.\n- You are more than just an information source, you are also able to write poetry, short "
-              "stories, and make jokes.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+MPT_SYSTEM = (
+    "- You are a helpful assistant chatbot trained by MosaicML.\n- You answer questions.\n- You are excited "
+    "to be able to help the user, but will refuse to do anything that could be considered harmful to the "
+    "user.\n- You are more than just an information source, you are also able to write poetry, short "
+    "stories, and make jokes."
+)
 
 
 def test_vicuna_multi_turn_matches_fastchat_v1_1():
     assert builtin_template("vicuna").render_text(HISTORY) == (
-        VICUNA_SYSTEM + " USER: Hello! ASSISTANT: Hi there!</s>USER: How are you? ASSISTANT:")
+        VICUNA_SYSTEM + " USER: Hello! ASSISTANT: Hi there!</s>USER: How are you? ASSISTANT:"
+    )
 
 
 def test_vicuna_system_message_replaces_the_default_line():
@@ -32,20 +37,23 @@ def test_chatml_multi_turn_matches_mpt_7b_chat():
     assert builtin_template("chatml").render_text(HISTORY) == (
         f"<|im_start|>system\n{MPT_SYSTEM}<|im_end|>\n"
         "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|>\n"
-        "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_chatml_with_system_message():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert builtin_template("chatml").render_text(messages) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_auto_prefers_the_model_template_then_vicuna(tokenizer):
     model = load_template("auto", tokenizer.chat_template, tokenizer.eos_token)
     assert model.name == "model" and model.stop == ("<|im_end|>",)
-    assert model.render_text(HISTORY[:1]) == tokenizer.apply_chat_template(HISTORY[:1], tokenize=False,
-                                                                            add_generation_prompt=True)
+    assert model.render_text(HISTORY[:1]) == tokenizer.apply_chat_template(
+        HISTORY[:1], tokenize=False, add_generation_prompt=True
+    )
     assert load_template("auto", None).name == "vicuna"
 
 
@@ -72,7 +80,7 @@ def test_user_cannot_close_their_turn_with_special_tokens(tokenizer, template):
     assert attack.count(im_start) == honest.count(im_start)
     # the template's own markers still are single special tokens
     tail = [im_start] + tokenizer("assistant\n", add_special_tokens=False).input_ids
-    assert honest[-len(tail):] == tail
+    assert honest[-len(tail) :] == tail
 
 
 def test_vicuna_user_cannot_end_a_turn_or_impersonate_the_assistant(tokenizer):

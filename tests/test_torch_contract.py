@@ -18,11 +18,17 @@ from server.runtime.aoti.container import PROTOTYPES, Container, ContainerError
 
 HEADERS = Path(torch.__file__).parent / "include/torch/csrc/inductor"
 C_TYPES = {  # the C parameter types of the functions we call, as ctypes declares them
-    "size_t": ctypes.c_size_t, "bool": ctypes.c_bool, "const char*": ctypes.c_char_p,
-    "const char**": ctypes.POINTER(ctypes.c_char_p), "size_t*": ctypes.POINTER(ctypes.c_size_t),
-    "const uint8_t*": ctypes.c_void_p, "AOTInductorModelContainerHandle": ctypes.c_void_p,
-    "AOTInductorModelContainerHandle*": ctypes.POINTER(ctypes.c_void_p), "AtenTensorHandle": ctypes.c_void_p,
-    "AtenTensorHandle*": ctypes.POINTER(ctypes.c_void_p), "AOTInductorStreamHandle": ctypes.c_void_p,
+    "size_t": ctypes.c_size_t,
+    "bool": ctypes.c_bool,
+    "const char*": ctypes.c_char_p,
+    "const char**": ctypes.POINTER(ctypes.c_char_p),
+    "size_t*": ctypes.POINTER(ctypes.c_size_t),
+    "const uint8_t*": ctypes.c_void_p,
+    "AOTInductorModelContainerHandle": ctypes.c_void_p,
+    "AOTInductorModelContainerHandle*": ctypes.POINTER(ctypes.c_void_p),
+    "AtenTensorHandle": ctypes.c_void_p,
+    "AtenTensorHandle*": ctypes.POINTER(ctypes.c_void_p),
+    "AOTInductorStreamHandle": ctypes.c_void_p,
     "AOTIProxyExecutorHandle": ctypes.c_void_p,
     "const AOTInductorConstantMapEntry*": ctypes.POINTER(aoti_container._Entry),
     "const AOTInductorConstantMapEntry**": ctypes.POINTER(ctypes.POINTER(aoti_container._Entry)),
@@ -60,8 +66,11 @@ def test_the_one_row_micro_kernel_is_registered_once_beside_inductors_own():
     compiled_step.configure_inductor()
     from torch._inductor.codegen import cpp_micro_gemm as micro  # after inductor's template machinery
 
-    ours = [c for c in micro.micro_gemm_configs[micro.CppMicroGemmFP32Vec]
-            if tuple(c.register_blocking) == compiled_step.ONE_ROW_BLOCKING]
+    ours = [
+        c
+        for c in micro.micro_gemm_configs[micro.CppMicroGemmFP32Vec]
+        if tuple(c.register_blocking) == compiled_step.ONE_ROW_BLOCKING
+    ]
     assert len(ours) == 1 and ours[0].input_dtype == torch.bfloat16 and ours[0].input2_dtype == torch.int8
     assert ours[0].extra_check(ours[0], 1, 3072, 576, 1, 2) and not ours[0].extra_check(ours[0], 2, 3072, 576, 1, 2)
 
@@ -74,13 +83,16 @@ def test_the_avx2_int8_micro_kernel_is_registered_once_for_s8s8_on_avx2_in_the_v
     ours = avx2_int8_gemm.register()
     configs = micro.micro_gemm_configs[ours]
     assert {(c.vec_isa_cls, c.input_dtype, c.input2_dtype, c.output_dtype) for c in configs} == {
-        (VecAVX2, torch.int8, torch.int8, torch.int32)}
+        (VecAVX2, torch.int8, torch.int8, torch.int32)
+    }
     assert {tuple(c.register_blocking) for c in configs} == set(avx2_int8_gemm.BLOCKINGS)
     one_row = [c for c in configs if c.register_blocking.block_m == 1]
     assert [c.extra_check(c, 1, 960, 576, 1, 2) for c in one_row] == [True]
     assert not one_row[0].extra_check(one_row[0], 1, 960, 576, 1, 2, dynamic_M=True)  # a prefill's M
-    assert micro.LayoutType.VNNI4 == ours("g", torch.int8, torch.int8, torch.int32, torch.int32,
-                                          configs[0].register_blocking).get_b_layout()
+    assert (
+        micro.LayoutType.VNNI4
+        == ours("g", torch.int8, torch.int8, torch.int32, torch.int32, configs[0].register_blocking).get_b_layout()
+    )
 
 
 class Scaled(nn.Module):
@@ -113,10 +125,12 @@ def test_a_container_runs_and_a_container_error_raises_with_its_message(tiny_ste
 
 def test_the_wrapper_binds_constants_in_the_form_the_unused_constants_search_reads(tmp_path):
     from server.runtime.aoti.constants import unused_constants
+
     with torch.no_grad():
         program = torch.export.export(Scaled(), (torch.ones(4, 64),))
     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "step.pt2"))
     import zipfile
+
     with zipfile.ZipFile(tmp_path / "step.pt2") as archive:
         wrapper = next(archive.read(m).decode() for m in archive.namelist() if m.endswith(".wrapper.cpp"))
     assert re.search(r"auto& \w+ = constants_->at\(\d+\);", wrapper)

@@ -28,9 +28,18 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                 "--window-size=1200,800", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--window-size=1200,800",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -57,7 +66,9 @@ def running(server) -> float:
 def test_chat_stream_stop_and_continue(browser, server):
     from selenium.webdriver.common.by import By
 
-    find = lambda css: browser.find_element(By.CSS_SELECTOR, css)
+    def find(css):
+        return browser.find_element(By.CSS_SELECTOR, css)
+
     browser.get(server.base_url + "/")
     wait_for(lambda: find("#model").text == MODEL, 30)
 
@@ -67,7 +78,9 @@ def test_chat_stream_stop_and_continue(browser, server):
     find("#prompt").send_keys("Tell me a long story about a dragon who learns to bake bread.")
     find("#send").click()
 
-    answer = lambda: browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content")[-1].text
+    def answer():
+        return browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content")[-1].text
+
     first = wait_for(lambda: len(answer()) > 20 and answer())
     wait_for(lambda: len(answer()) > len(first) + 20)  # it keeps streaming in
     assert not find("#stop").get_attribute("disabled") and find("#send").get_attribute("disabled")

@@ -29,6 +29,7 @@ class ContextLengthExceeded(ValueError):
 @dataclass
 class StepOutput:
     """What one generated token releases: new text (possibly empty), and the finish reason on the last."""
+
     text: str
     finish_reason: str | None = None
 
@@ -54,7 +55,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
-        self._cache_ids: list[int] = []   # the tokens whose keys and values the decoder's cache holds
+        self._cache_ids: list[int] = []  # the tokens whose keys and values the decoder's cache holds
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is computed from scratch)."""
@@ -65,12 +66,14 @@ class Engine:
         if prompt_tokens >= self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens; the prompt has "
-                f"{prompt_tokens} tokens, leaving no room for a completion.")
+                f"{prompt_tokens} tokens, leaving no room for a completion."
+            )
         if max_tokens is not None and prompt_tokens + max_tokens > self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens. However, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
+                f"completion). Please reduce the prompt or max_tokens."
+            )
 
     @torch.no_grad()
     def _forward(self, ids: list[int]) -> torch.Tensor:
@@ -92,8 +95,13 @@ class Engine:
             heap.trim()  # the prefill's working buffers: decoding needs none of them
         return self._forward(prompt_ids[-1:]), reused
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[StepOutput]:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stats: GenerationStats | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Iterator[StepOutput]:
         """Yield one StepOutput per generated token; the last one carries ``finish_reason``.
         Stops early, yielding nothing more, once ``cancelled()`` is true."""
         stats = stats if stats is not None else GenerationStats()

@@ -10,14 +10,14 @@ import torch
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0          # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0                    # 0 = off
+    top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0     # OpenAI: over generated tokens
+    presence_penalty: float = 0.0  # OpenAI: over generated tokens
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0   # HF/CTRL: over prompt and generated tokens
+    repetition_penalty: float = 1.0  # HF/CTRL: over prompt and generated tokens
     ignore_eos: bool = False
 
 
@@ -30,8 +30,9 @@ def new_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
-                    generated: list[int]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], generated: list[int]
+) -> torch.Tensor:
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(generated)), dtype=torch.long)
         values = logits[seen]
@@ -42,8 +43,13 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-           prompt_ids: list[int], generated: list[int]) -> int:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    prompt_ids: list[int],
+    generated: list[int],
+) -> int:
     """One token id from a 1-D logits vector. Safe for every value the protocol accepts: penalties that
     overflow a logit to infinity leave it the largest finite one, and logits are shifted to a maximum of 0
     before the temperature divides them, so a tiny temperature sends the others to -inf, never to NaN."""

@@ -25,11 +25,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
 
@@ -46,10 +46,10 @@ class StopStrings:
         hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
         if hits:
             self._pending = ""
-            return buffer[:min(hits)], True
+            return buffer[: min(hits)], True
         hold = max((k for s in self._stops for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
-        self._pending = buffer[len(buffer) - hold:] if hold else ""
-        return buffer[:len(buffer) - hold], False
+        self._pending = buffer[len(buffer) - hold :] if hold else ""
+        return buffer[: len(buffer) - hold], False
 
     def flush(self) -> str:
         """At the end of generation the held-back tail is plain text."""

@@ -81,8 +81,12 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
     metrics = slot.metrics
     app.add_middleware(GuardAndLog, metrics=metrics, api_keys=http.api_keys)
     if http.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(http.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(http.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Api-Key"],
+        )
 
     @app.exception_handler(Exception)
     async def handle_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -117,9 +121,11 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
         except Exception as exc:
             return error_response(as_api_error(exc))
         if body.stream:
-            return StreamingResponse(sse_stream(stream(service)(generation)),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                sse_stream(stream(service)(generation)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             result = await until_disconnected(request, whole(service)(generation))
         except Exception as exc:
@@ -128,13 +134,19 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete(request, ChatCompletionRequest, lambda s: s.prepare_chat, lambda s: s.chat_chunks,
-                              lambda s: s.chat_response)
+        return await complete(
+            request, ChatCompletionRequest, lambda s: s.prepare_chat, lambda s: s.chat_chunks, lambda s: s.chat_response
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete(request, CompletionRequest, lambda s: s.prepare_completion,
-                              lambda s: s.completion_chunks, lambda s: s.completion_response)
+        return await complete(
+            request,
+            CompletionRequest,
+            lambda s: s.prepare_completion,
+            lambda s: s.completion_chunks,
+            lambda s: s.completion_response,
+        )
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:

@@ -21,8 +21,11 @@ async def read_json(request: Request, limit: int, timeout_s: float) -> object:
     media_type, _, parameters = request.headers.get("content-type", "application/json").partition(";")
     charset = parameters.strip().lower().removeprefix("charset=").strip('"') if "charset" in parameters else "utf-8"
     if not JSON_MEDIA_TYPE.fullmatch(media_type.strip().lower()) or charset not in ("utf-8", "utf8"):
-        raise ApiError(415, "Send the request body as JSON in UTF-8 (Content-Type: application/json).",
-                       code="unsupported_media_type")
+        raise ApiError(
+            415,
+            "Send the request body as JSON in UTF-8 (Content-Type: application/json).",
+            code="unsupported_media_type",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
@@ -34,8 +37,9 @@ async def read_json(request: Request, limit: int, timeout_s: float) -> object:
         except StopAsyncIteration:
             break
         except TimeoutError:
-            raise ApiError(408, f"The request body did not arrive: nothing for {timeout_s:g} s.",
-                           code="request_timeout") from None
+            raise ApiError(
+                408, f"The request body did not arrive: nothing for {timeout_s:g} s.", code="request_timeout"
+            ) from None
         body += part
         if len(body) > limit:
             raise ApiError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
@@ -50,8 +54,9 @@ def parse_json(body: bytes) -> object:
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except RecursionError:
-        raise ApiError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
-                       code="invalid_json") from None
+        raise ApiError(
+            400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
     _check_values(data)
@@ -73,5 +78,8 @@ def _check_values(data: object) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise ApiError(400, "A string in the JSON body is not Unicode text (a lone surrogate such as "
-                                    "\\ud800).", code="invalid_json") from None
+                raise ApiError(
+                    400,
+                    "A string in the JSON body is not Unicode text (a lone surrogate such as \\ud800).",
+                    code="invalid_json",
+                ) from None

@@ -18,10 +18,21 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.body, self.headers = status, ErrorBody(message=message, type=type, param=param, code=code), headers
+        self.status, self.body, self.headers = (
+            status,
+            ErrorBody(message=message, type=type, param=param, code=code),
+            headers,
+        )
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -36,8 +47,10 @@ def _validation_error(exc: ValidationError) -> ApiError:
     field = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
     first = next((e for e in field if not e["type"].endswith("_type")), errors[0])
     # the path as the client wrote it: no model class names (TextPart) or union tags (list[constrained-str])
-    param = ".".join(str(p) for p in first["loc"]
-                     if isinstance(p, int) or (p.isidentifier() and not p[:1].isupper())) or None
+    param = (
+        ".".join(str(p) for p in first["loc"] if isinstance(p, int) or (p.isidentifier() and not p[:1].isupper()))
+        or None
+    )
     message = f"{first['msg']}" + (f" (at '{param}')" if param else "")
     return ApiError(400, message, param=param.split(".")[0] if param else None)
 
@@ -55,7 +68,9 @@ def as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ContextLengthExceeded):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, QueueFull):
-        return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        return ApiError(
+            429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"}
+        )
     if isinstance(exc, ClientDisconnect):  # nobody to answer; not a server error
         return ApiError(499, "Client closed the request.", code="client_closed_request")
     if isinstance(exc, (NotReady, ShuttingDown)):

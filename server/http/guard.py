@@ -26,9 +26,13 @@ def authorized(request: Request, keys: tuple[str, ...]) -> bool:
 
 def generation_log(generation) -> dict:
     s = generation.stats
-    return {"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
-            "completion_tokens": s.completion_tokens, "finish_reason": generation.finish_reason,
-            "ttft_s": round(generation.first_token_s, 4) if generation.first_token_s is not None else None}
+    return {
+        "prompt_tokens": s.prompt_tokens,
+        "cached_tokens": s.cached_tokens,
+        "completion_tokens": s.completion_tokens,
+        "finish_reason": generation.finish_reason,
+        "ttft_s": round(generation.first_token_s, 4) if generation.first_token_s is not None else None,
+    }
 
 
 class GuardAndLog:
@@ -53,11 +57,20 @@ class GuardAndLog:
             await send(message)
 
         try:
-            if self.api_keys and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS" \
-                    and not authorized(request, self.api_keys):
-                await error_response(ApiError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY').",
-                                              type="authentication_error", code="invalid_api_key"))(
-                    scope, receive, record_status)
+            if (
+                self.api_keys
+                and scope["path"] not in OPEN_PATHS
+                and scope["method"] != "OPTIONS"
+                and not authorized(request, self.api_keys)
+            ):
+                await error_response(
+                    ApiError(
+                        401,
+                        "Invalid or missing API key (send 'Authorization: Bearer KEY').",
+                        type="authentication_error",
+                        code="invalid_api_key",
+                    )
+                )(scope, receive, record_status)
             else:
                 await self.app(scope, receive, record_status)
         finally:
@@ -66,7 +79,19 @@ class GuardAndLog:
                 generation.abandon()  # a response that never ran must not keep its queue place
             route = scope.get("route")
             self.metrics.requests.labels(endpoint=getattr(route, "path", "unmatched"), status=str(status)).inc()
-            log.info("%s %s %d", scope["method"], scope["path"], status, extra={"http": {
-                "id": generation.id if generation else None, "method": scope["method"], "path": scope["path"],
-                "status": status, "duration_s": round(time.perf_counter() - start, 4),
-                **(generation_log(generation) if generation else {})}})
+            log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "http": {
+                        "id": generation.id if generation else None,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_s": round(time.perf_counter() - start, 4),
+                        **(generation_log(generation) if generation else {}),
+                    }
+                },
+            )

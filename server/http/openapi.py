@@ -55,10 +55,17 @@ def _errors(*statuses: int) -> dict:
 def _events(chunk: type[BaseModel]) -> dict:
     """One server-sent event of a stream: its ``data`` is a chunk as JSON (an error object if the generation
     fails after the stream began), and the last one is ``[DONE]``."""
-    data = {"anyOf": [{"type": "string", "contentMediaType": "application/json",
-                       "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}},
-                      {"const": "[DONE]"}],
-            "description": f"a {chunk.__name__} as JSON; an ErrorResponse if the generation failed; finally [DONE]"}
+    data = {
+        "anyOf": [
+            {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]},
+            },
+            {"const": "[DONE]"},
+        ],
+        "description": f"a {chunk.__name__} as JSON; an ErrorResponse if the generation failed; finally [DONE]",
+    }
     return {"type": "object", "required": ["data"], "properties": {"data": data, "event": {"type": "string"}}}
 
 
@@ -66,28 +73,47 @@ def _completion(request: type[BaseModel], response: type[BaseModel], chunk: type
     return {
         "requestBody": {"required": True, "content": _json(request)},
         "responses": {
-            "200": {"description": "The completion; with \"stream\": true, server-sent events",
-                    "content": {**_json(response), "text/event-stream": {"schema": _events(chunk)}}},
-            **_errors(400, 401, 404, 408, 413, 415, 429, 503)},
+            "200": {
+                "description": 'The completion; with "stream": true, server-sent events',
+                "content": {**_json(response), "text/event-stream": {"schema": _events(chunk)}},
+            },
+            **_errors(400, 401, 404, 408, 413, 415, 429, 503),
+        },
     }
 
 
 OPERATIONS = {  # (path, method): what the route takes and answers
     ("/v1/chat/completions", "post"): _completion(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
     ("/v1/completions", "post"): _completion(CompletionRequest, CompletionResponse, CompletionResponse),
-    ("/v1/models", "get"): {"responses": {"200": {"description": "The served model", "content": _json(ModelList)},
-                                          **_errors(401, 503)}},
-    ("/health", "get"): {"responses": {
-        "200": {"description": "Ready", "content": _json(Health)},
-        "503": {"description": "The model is still loading", "content": _json(Health)}}},
-    ("/metrics", "get"): {"responses": {
-        "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
-        **_errors(401)}},
-    ("/", "get"): {"responses": {"200": {"description": "The chat page",
-                                         "content": {"text/html": {"schema": {"type": "string"}}}}}},
+    ("/v1/models", "get"): {
+        "responses": {"200": {"description": "The served model", "content": _json(ModelList)}, **_errors(401, 503)}
+    },
+    ("/health", "get"): {
+        "responses": {
+            "200": {"description": "Ready", "content": _json(Health)},
+            "503": {"description": "The model is still loading", "content": _json(Health)},
+        }
+    },
+    ("/metrics", "get"): {
+        "responses": {
+            "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(401),
+        }
+    },
+    ("/", "get"): {
+        "responses": {"200": {"description": "The chat page", "content": {"text/html": {"schema": {"type": "string"}}}}}
+    },
 }
-MODELS = (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk, CompletionRequest, CompletionResponse,
-          ModelList, ErrorResponse, Health)
+MODELS = (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    ErrorResponse,
+    Health,
+)
 
 
 def document(app: FastAPI, served_model: Callable[[], str | None]) -> None:
@@ -100,7 +126,8 @@ def document(app: FastAPI, served_model: Callable[[], str | None]) -> None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         _, definitions = models_json_schema(
             [(model, "validation" if model.__name__.endswith("Request") else "serialization") for model in MODELS],
-            ref_template=REF)
+            ref_template=REF,
+        )
         schema.setdefault("components", {})["schemas"] = definitions = definitions["$defs"]
         for (path, method), operation in OPERATIONS.items():
             schema["paths"][path][method].update(operation)

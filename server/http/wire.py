@@ -15,7 +15,10 @@ class JsonErrorsH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         body = ErrorResponse(error=ErrorBody(message=msg, type="invalid_request_error", code="invalid_http_request"))
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        for event in (h11.Response(status_code=400, headers=headers, reason=STATUS_PHRASES[400]),
-                      h11.Data(data=body.model_dump_json().encode()), h11.EndOfMessage()):
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=STATUS_PHRASES[400]),
+            h11.Data(data=body.model_dump_json().encode()),
+            h11.EndOfMessage(),
+        ):
             self.transport.write(self.conn.send(event))
         self.transport.close()

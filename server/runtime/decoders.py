@@ -43,6 +43,7 @@ class HFDecoder:
         """Logits after ``ids``, placed at positions ``start...``; the cache beyond ``start`` is dropped."""
         if start == 0 or self._cache is None:
             from transformers import DynamicCache  # only here: it imports transformers' modeling code
+
             self._cache = DynamicCache()
         elif start < self._cache.get_seq_length():
             self._cache.crop(start - self._cache.get_seq_length())  # negative: drop from the end
@@ -57,16 +58,19 @@ class StaticDecoder:
     """The compact model. Prompts run the ``prefill`` step and single tokens the ``decode`` step: compiled
     where ``steps`` has them, else ``net``, the module itself, eagerly (None when both are compiled)."""
 
-    def __init__(self, max_len: int, caches: list[torch.Tensor], steps: dict | None = None,
-                 net: StaticLlama | None = None) -> None:
+    def __init__(
+        self, max_len: int, caches: list[torch.Tensor], steps: dict | None = None, net: StaticLlama | None = None
+    ) -> None:
         self.max_len, self.caches = max_len, caches
         self._steps, self._net = steps or {}, net
         compiled = " and ".join(f"{name} step" for name in self._steps)
         kernels = [f"{net.kernel} eagerly"] if net is not None and net.kernel else []
         kernels += [f"{step.kernel} compiled" for step in self._steps.values()][:1]
-        self.description = (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled
-                            else "eager compact model") + ", static KV cache" + \
-            (f"; W8A8 kernel {', '.join(kernels)}" if kernels else "")
+        self.description = (
+            (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled else "eager compact model")
+            + ", static KV cache"
+            + (f"; W8A8 kernel {', '.join(kernels)}" if kernels else "")
+        )
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         """Logits after ``ids`` at positions ``start...``."""
@@ -124,8 +128,10 @@ def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, cach
     mask = attention_mask(max_len, start, count, compiled=True)
     reps = 15 if step == "decode" else 3
     with torch.no_grad():
-        figures = {name: _median_s(lambda: run(ids, pos, mask, caches), reps)
-                   for name, run in (("compiled", compiled), ("eager", eager), ("compiled again", compiled))}
+        figures = {
+            name: _median_s(lambda: run(ids, pos, mask, caches), reps)
+            for name, run in (("compiled", compiled), ("eager", eager), ("compiled again", compiled))
+        }
     compiled_s, eager_s = min(figures["compiled"], figures["compiled again"]), figures["eager"]
     summary = f"compiled {compiled_s * 1e3:.2f} ms, eager {eager_s * 1e3:.2f} ms per {count}-token call"
     if compiled_s > eager_s:
@@ -133,15 +139,22 @@ def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, cach
     return summary
 
 
-def _compiled_step(compact: Callable[[], StaticLlama], eager: Callable[[], StaticLlama], step: str,
-                   package: Path, caches: list[torch.Tensor]):
+def _compiled_step(
+    compact: Callable[[], StaticLlama],
+    eager: Callable[[], StaticLlama],
+    step: str,
+    package: Path,
+    caches: list[torch.Tensor],
+):
     """The package's step, built first from the compact model if it is not there (or cannot be loaded). A
     fresh build is timed against the ``eager`` step; one that fails (to compile, load or run) or runs slower
     leaves a marker (``MARKERS``) that later starts honour: delete it to retry."""
     for kind in MARKERS:
         if (marker := _marker(package, kind)).exists():
-            raise RuntimeError(f"{'it failed before' if kind == 'failed' else 'it ran slower than eager before'} "
-                               f"({marker.read_text().strip()}); delete {marker} to retry")
+            raise RuntimeError(
+                f"{'it failed before' if kind == 'failed' else 'it ran slower than eager before'} "
+                f"({marker.read_text().strip()}); delete {marker} to retry"
+            )
     max_len = caches[0].shape[2] - 1  # kv_cache_shape's spare position
 
     def one_call(loaded) -> None:
@@ -164,8 +177,7 @@ def _compiled_step(compact: Callable[[], StaticLlama], eager: Callable[[], Stati
     except Exception as exc:
         _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
         raise
-    log.info("%s step compiled in %.1f s (%s)", step, time.perf_counter() - begin,
-             step_kernels.describe(loaded.gemms))
+    log.info("%s step compiled in %.1f s (%s)", step, time.perf_counter() - begin, step_kernels.describe(loaded.gemms))
     try:
         log.info("the %s step against eager: %s", step, _timed_against_eager(loaded, eager(), step, caches))
     except RuntimeError as exc:
@@ -174,8 +186,13 @@ def _compiled_step(compact: Callable[[], StaticLlama], eager: Callable[[], Stati
     return loaded
 
 
-def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
-                 packages: dict[str, Path] | None = None, kernel: str | None = None):
+def make_decoder(
+    load_model: Callable[[], nn.Module],
+    config,
+    max_len: int,
+    packages: dict[str, Path] | None = None,
+    kernel: str | None = None,
+):
     """The fastest decoder for a model of this ``config``. ``load_model`` gives the eager INT8 model and is
     called only when something needs its weights: a step to compile or to run eagerly, or a family the
     compact model does not cover. So a restart with both steps compiled never reads the checkpoint's
@@ -197,19 +214,26 @@ def make_decoder(load_model: Callable[[], nn.Module], config, max_len: int,
         try:
             steps[step] = _compiled_step(functools.partial(compact, kernel), eager, step, package, caches)
         except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
-            log.warning("not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__,
-                        _first_line(exc))
+            log.warning(
+                "not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__, _first_line(exc)
+            )
     if packages:
         removed, freed = compiled_step.prune_stale(next(iter(packages.values())).parent)
         if removed:
-            log.info("removed %d compiled steps built by other q8chat code, unused for a day (%.1f MB)",
-                     removed, freed / 1e6)
+            log.info(
+                "removed %d compiled steps built by other q8chat code, unused for a day (%.1f MB)", removed, freed / 1e6
+            )
     if steps:
         shared, released = share_constants(steps.values())
         unused = sum(step.released for step in steps.values())
-        log.info("the compiled steps share %.1f MB of constants; %.1f MB of memory given back (%.1f MB of "
-                 "copies, %.1f MB of constants no kernel reads)", shared / 1e6, (released + unused) / 1e6,
-                 released / 1e6, unused / 1e6)
+        log.info(
+            "the compiled steps share %.1f MB of constants; %.1f MB of memory given back (%.1f MB of "
+            "copies, %.1f MB of constants no kernel reads)",
+            shared / 1e6,
+            (released + unused) / 1e6,
+            released / 1e6,
+            unused / 1e6,
+        )
     net = None if set(steps) == set(compiled_step.STEPS) else eager()
     compact.cache_clear()  # the compiled steps' own copy of the model is no longer needed
     return StaticDecoder(max_len, caches, steps, net)

@@ -29,7 +29,7 @@ class Cpu:
 @dataclass(frozen=True)
 class Placement:
     socket: int
-    cpus: tuple[int, ...]      # one logical CPU per physical core
+    cpus: tuple[int, ...]  # one logical CPU per physical core
     node: int
     threads: int
 
@@ -75,8 +75,11 @@ def read_topology(sys_root: Path = Path("/sys")) -> list[Cpu]:
     own core, node 0."""
     cpu_dir = sys_root / "devices/system/cpu"
     online = _read(cpu_dir / "online")
-    ids = parse_cpu_list(online) if online else sorted(
-        int(p.name[3:]) for p in cpu_dir.glob("cpu[0-9]*") if p.name[3:].isdigit())
+    ids = (
+        parse_cpu_list(online)
+        if online
+        else sorted(int(p.name[3:]) for p in cpu_dir.glob("cpu[0-9]*") if p.name[3:].isdigit())
+    )
     if not ids:
         ids = list(range(os.cpu_count() or 1))
     node_of: dict[int, int] = {}
@@ -89,8 +92,14 @@ def read_topology(sys_root: Path = Path("/sys")) -> list[Cpu]:
         topo = cpu_dir / f"cpu{c}" / "topology"
         socket = _read(topo / "physical_package_id")
         core = _read(topo / "core_id")
-        cpus.append(Cpu(c, int(socket) if socket and socket.lstrip("-").isdigit() and int(socket) >= 0 else 0,
-                        int(core) if core and core.isdigit() else c, node_of.get(c, 0)))
+        cpus.append(
+            Cpu(
+                c,
+                int(socket) if socket and socket.lstrip("-").isdigit() and int(socket) >= 0 else 0,
+                int(core) if core and core.isdigit() else c,
+                node_of.get(c, 0),
+            )
+        )
     return cpus
 
 
@@ -118,6 +127,7 @@ def cpu_isa(cpuinfo: Path | None = None) -> str:
     import torch
 
     from quant.kernels import cpu_flags
+
     capability = torch.backends.cpu.get_cpu_capability()
     found = [f for f in ISA_FLAGS if f in cpu_flags(cpuinfo)]
     return f"{capability} + {' '.join(found)}" if found else capability
@@ -142,6 +152,7 @@ def apply(placement: Placement) -> None:
         os.sched_setaffinity(0, placement.cpus)
     _prefer_node(placement.node)
     import torch
+
     torch.set_num_threads(placement.threads)
 
 

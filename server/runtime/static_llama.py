@@ -85,8 +85,12 @@ def attention_mask(max_len: int, start: int, count: int, compiled: bool = False)
 
 def check_supported(config) -> None:
     """Raise ``UnsupportedForCompile`` unless the compact model computes what this config's model does."""
-    if config.model_type != "llama" or getattr(config, "attention_bias", False) \
-            or getattr(config, "mlp_bias", False) or config.hidden_act != "silu":
+    if (
+        config.model_type != "llama"
+        or getattr(config, "attention_bias", False)
+        or getattr(config, "mlp_bias", False)
+        or config.hidden_act != "silu"
+    ):
         raise UnsupportedForCompile(f"no compact decoder for model type {config.model_type!r}")
 
 
@@ -114,21 +118,35 @@ class StaticBlock(nn.Module):
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj], kernel)
         self.down_proj = _own(mlp.down_proj, kernel)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         t = x.shape[1]
         qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
-        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                             self.kv_heads * self.head_dim], dim=-1)
+        q, k, v = qkv.split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+        )
         q = _rotate(q.view(1, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k = _rotate(k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
         length = t if mask is None else mask.shape[-1]
-        att = F.scaled_dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length],
-                                             attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.heads != self.kv_heads)
+        att = F.scaled_dot_product_attention(
+            q,
+            k_cache[:, :, :length],
+            v_cache[:, :, :length],
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.heads != self.kv_heads,
+        )
         x = x + self.o_proj(att.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
         gate, up = self.gate_up(_rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -158,8 +176,9 @@ class StaticLlama(nn.Module):
         self.register_buffer("cos", cos[0].float(), persistent=False)
         self.register_buffer("sin", sin[0].float(), persistent=False)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, caches: list[torch.Tensor]
+    ) -> torch.Tensor:
         x = self.embed(ids)
         cos, sin = self.cos[pos], self.sin[pos]
         mask = None if mask is None else mask[None, None]

@@ -55,8 +55,9 @@ def _drop_no_op_parameters(data: Any, table: dict[str, tuple]) -> Any:
     for name, no_ops in table.items():
         if name in data:
             if data[name] not in no_ops:
-                raise UnsupportedParameter(name, f"'{name}' is not supported by this server "
-                                                 f"(accepted only as {', '.join(map(repr, no_ops))})")
+                raise UnsupportedParameter(
+                    name, f"'{name}' is not supported by this server (accepted only as {', '.join(map(repr, no_ops))})"
+                )
             data = {k: v for k, v in data.items() if k != name}
     return data
 
@@ -92,6 +93,7 @@ class ChatMessage(BaseModel):
 
 class SamplingFields(BaseModel):
     """Parameters shared by chat and text completions."""
+
     model_config = STRICT
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -190,6 +192,7 @@ class ChatCompletionResponse(BaseModel):
 
 class Delta(BaseModel):
     """Only the fields a chunk carries: the first has the role, the others just content."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -223,6 +226,7 @@ class CompletionChoice(BaseModel):
 
 class CompletionResponse(BaseModel):
     """Both the whole response and the streaming chunks of ``/v1/completions`` (same object type)."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int

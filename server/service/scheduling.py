@@ -27,7 +27,7 @@ class GenerationQueue:
         self.max_queue = max_queue
         self.running = 0
         self.closed = False
-        self.admitted = 0                           # admitted, response not started yet
+        self.admitted = 0  # admitted, response not started yet
         self._waiters: deque[asyncio.Future] = deque()
 
     @property

@@ -63,9 +63,12 @@ class Prompter:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        pieces = self.template.render(messages, add_generation_prompt=True,
-                                      bos_token=self.tokenizer.bos_token or "",
-                                      eos_token=self.tokenizer.eos_token or "")
+        pieces = self.template.render(
+            messages,
+            add_generation_prompt=True,
+            bos_token=self.tokenizer.bos_token or "",
+            eos_token=self.tokenizer.eos_token or "",
+        )
         ids: list[int] = []
         for kind, value in split_special(pieces, self._special):
             ids.extend([self.tokenizer.convert_tokens_to_ids(value)] if kind == "special" else self._text_ids(value))
@@ -79,6 +82,7 @@ class Prompter:
 @dataclass
 class Generation:
     """A validated, tokenized request, admitted to the queue (which it must run or ``abandon``)."""
+
     id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -87,7 +91,7 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
     created: int = field(default_factory=now)
     arrived: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None   # time to first token, once there is one
+    first_token_s: float | None = None  # time to first token, once there is one
     finish_reason: str | None = None
     started: bool = False
 
@@ -99,14 +103,25 @@ class Generation:
 
     def usage(self) -> Usage:
         s = self.stats
-        return Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
-                     total_tokens=s.prompt_tokens + s.completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=s.cached_tokens))
+        return Usage(
+            prompt_tokens=s.prompt_tokens,
+            completion_tokens=s.completion_tokens,
+            total_tokens=s.prompt_tokens + s.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=s.cached_tokens),
+        )
 
 
 class ChatService:
-    def __init__(self, engine: Engine, prompter: Prompter, model_name: str, max_queue: int,
-                 default_max_tokens: int, metrics: Metrics | None = None, heartbeat_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompter: Prompter,
+        model_name: str,
+        max_queue: int,
+        default_max_tokens: int,
+        metrics: Metrics | None = None,
+        heartbeat_s: float = 10.0,
+    ) -> None:
         self.engine = engine
         self.prompter = prompter
         self.model_name = model_name
@@ -130,10 +145,16 @@ class ChatService:
         self.engine.check_length(prompt_tokens, limit)
         return SamplingParams(
             max_tokens=limit if limit is not None else self.default_max_tokens,
-            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=request.seed,
-            stop=request.stop_strings() + stops, presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
-            ignore_eos=request.ignore_eos)
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop=request.stop_strings() + stops,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            ignore_eos=request.ignore_eos,
+        )
 
     async def _prepare(self, prefix: str, tokenize, request: SamplingFields, stops: tuple[str, ...]) -> Generation:
         """Tokenize on a worker thread (rendering and tokenizing a megabyte takes seconds, which the event loop,
@@ -146,8 +167,9 @@ class ChatService:
 
     async def prepare_chat(self, request: ChatCompletionRequest) -> Generation:
         messages = [m.as_template_message() for m in request.messages]
-        return await self._prepare("chatcmpl", lambda: self.prompter.chat_ids(messages), request,
-                                   self.prompter.template.stop)
+        return await self._prepare(
+            "chatcmpl", lambda: self.prompter.chat_ids(messages), request, self.prompter.template.stop
+        )
 
     async def prepare_completion(self, request: CompletionRequest) -> Generation:
         return await self._prepare("cmpl", lambda: self.prompter.completion_ids(request.prompt), request, ())
@@ -175,8 +197,9 @@ class ChatService:
 
         def work() -> None:
             try:
-                for step in self.engine.generate(generation.prompt_ids, generation.params, generation.stats,
-                                                 cancelled=cancel.is_set):
+                for step in self.engine.generate(
+                    generation.prompt_ids, generation.params, generation.stats, cancelled=cancel.is_set
+                ):
                     loop.call_soon_threadsafe(steps.put_nowait, step)
             except Exception as exc:
                 log.exception("generation %s failed", generation.id)
@@ -225,9 +248,14 @@ class ChatService:
 
     async def chat_chunks(self, generation: Generation) -> AsyncIterator[ChatCompletionChunk | None]:
         """The chunks of a streamed chat completion; ``None`` is a heartbeat (an SSE comment)."""
+
         def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=generation.id, created=generation.created, model=self.model_name,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+            return ChatCompletionChunk(
+                id=generation.id,
+                created=generation.created,
+                model=self.model_name,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            )
 
         yield chunk(Delta(role="assistant", content=""))
         async for step in self.run(generation):
@@ -236,33 +264,53 @@ class ChatService:
             elif step.text or step.finish_reason:
                 yield chunk(Delta(content=step.text or None), step.finish_reason)
         if generation.include_usage:
-            yield ChatCompletionChunk(id=generation.id, created=generation.created, model=self.model_name,
-                                      choices=[], usage=generation.usage())
+            yield ChatCompletionChunk(
+                id=generation.id,
+                created=generation.created,
+                model=self.model_name,
+                choices=[],
+                usage=generation.usage(),
+            )
 
     async def completion_chunks(self, generation: Generation) -> AsyncIterator[CompletionResponse | None]:
         async for step in self.run(generation):
             if step is None:
                 yield None
             elif step.text or step.finish_reason:
-                yield CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
-                                         choices=[CompletionChoice(text=step.text,
-                                                                   finish_reason=step.finish_reason)])
+                yield CompletionResponse(
+                    id=generation.id,
+                    created=generation.created,
+                    model=self.model_name,
+                    choices=[CompletionChoice(text=step.text, finish_reason=step.finish_reason)],
+                )
         if generation.include_usage:
-            yield CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
-                                     choices=[], usage=generation.usage())
+            yield CompletionResponse(
+                id=generation.id,
+                created=generation.created,
+                model=self.model_name,
+                choices=[],
+                usage=generation.usage(),
+            )
 
     async def chat_response(self, generation: Generation) -> ChatCompletionResponse:
         text, finish = await _drain(self.run(generation))
         return ChatCompletionResponse(
-            id=generation.id, created=generation.created, model=self.model_name,
+            id=generation.id,
+            created=generation.created,
+            model=self.model_name,
             choices=[ChatChoice(message=ResponseMessage(content=text), finish_reason=finish)],
-            usage=generation.usage())
+            usage=generation.usage(),
+        )
 
     async def completion_response(self, generation: Generation) -> CompletionResponse:
         text, finish = await _drain(self.run(generation))
-        return CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
-                                  choices=[CompletionChoice(text=text, finish_reason=finish)],
-                                  usage=generation.usage())
+        return CompletionResponse(
+            id=generation.id,
+            created=generation.created,
+            model=self.model_name,
+            choices=[CompletionChoice(text=text, finish_reason=finish)],
+            usage=generation.usage(),
+        )
 
 
 async def _drain(steps: AsyncIterator[StepOutput | None]) -> tuple[str, str]:
@@ -273,4 +321,3 @@ async def _drain(steps: AsyncIterator[StepOutput | None]) -> tuple[str, str]:
         parts.append(step.text)
         finish = step.finish_reason or finish
     return "".join(parts), finish
-

@@ -111,16 +111,30 @@ def register() -> type:
 
     class CppMicroGemmAVX2Int8(micro.CppMicroGemm):
         def codegen_define(self, kernel) -> str:
-            options = {"declare_kernel": self.get_kernel_declaration(), "kernel": kernel,
-                       "block_m": self.register_blocking.block_m, "block_n": self.register_blocking.block_n,
-                       **self.get_common_options()}
-            return "".join(KernelTemplate._template_from_string(source).render(options)
-                           for source in (TEMPLATE_KERNEL, TEMPLATE_ENTRY))
+            options = {
+                "declare_kernel": self.get_kernel_declaration(),
+                "kernel": kernel,
+                "block_m": self.register_blocking.block_m,
+                "block_n": self.register_blocking.block_n,
+                **self.get_common_options(),
+            }
+            return "".join(
+                KernelTemplate._template_from_string(source).render(options)
+                for source in (TEMPLATE_KERNEL, TEMPLATE_ENTRY)
+            )
 
         def get_b_layout(self):
             return micro.LayoutType.VNNI4
 
-    micro.register_micro_gemm(*micro.generate_gemm_config(
-        VecAVX2, BLOCKINGS, input_dtype=torch.int8, input2_dtype=torch.int8, output_dtype=torch.int32,
-        compute_dtype=torch.int32, extra_check=fits))(CppMicroGemmAVX2Int8)
+    micro.register_micro_gemm(
+        *micro.generate_gemm_config(
+            VecAVX2,
+            BLOCKINGS,
+            input_dtype=torch.int8,
+            input2_dtype=torch.int8,
+            output_dtype=torch.int32,
+            compute_dtype=torch.int32,
+            extra_check=fits,
+        )
+    )(CppMicroGemmAVX2Int8)
     return CppMicroGemmAVX2Int8

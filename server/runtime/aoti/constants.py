@@ -41,8 +41,9 @@ def unused_constants(wrapper_source: str) -> list[str]:
     """Constants that AOTInductor's generated wrapper binds (``auto& NAME = constants_->at(i);``) but never
     passes on. Parsing generated code: the build checks the result by running the step without them."""
     bound = re.findall(r"auto& (\w+) = constants_->at\(\d+\);", wrapper_source)
-    rest = "\n".join(line for line in wrapper_source.splitlines()
-                     if "constants_->at(" not in line and "constants_info_[" not in line)
+    rest = "\n".join(
+        line for line in wrapper_source.splitlines() if "constants_->at(" not in line and "constants_info_[" not in line
+    )
     used = set(re.findall(r"\w+", rest))
     return [name for name in bound if name not in used]
 
@@ -97,8 +98,12 @@ def share_constants(steps) -> tuple[int, int]:
     for step in steps:
         repoint, dropped = {}, []
         for name, tensor in step.constants.items():
-            if name in step.unused or not addressable(tensor) or not tensor.is_contiguous() \
-                    or tensor.nbytes < mmap.PAGESIZE:
+            if (
+                name in step.unused
+                or not addressable(tensor)
+                or not tensor.is_contiguous()
+                or tensor.nbytes < mmap.PAGESIZE
+            ):
                 continue
             kept = first.setdefault(_identity(tensor), tensor)
             if kept is not tensor and torch.equal(kept, tensor):

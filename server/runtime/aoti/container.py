@@ -29,6 +29,7 @@ _capsules.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_v
 
 class _Entry(ctypes.Structure):
     """``AOTInductorConstantMapEntry``: a constant's name and tensor handle."""
+
     _fields_ = [("name", c_char_p), ("handle", c_void_p)]
 
 
@@ -37,17 +38,33 @@ class _Entry(ctypes.Structure):
 PROTOTYPES: dict[str, list] = {
     "AOTInductorModelContainerCreateWithDevice": [POINTER(c_void_p), c_size_t, c_char_p, c_char_p],
     "AOTInductorModelContainerDelete": [c_void_p],
-    "AOTInductorModelContainerRun": [c_void_p, POINTER(c_void_p), c_size_t, POINTER(c_void_p), c_size_t,
-                                     c_void_p, c_void_p],
+    "AOTInductorModelContainerRun": [
+        c_void_p,
+        POINTER(c_void_p),
+        c_size_t,
+        POINTER(c_void_p),
+        c_size_t,
+        c_void_p,
+        c_void_p,
+    ],
     "AOTInductorModelContainerGetNumOutputs": [c_void_p, POINTER(c_size_t)],
     "AOTInductorModelContainerGetNumConstants": [c_void_p, POINTER(c_size_t)],
     "AOTInductorModelContainerGetConstantName": [c_void_p, c_size_t, POINTER(c_char_p)],
     "AOTInductorModelContainerGetConstantOriginalFQN": [c_void_p, c_size_t, POINTER(c_char_p)],
     "AOTInductorModelContainerGetConstantDataSize": [c_void_p, c_size_t, POINTER(c_size_t)],
-    "AOTInductorModelContainerExtractConstantsMapEntries": [c_void_p, POINTER(POINTER(_Entry)), POINTER(c_size_t),
-                                                            c_bool],
-    "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs": [c_void_p, POINTER(_Entry), c_size_t, c_bool,
-                                                                      c_bool],
+    "AOTInductorModelContainerExtractConstantsMapEntries": [
+        c_void_p,
+        POINTER(POINTER(_Entry)),
+        POINTER(c_size_t),
+        c_bool,
+    ],
+    "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs": [
+        c_void_p,
+        POINTER(_Entry),
+        c_size_t,
+        c_bool,
+        c_bool,
+    ],
     "AOTInductorModelUpdateConstantsFromBlob": [c_void_p, c_void_p],
     "AOTInductorGetLastError": [POINTER(c_char_p)],
     "aoti_torch_new_tensor_handle": [c_void_p, POINTER(c_void_p)],
@@ -72,7 +89,8 @@ def _handles(tensors: list[torch.Tensor]) -> list[int]:
 def _tensors(handles: list[int]) -> list[torch.Tensor]:
     """Tensors taking over ``handles``."""
     return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
-        [_capsules.PyCapsule_New(handle, None, None) for handle in handles])
+        [_capsules.PyCapsule_New(handle, None, None) for handle in handles]
+    )
 
 
 class ContainerError(RuntimeError):
@@ -86,8 +104,9 @@ class Container:
         self._lib = lib = _declared(library)
         self._handle = c_void_p()
         self._user_managed: list[int] = []  # handles of constants the container reads in place
-        self._check(lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._handle), 1, b"cpu", None),
-                    "create")
+        self._check(
+            lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._handle), 1, b"cpu", None), "create"
+        )
         if Path(constants).stat().st_size:  # a step without constants has an empty blob
             self._load_constants(constants)
         outputs = c_size_t()
@@ -100,8 +119,9 @@ class Container:
             blob = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         start = ctypes.c_char.from_buffer(blob)
         try:
-            self._check(self._lib.AOTInductorModelUpdateConstantsFromBlob(self._handle, ctypes.addressof(start)),
-                        "load")
+            self._check(
+                self._lib.AOTInductorModelUpdateConstantsFromBlob(self._handle, ctypes.addressof(start)), "load"
+            )
         finally:
             del start
             blob.close()
@@ -116,8 +136,12 @@ class Container:
         """The step's outputs; the GIL is free meanwhile. The container takes over the input handles."""
         handles = (c_void_p * len(inputs))(*_handles(inputs))
         outputs = (c_void_p * self._outputs)()
-        self._check(self._lib.AOTInductorModelContainerRun(self._handle, handles, len(inputs), outputs,
-                                                           self._outputs, None, None), "run")
+        self._check(
+            self._lib.AOTInductorModelContainerRun(
+                self._handle, handles, len(inputs), outputs, self._outputs, None, None
+            ),
+            "run",
+        )
         return _tensors(list(outputs))
 
     def constant_names(self) -> dict[str, tuple[str, int]]:
@@ -127,13 +151,14 @@ class Container:
         names = {}
         for i in range(count.value):
             name, original, size = c_char_p(), c_char_p(), c_size_t()
-            self._check(self._lib.AOTInductorModelContainerGetConstantName(self._handle, i, ctypes.byref(name)),
-                        "name")
-            self._check(self._lib.AOTInductorModelContainerGetConstantOriginalFQN(self._handle, i,
-                                                                                  ctypes.byref(original)),
-                        "original name")
-            self._check(self._lib.AOTInductorModelContainerGetConstantDataSize(self._handle, i, ctypes.byref(size)),
-                        "size")
+            self._check(self._lib.AOTInductorModelContainerGetConstantName(self._handle, i, ctypes.byref(name)), "name")
+            self._check(
+                self._lib.AOTInductorModelContainerGetConstantOriginalFQN(self._handle, i, ctypes.byref(original)),
+                "original name",
+            )
+            self._check(
+                self._lib.AOTInductorModelContainerGetConstantDataSize(self._handle, i, ctypes.byref(size)), "size"
+            )
             names[name.value.decode()] = (original.value.decode(), size.value)
         return names
 
@@ -141,10 +166,14 @@ class Container:
         """The constants by original name (one of those sharing a name), as tensors viewing the container's
         memory: valid while the container lives."""
         entries, count = POINTER(_Entry)(), c_size_t()
-        self._check(self._lib.AOTInductorModelContainerExtractConstantsMapEntries(
-            self._handle, ctypes.byref(entries), ctypes.byref(count), False), "constants")
+        self._check(
+            self._lib.AOTInductorModelContainerExtractConstantsMapEntries(
+                self._handle, ctypes.byref(entries), ctypes.byref(count), False
+            ),
+            "constants",
+        )
         names, handles = [], []
-        for entry in entries[:count.value]:
+        for entry in entries[: count.value]:
             handle = c_void_p()  # a handle of our own: the container keeps owning its one
             self._check(self._lib.aoti_torch_new_tensor_handle(entry.handle, ctypes.byref(handle)), "new handle")
             names.append(entry.name.decode())
@@ -158,8 +187,12 @@ class Container:
         handles = _handles(list(constants.values()))
         self._user_managed += handles  # the container reads through them until it is deleted
         pairs = (_Entry * len(handles))(*[_Entry(name.encode(), handle) for name, handle in zip(constants, handles)])
-        self._check(self._lib.AOTInductorModelContainerUpdateUserManagedConstantBufferPairs(
-            self._handle, pairs, len(handles), False, False), "update constants")
+        self._check(
+            self._lib.AOTInductorModelContainerUpdateUserManagedConstantBufferPairs(
+                self._handle, pairs, len(handles), False, False
+            ),
+            "update constants",
+        )
 
     def __del__(self) -> None:
         if getattr(self, "_handle", None):

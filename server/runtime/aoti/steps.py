@@ -47,8 +47,15 @@ from server.runtime.aoti.container import Container
 from server.runtime.placement import cpu_isa
 
 log = logging.getLogger(__name__)
-_SOURCES = (int8.__file__, kernels.__file__, static_llama.__file__, step_constants.__file__, step_kernels.__file__,
-            avx2_int8_gemm.__file__, __file__)
+_SOURCES = (
+    int8.__file__,
+    kernels.__file__,
+    static_llama.__file__,
+    step_constants.__file__,
+    step_kernels.__file__,
+    avx2_int8_gemm.__file__,
+    __file__,
+)
 STEPS = ("decode", "prefill")
 LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-constants.json", "source.sha256"
 KERNELS = "kernels.json"
@@ -64,8 +71,15 @@ def source_digest() -> str:
 def package_paths(cache_dir: Path, checkpoint: Path, max_len: int, kernel: str) -> dict[str, Path]:
     """The directories of the compiled steps of this checkpoint, context length and W8A8 kernel, for this
     machine and code."""
-    facts = {"checkpoint": fingerprint(Path(checkpoint)), "max_len": max_len, "torch": torch.__version__,
-             "isa": cpu_isa(), "threads": torch.get_num_threads(), "source": source_digest(), "kernel": kernel}
+    facts = {
+        "checkpoint": fingerprint(Path(checkpoint)),
+        "max_len": max_len,
+        "torch": torch.__version__,
+        "isa": cpu_isa(),
+        "threads": torch.get_num_threads(),
+        "source": source_digest(),
+        "kernel": kernel,
+    }
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key}" for step in STEPS}
 
@@ -138,9 +152,15 @@ def _register_one_row_micro_kernel() -> None:
     configs = micro.micro_gemm_configs[micro.CppMicroGemmFP32Vec]
     if any(c.vec_isa_cls is VecAVX2 and tuple(c.register_blocking) == ONE_ROW_BLOCKING for c in configs):
         return
-    configs += micro.generate_gemm_config(VecAVX2, [ONE_ROW_BLOCKING], input_dtype=torch.bfloat16,
-                                          input2_dtype=torch.int8, output_dtype=torch.float,
-                                          compute_dtype=torch.float, extra_check=one_row)
+    configs += micro.generate_gemm_config(
+        VecAVX2,
+        [ONE_ROW_BLOCKING],
+        input_dtype=torch.bfloat16,
+        input2_dtype=torch.int8,
+        output_dtype=torch.float,
+        compute_dtype=torch.float,
+        extra_check=one_row,
+    )
 
 
 def _example(net: static_llama.StaticLlama, step: str) -> tuple[tuple, tuple]:
@@ -150,8 +170,12 @@ def _example(net: static_llama.StaticLlama, step: str) -> tuple[tuple, tuple]:
     caches = static_llama.new_kv_caches(net.config, net.max_len)
     fixed = [None] * len(caches)  # the caches' shapes do not change
     tokens = 1 if step == "decode" else 4
-    example = (torch.zeros(1, tokens, dtype=torch.long), torch.arange(1, 1 + tokens),
-               static_llama.attention_mask(net.max_len, 1, tokens, compiled=True), caches)
+    example = (
+        torch.zeros(1, tokens, dtype=torch.long),
+        torch.arange(1, 1 + tokens),
+        static_llama.attention_mask(net.max_len, 1, tokens, compiled=True),
+        caches,
+    )
     if step == "decode":
         return example, (None, None, {1: length}, fixed)
     count = torch.export.Dim("tokens", min=2, max=net.max_len)
@@ -247,8 +271,9 @@ class CompiledStep:
         self.kernel: str = kernels["w8a8"]  # quant.kernels' W8A8 kernel
         self.gemms: dict[str, int] = kernels["gemms"]  # what its GEMMs run, by kind (step_kernels)
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                 caches: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, caches: list[torch.Tensor]
+    ) -> torch.Tensor:
         return self.container.run([ids, pos, mask, *caches])[0]  # the exported signature, flattened
 
 
