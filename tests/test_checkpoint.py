@@ -30,7 +30,7 @@ def test_roundtrip_gives_identical_logits_and_generation(tiny_model, tokenizer, 
     head, emb = loaded.model.get_output_embeddings(), loaded.model.get_input_embeddings()
     assert head.weight is emb.weight
     saved = json.loads((out / "manifest.json").read_text())
-    assert saved["recipe"]["scheme"] == scheme and saved["versions"]["torch"].startswith("2.13")
+    assert saved["recipe"]["scheme"] == scheme and saved["versions"]["torch"] == torch.__version__
     assert set(saved["alphas"]) == set(linear_names(tiny_model))
     # and it generates, the same greedy tokens as the model that was saved
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)

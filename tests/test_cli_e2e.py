@@ -1,4 +1,6 @@
-"""End to end: ``q8chat quantize`` and ``q8chat eval`` on the real default model, as a user runs them."""
+"""End to end: ``q8chat quantize`` and ``q8chat eval`` on the real default model, as a user runs them. A fixed
+alpha keeps them short: the per-layer alpha search runs in the default recipe, which the e2e servers quantize
+with (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import sys
 import pytest
 
 from quant.kernels import EAGER_OPS, eager_kernel
+from quant.load import load_float_model
+from quant.smoothquant import linear_names
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -21,37 +25,30 @@ def q8chat(*args, timeout=900):
 
 
 @pytest.fixture(scope="module")
+def float_model():
+    """What the default model is: its linears and its float32 size, to compare the INT8 results with."""
+    model = load_float_model("default").model
+    return {"linears": len(linear_names(model)), "float32_bytes": 4 * sum(p.numel() for p in model.parameters())}
+
+
+@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "smollm2-int8"
-    result = q8chat(
-        "quantize",
-        "--model",
-        "default",
-        "--out",
-        str(out),
-        "--alpha",
-        "auto",
-        "--scheme",
-        "static",
-        "--calib-samples",
-        "8",
-        "--calib-length",
-        "256",
-    )
+    args = ["--alpha", "0.5", "--scheme", "static", "--calib-samples", "8", "--calib-length", "256"]
+    result = q8chat("quantize", "--model", "default", "--out", str(out), *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "calibrating" in result.stderr and "alpha search" in result.stderr  # progress bars
+    assert "calibrating" in result.stderr and "converting" in result.stderr  # progress bars
     return out
 
 
-def test_quantize_writes_a_small_complete_checkpoint(checkpoint):
+def test_quantize_writes_a_small_complete_checkpoint(checkpoint, float_model):
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    assert manifest["recipe"]["scheme"] == "static" and manifest["recipe"]["alpha"] is None
-    assert len(manifest["alphas"]) == 30 * 7 + 1 and manifest["source"]["fingerprint"]  # blocks + LM head
+    assert manifest["recipe"]["scheme"] == "static" and manifest["recipe"]["alpha"] == 0.5
+    assert len(manifest["alphas"]) == float_model["linears"] and manifest["source"]["fingerprint"]
     assert set(manifest["fallback"]) <= set(manifest["alphas"])
     assert {"torch", "transformers"} <= set(manifest["versions"])
     weights = (checkpoint / "model.safetensors").stat().st_size
-    float32_bytes = 134_515_008 * 4  # SmolLM2-135M parameters in float32
-    assert weights <= 0.30 * float32_bytes, f"{weights / float32_bytes:.1%} of float32"
+    assert weights <= 0.30 * float_model["float32_bytes"], f"{weights / float_model['float32_bytes']:.1%} of float32"
 
 
 def test_quantize_refuses_a_non_empty_directory(checkpoint):
@@ -68,43 +65,32 @@ def test_bad_model_path_is_one_clear_line(tmp_path):
     assert result.stderr.strip() == f"q8chat quantize: error: {tmp_path / 'missing'}: no such file or directory"
 
 
-def test_eval_compares_variants_and_shows_int8_kernels(tmp_path):
+def test_eval_compares_variants_and_shows_int8_kernels(tmp_path, float_model):
     report = tmp_path / "eval.json"
-    result = q8chat(
-        "eval",
-        "--model",
-        "default",
-        "--compare",
-        "float,naive,auto",
-        "--limit",
-        "20",
-        "--ppl-tokens",
-        "2048",
-        "--calib-samples",
-        "8",
-        "--json",
-        str(report),
-    )
+    args = ["--limit", "20", "--ppl-tokens", "2048", "--calib-samples", "8", "--json", str(report)]
+    result = q8chat("eval", "--model", "default", "--compare", "float,naive,sq0.5", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(report.read_text())
-    assert [r["name"] for r in rows] == ["float", "naive (dynamic)", "auto (dynamic)"]
-    float_row, naive_row, auto_row = rows
+    assert [r["name"] for r in rows] == ["float", "naive (dynamic)", "sq0.5 (dynamic)"]
+    float_row, *int8_rows = rows
+    for row in int8_rows:  # naive and sqALPHA: every linear W8A8, the LM head included
+        assert row["fallback"] == [] and row["kernels"] == {EAGER_OPS[eager_kernel()]: float_model["linears"]}
+        assert row["size_mb"] < 0.3 * float_row["size_mb"]
+        assert row["perplexity"] < 1.1 * float_row["perplexity"]
+    assert "| sq0.5 (dynamic) |" in result.stdout
+
+
+def test_eval_of_a_saved_checkpoint_shows_its_fallback_layers_kernels(checkpoint, float_model, tmp_path):
+    report = tmp_path / "eval.json"
+    result = q8chat("eval", "--model", str(checkpoint), "--limit", "10", "--ppl-tokens", "1024", "--json", str(report))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| checkpoint (sq0.5-static) |" in result.stdout
+    [row] = json.loads(report.read_text())
     # every linear runs an INT8 kernel: INT8 x INT8, or INT8 weights with BF16 activations (the reported
     # fallback layers, and the LM head by recipe). Without VNNI the INT8 x INT8 product runs in the weight-only
     # kernel too (quant.kernels), and the manifest's fallback list is what tells the two apart.
     w8a8, weight_only = EAGER_OPS[eager_kernel()], "aten::_weight_int8pack_mm"
-    assert naive_row["fallback"] == [] and set(naive_row["kernels"]) == {w8a8}  # all W8A8
-    kernels = auto_row["kernels"]
-    assert sum(kernels.values()) == 30 * 7 + 1 and set(kernels) <= {w8a8, weight_only}
+    kernels = row["kernels"]
+    assert sum(kernels.values()) == float_model["linears"] and set(kernels) <= {w8a8, weight_only}
     if w8a8 != weight_only:
-        assert kernels[w8a8] > 0.8 * (30 * 7 + 1)
-        assert len(auto_row["fallback"]) + 1 == kernels.get(weight_only, 0)
-    assert auto_row["size_mb"] < 0.3 * float_row["size_mb"]
-    assert auto_row["perplexity"] < 1.1 * float_row["perplexity"]
-    assert "| auto (dynamic) |" in result.stdout
-
-
-def test_eval_of_a_saved_checkpoint(checkpoint):
-    result = q8chat("eval", "--model", str(checkpoint), "--limit", "10", "--ppl-tokens", "1024")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| checkpoint (auto-static) |" in result.stdout
+        assert kernels.get(weight_only, 0) == len(row["fallback"]) + 1

@@ -1,5 +1,6 @@
 """CPU placement from fake /sys trees."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,16 @@ def test_affinity_mask_restricts_the_choice(tmp_path):
     assert choose(read_topology(root), socket=0, allowed={2, 3}).cpus == (2, 3)
 
 
-def test_this_machine(tmp_path):
-    placement = choose(read_topology(), socket=0)
-    assert placement.threads >= 1 and placement.cpus
+def test_this_machine_gets_one_cpu_of_each_physical_core_of_socket_0_it_may_run_on():
+    cpus = read_topology()
+    allowed = os.sched_getaffinity(0)
+    placement = choose(cpus, socket=0, allowed=allowed)
+    mine = [c for c in cpus if c.socket == 0 and c.id in allowed]
+    chosen = [c for c in cpus if c.id in placement.cpus]
+    assert set(placement.cpus) <= allowed and all(c.socket == 0 for c in chosen)
+    assert sorted({c.core for c in chosen}) == sorted({c.core for c in mine})  # every core, once
+    assert len(chosen) == len({c.core for c in chosen}) == placement.threads
+    assert placement.node in {c.node for c in chosen}
 
 
 def test_isa_names_the_int8_extensions(tmp_path):
