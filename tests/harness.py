@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from quant.calibrate import collect_activation_stats
@@ -95,3 +96,27 @@ class FakeEngine:
             )
             if last:
                 return
+
+
+def health_during(server, run) -> tuple[float, list[float]]:
+    """Seconds ``run()`` took, and how long each /health request took meanwhile (polled every 20 ms): the
+    event loop must answer while a long job runs off it."""
+    latencies, done = [], threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                begin = time.perf_counter()
+                assert client.get(server.base_url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - begin)
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    begin = time.perf_counter()
+    poller.start()
+    try:
+        run()
+    finally:
+        done.set()
+        poller.join()
+    return time.perf_counter() - begin, latencies

@@ -12,8 +12,6 @@ tokens agree. The first tokens agreeing shows the compiled step computes the sam
 from __future__ import annotations
 
 import re
-import threading
-import time
 
 import httpx
 import pytest
@@ -21,6 +19,7 @@ import pytest
 from prompts import heldout_text
 from server.runtime.aoti import kernels as step_kernels
 from tests.conftest import Q8CHAT_SERVE
+from tests.harness import health_during
 from tests.kernel_audit import onednn_executions, reference_kernels
 
 pytestmark = pytest.mark.e2e
@@ -45,29 +44,6 @@ def greedy(server, content: str, max_tokens: int = 8) -> dict:
         "tokens": answer["usage"]["completion_tokens"],
         "prompt_tokens": answer["usage"]["prompt_tokens"],
     }
-
-
-def health_during(server, run) -> tuple[float, list[float]]:
-    """Seconds ``run()`` took, and how long each /health request took meanwhile."""
-    latencies, done = [], threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not done.is_set():
-                begin = time.perf_counter()
-                assert client.get(server.base_url + "/health").status_code == 200
-                latencies.append(time.perf_counter() - begin)
-                time.sleep(0.05)
-
-    poller = threading.Thread(target=poll)
-    begin = time.perf_counter()
-    poller.start()
-    try:
-        run()
-    finally:
-        done.set()
-        poller.join()
-    return time.perf_counter() - begin, latencies
 
 
 COMPILED = {"Q8CHAT_COMPILE": "true", "ONEDNN_VERBOSE": "1"}  # oneDNN names each primitive it runs

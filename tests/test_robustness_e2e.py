@@ -4,11 +4,12 @@ answer is an OpenAI-shaped 4xx or a 200, nothing is logged as a server error, an
 
 import re
 import socket
-import threading
 import time
 
 import httpx
 import pytest
+
+from tests.harness import health_during
 
 pytestmark = pytest.mark.e2e
 
@@ -102,25 +103,12 @@ def test_extreme_sampling_values_sample(tiny_server, extreme):
 def test_health_answers_while_a_megabyte_prompt_is_tokenized(tiny_server):
     content = "The quick brown fox jumps over the lazy dog. " * 20_000  # 900 kB: seconds to tokenize
     body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
-    latencies, done = [], threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not done.is_set():
-                begin = time.monotonic()
-                assert client.get(tiny_server.base_url + "/health").status_code == 200
-                latencies.append(time.monotonic() - begin)
-                time.sleep(0.02)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    begin = time.monotonic()
-    try:
-        response = httpx.post(tiny_server.base_url + "/v1/chat/completions", json=body, timeout=120)
-    finally:
-        took = time.monotonic() - begin
-        done.set()
-        poller.join()
+    responses = []
+    took, latencies = health_during(
+        tiny_server,
+        lambda: responses.append(httpx.post(tiny_server.base_url + "/v1/chat/completions", json=body, timeout=120)),
+    )
+    [response] = responses
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
     assert took > 0.5 and len(latencies) > 5, (took, latencies)
     assert max(latencies) < 0.3, (took, max(latencies))

@@ -138,16 +138,22 @@ def test_second_turn_reuses_the_cached_prefix(client):
     assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
 
 
-def test_streamed_text_has_no_broken_characters(client):
-    stream = client.chat.completions.create(
+def test_streamed_accented_text_arrives_whole(client):
+    """The greedy answer has accents (multi-byte UTF-8 that tokens may split): each streamed delta is whole
+    text, and together they are the non-streamed answer. (With a reply in ASCII this would prove nothing.)"""
+    kwargs = dict(
         model=MODEL,
-        messages=[{"role": "user", "content": "Réponds en français avec des émojis 😀 : ça va ?"}],
-        max_tokens=40,
-        temperature=0.8,
-        seed=3,
-        stream=True,
+        messages=[{"role": "user", "content": "Write the French word café three times."}],
+        max_tokens=24,
+        temperature=0,
     )
-    assert all("\ufffd" not in (c.choices[0].delta.content or "") for c in stream if c.choices)
+    deltas = [
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices
+    ]
+    text = "".join(deltas)
+    assert any(ord(character) > 127 for character in text), text
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert text == client.chat.completions.create(**kwargs).choices[0].message.content
 
 
 BAD_REQUESTS = [

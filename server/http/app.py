@@ -6,7 +6,6 @@ published API description (``openapi``) have modules of their own."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from importlib import resources
@@ -24,8 +23,6 @@ from server.http.openapi import Health, document
 from server.service.metrics import Metrics
 from server.service.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from server.service.serving import ChatService, NotReady
-
-log = logging.getLogger(__name__)
 
 
 class ServiceSlot:
