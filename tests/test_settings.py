@@ -1,5 +1,6 @@
 """Settings: one source of defaults for CLI flags and Q8CHAT_* variables."""
 
+import argparse
 import subprocess
 import sys
 
@@ -33,3 +34,14 @@ def test_a_bad_flag_stops_q8chat_serve_before_it_starts_anything():
         "than or equal to 1"
     )
     assert Settings.from_args(["--alpha", "0.5"]).alpha == 0.5 and Settings.from_args([]).alpha == "auto"
+
+
+def test_the_recipe_has_one_set_of_defaults_for_serve_quantize_and_the_library():
+    from quant.cli import configure_quantize
+    from quant.smoothquant import Recipe
+
+    parser = argparse.ArgumentParser()
+    configure_quantize(parser)
+    cli = parser.parse_args(["--out", "x"])
+    assert Settings.from_args([]).calib_samples == cli.calib_samples == Recipe().calib_samples
+    assert cli.calib_length == Recipe().calib_length
