@@ -42,10 +42,22 @@ class ChatTemplate:
     default_system: str | None = None
     stop: tuple[str, ...] = ()
 
+    @property
+    def handles_tools(self) -> bool:
+        """Whether the template renders tools itself (its Jinja reads ``tools``, as Hugging Face's do)."""
+        return re.search(r"\btools\b", self.source) is not None
+
     def render(
-        self, messages: list[dict], *, add_generation_prompt: bool = True, bos_token: str = "", eos_token: str = ""
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = True,
+        bos_token: str = "",
+        eos_token: str = "",
+        tools: list[dict] | None = None,
     ) -> list[Piece]:
-        """Render ``messages`` ([{"role", "content"}]) into trusted template text and untrusted contents."""
+        """Render ``messages`` ([{"role", "content"}]) into trusted template text and untrusted contents;
+        ``tools`` reach a template that ``handles_tools``."""
         contents = [m["content"] for m in messages]
         masked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
         try:
@@ -55,6 +67,7 @@ class ChatTemplate:
                 default_system=self.default_system,
                 bos_token=bos_token,
                 eos_token=eos_token,
+                tools=tools,
             )
         except JinjaTemplateError as exc:
             raise TemplateError(f"template {self.name!r} failed to render: {exc}") from None

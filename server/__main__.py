@@ -26,10 +26,12 @@ def build_service(settings: Settings, metrics, placement):
     from quant.smoothquant import Recipe
     from quant.store import int8_checkpoint
     from server.engine.engine import Engine
+    from server.engine.grammar import Grammars
     from server.runtime.aoti.steps import package_paths
     from server.runtime.decoders import make_decoder
     from server.runtime.placement import cpu_isa
-    from server.service.serving import ChatService, Prompter
+    from server.service.prompter import Prompter
+    from server.service.serving import ChatService
 
     recipe = Recipe(
         alpha=None if settings.alpha == "auto" else settings.alpha,
@@ -75,6 +77,7 @@ def build_service(settings: Settings, metrics, placement):
         settings.default_max_tokens,
         metrics,
         heartbeat_s=settings.keepalive_s,
+        grammars=Grammars(tokenizer, config.vocab_size),
     )
 
 

@@ -81,7 +81,7 @@ class FakeEngine:
         if prompt_tokens + (max_tokens or 0) > self.context_length:
             raise ContextLengthExceeded("too long")
 
-    def generate(self, prompt_ids, params, stats, cancelled=lambda: False):
+    def generate(self, prompt_ids, params, stats, cancelled=lambda: False, matcher=None, logprobs=None):
         stats.prompt_tokens = len(prompt_ids)
         self.running.set()
         for i, word in enumerate(self.words):

@@ -5,14 +5,15 @@ from fastapi.testclient import TestClient
 
 from prompts import builtin_template
 from server.http.app import ServiceSlot, create_app
-from server.service.serving import ChatService, Prompter
+from server.service.prompter import Prompter
+from server.service.serving import ChatService
 from tests.harness import FakeEngine
 
 
 class BrokenEngine(FakeEngine):
     broken = True
 
-    def generate(self, prompt_ids, params, stats, cancelled=lambda: False):
+    def generate(self, prompt_ids, params, stats, cancelled=lambda: False, matcher=None, logprobs=None):
         if self.broken:
             raise RuntimeError("secret internal detail")
         yield from super().generate(prompt_ids, params, stats, cancelled)

@@ -12,7 +12,8 @@ from starlette.requests import ClientDisconnect
 from prompts import builtin_template
 from server.http.app import ServiceSlot, create_app
 from server.http.errors import as_api_error
-from server.service.serving import ChatService, Prompter
+from server.service.prompter import Prompter
+from server.service.serving import ChatService
 from tests.harness import FakeEngine
 
 URL = "/v1/chat/completions"

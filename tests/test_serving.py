@@ -6,9 +6,10 @@ import pytest
 
 from prompts import builtin_template
 from server.engine.engine import ContextLengthExceeded
+from server.service.prompter import Prompter
 from server.service.protocol import ChatCompletionRequest, CompletionRequest
 from server.service.scheduling import QueueFull
-from server.service.serving import ChatService, ModelNotFound, Prompter
+from server.service.serving import ChatService, ModelNotFound
 from tests.harness import FakeEngine
 
 

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.decoder import Decoder
-from server.engine.sampling import SamplingParams, new_generator, sample
+from server.engine.grammar import Matcher
+from server.engine.sampling import (
+    SamplingParams,
+    TokenLogprobs,
+    choose,
+    new_generator,
+    processed_logits,
+    token_logprobs,
+)
 from server.engine.textstream import IncrementalDetokenizer, StopStrings
 from server.runtime import heap
 
@@ -28,10 +36,12 @@ class ContextLengthExceeded(ValueError):
 
 @dataclass
 class StepOutput:
-    """What one generated token releases: new text (possibly empty), and the finish reason on the last."""
+    """What one generated token releases: new text (possibly empty), the finish reason on the last, and the
+    token's log probabilities when they were asked for."""
 
     text: str
     finish_reason: str | None = None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -101,9 +111,15 @@ class Engine:
         params: SamplingParams,
         stats: GenerationStats | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        matcher: Matcher | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[StepOutput]:
         """Yield one StepOutput per generated token; the last one carries ``finish_reason``.
-        Stops early, yielding nothing more, once ``cancelled()`` is true."""
+        Stops early, yielding nothing more, once ``cancelled()`` is true. ``matcher``: a grammar the tokens
+        must follow; the generation stops where it is complete. ``logprobs``: each token's log probability
+        and that of the ``logprobs`` most likely ones."""
+        if not prompt_ids:
+            raise ValueError("an empty prompt")  # the service lets none through
         stats = stats if stats is not None else GenerationStats()
         self.check_length(len(prompt_ids), None)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
@@ -115,20 +131,24 @@ class Engine:
             stops = StopStrings(params.stop)
             generated: list[int] = []
             while not cancelled():
-                token = sample(logits, params, generator, prompt_ids, generated)
+                processed = processed_logits(logits, params, prompt_ids, generated, matcher and matcher.allowed())
+                token = choose(processed, params, generator)
+                scored = token_logprobs(processed, token, logprobs) if logprobs is not None else None
                 generated.append(token)
                 stats.completion_tokens = len(generated)
-                if token in self.eos_token_ids and not params.ignore_eos:
-                    yield StepOutput(stops.flush(), "stop")
+                if matcher is not None:
+                    matcher.advance(token)
+                if token in self.eos_token_ids and (not params.ignore_eos or matcher is not None):
+                    yield StepOutput(stops.flush(), "stop", scored)
                     return
                 text, stopped = stops.feed(detokenizer.push(token))
-                if stopped:
-                    yield StepOutput(text, "stop")
+                if stopped or (matcher is not None and matcher.finished):  # a complete grammar ends the text
+                    yield StepOutput(text + ("" if stopped else stops.flush()), "stop", scored)
                     return
                 if len(generated) >= budget:
-                    yield StepOutput(text + stops.flush(), "length")
+                    yield StepOutput(text + stops.flush(), "length", scored)
                     return
-                yield StepOutput(text)
+                yield StepOutput(text, logprobs=scored)
                 logits = self._forward([token])
         except Exception:
             self.reset()  # a half-updated cache must not be reused

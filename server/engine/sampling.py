@@ -43,18 +43,27 @@ def apply_penalties(
     return logits
 
 
-def sample(
+def processed_logits(
     logits: torch.Tensor,
     params: SamplingParams,
-    generator: torch.Generator,
     prompt_ids: list[int],
     generated: list[int],
-) -> int:
-    """One token id from a 1-D logits vector. Safe for every value the protocol accepts: penalties that
-    overflow a logit to infinity leave it the largest finite one, and logits are shifted to a maximum of 0
-    before the temperature divides them, so a tiny temperature sends the others to -inf, never to NaN."""
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The logits the sampler draws from (before temperature and truncation): penalties applied, tokens a
+    grammar does not allow (``allowed`` False) at -inf. Penalties that overflow a logit to infinity leave it
+    the largest finite one."""
     logits = apply_penalties(logits.float().clone(), params, prompt_ids, generated)
     logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    if allowed is not None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    return logits
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from processed logits. Safe for every value the protocol accepts: logits are shifted to
+    a maximum of 0 before the temperature divides them, so a tiny temperature sends the others to -inf,
+    never to NaN."""
     if params.temperature == 0 or not torch.isfinite(logits.max()):
         return int(logits.argmax())
     # a temperature below float32's range would divide by zero (0 / 0 at the maximum)
@@ -69,3 +78,31 @@ def sample(
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    prompt_ids: list[int],
+    generated: list[int],
+    allowed: torch.Tensor | None = None,
+) -> int:
+    """One token id from a 1-D logits vector (see ``processed_logits`` and ``choose``)."""
+    return choose(processed_logits(logits, params, prompt_ids, generated, allowed), params, generator)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log probability and the ``top`` most likely tokens' (id, log probability), from the
+    log-softmax of the processed logits: what the sampler drew from, before temperature and truncation."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(processed: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    logprobs = torch.log_softmax(processed, dim=-1)
+    values, ids = torch.topk(logprobs, top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+    return TokenLogprobs(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist())))

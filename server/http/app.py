@@ -21,7 +21,13 @@ from server.http.errors import ApiError, as_api_error, error_response
 from server.http.guard import GuardAndLog
 from server.http.openapi import Health, document
 from server.service.metrics import Metrics
-from server.service.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from server.service.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    TokenizeRequest,
+)
 from server.service.serving import ChatService, NotReady
 
 
@@ -144,6 +150,22 @@ def create_app(slot: ServiceSlot, http: HttpSettings = HttpSettings()) -> FastAP
             lambda s: s.completion_chunks,
             lambda s: s.completion_response,
         )
+
+    async def tokens(request: Request, model: type, work) -> JSONResponse:
+        try:
+            service = slot.get()
+            body = model.model_validate(await read_json(request, http.max_body_bytes, http.body_timeout_s))
+            return JSONResponse((await work(service)(body)).model_dump())
+        except Exception as exc:
+            return error_response(as_api_error(exc))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        return await tokens(request, TokenizeRequest, lambda s: s.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        return await tokens(request, DetokenizeRequest, lambda s: s.detokenize)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from server.engine.engine import ContextLengthExceeded
-from server.service.protocol import ErrorBody, ErrorResponse, UnsupportedParameter
+from server.service.protocol import ErrorBody, ErrorResponse, InvalidParameter, UnsupportedParameter
 from server.service.scheduling import QueueFull, ShuttingDown
 from server.service.serving import ModelNotFound, NotReady
 
@@ -60,7 +60,8 @@ def as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, UnsupportedParameter):
-        return ApiError(400, str(exc), param=exc.param, code="unsupported_parameter")
+        code = "invalid_value" if isinstance(exc, InvalidParameter) else "unsupported_parameter"
+        return ApiError(400, str(exc), param=exc.param, code=code)
     if isinstance(exc, ValidationError):
         return _validation_error(exc)
     if isinstance(exc, ModelNotFound):

@@ -25,11 +25,11 @@ def authorized(request: Request, keys: tuple[str, ...]) -> bool:
 
 
 def generation_log(generation) -> dict:
-    s = generation.stats
+    usage = generation.usage()
     return {
-        "prompt_tokens": s.prompt_tokens,
-        "cached_tokens": s.cached_tokens,
-        "completion_tokens": s.completion_tokens,
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+        "completion_tokens": usage.completion_tokens,
         "finish_reason": generation.finish_reason,
         "ttft_s": round(generation.first_token_s, 4) if generation.first_token_s is not None else None,
     }

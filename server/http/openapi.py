@@ -18,8 +18,12 @@ from server.service.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 
 REF = "#/components/schemas/{model}"
@@ -85,6 +89,20 @@ def _completion(request: type[BaseModel], response: type[BaseModel], chunk: type
 OPERATIONS = {  # (path, method): what the route takes and answers
     ("/v1/chat/completions", "post"): _completion(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
     ("/v1/completions", "post"): _completion(CompletionRequest, CompletionResponse, CompletionResponse),
+    ("/tokenize", "post"): {
+        "requestBody": {"required": True, "content": _json(TokenizeRequest)},
+        "responses": {
+            "200": {"description": "The text's token ids", "content": _json(TokenizeResponse)},
+            **_errors(400, 401, 408, 413, 415, 503),
+        },
+    },
+    ("/detokenize", "post"): {
+        "requestBody": {"required": True, "content": _json(DetokenizeRequest)},
+        "responses": {
+            "200": {"description": "The tokens' text", "content": _json(DetokenizeResponse)},
+            **_errors(400, 401, 408, 413, 415, 503),
+        },
+    },
     ("/v1/models", "get"): {
         "responses": {"200": {"description": "The served model", "content": _json(ModelList)}, **_errors(401, 503)}
     },
@@ -110,6 +128,10 @@ MODELS = (
     ChatCompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelList,
     ErrorResponse,
     Health,

@@ -1,7 +1,8 @@
 """OpenAI API shapes: requests, responses, streaming chunks and errors, named and ordered like the spec.
 
 Requests reject what they do not implement: a parameter outside the spec, or one of the spec's that
-q8chat does not support set to anything but its no-op value, is a 400 naming the parameter.
+q8chat does not support set to anything but its no-op value, is a 400 naming the parameter. Structured
+outputs (``response_format``), tools, log probabilities and ``n`` are implemented.
 """
 
 from __future__ import annotations
@@ -10,20 +11,13 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 # Spec parameters q8chat does not implement, with the values that ask for nothing (accepted, dropped).
 NOT_IMPLEMENTED_CHAT: dict[str, tuple] = {
-    "n": (None, 1),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -34,9 +28,7 @@ NOT_IMPLEMENTED_CHAT: dict[str, tuple] = {
     "metadata": (None, {}),
 }
 NOT_IMPLEMENTED_COMPLETION: dict[str, tuple] = {
-    "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, 0),
     "logit_bias": (None, {}),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -47,6 +39,10 @@ class UnsupportedParameter(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class InvalidParameter(UnsupportedParameter):
+    """A parameter of the spec whose value does not fit the rest of the request (a tool choice naming no tool)."""
 
 
 def _drop_no_op_parameters(data: Any, table: dict[str, tuple]) -> Any:
@@ -78,17 +74,99 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """A message of the conversation: an assistant's may carry the tool calls it made (and no content), a
+    ``tool`` message answers the call ``tool_call_id``."""
+
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _parts_of_its_role(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (null only for an assistant message with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
-    def as_template_message(self) -> dict:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+MAX_CHOICES = 16  # n: the choices are generated one after another, after one prefill
 
 
 class SamplingFields(BaseModel):
@@ -130,8 +208,39 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     not_implemented: ClassVar[dict[str, tuple]] = NOT_IMPLEMENTED_CHAT
+
+    @classmethod
+    def parse(cls, data: Any):
+        request = super().parse(data)
+        request._check_consistent()
+        return request
+
+    def _check_consistent(self) -> None:
+        """Checks across parameters, each a 400 naming the parameter at fault."""
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParameter("top_logprobs", "top_logprobs needs logprobs: true")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise InvalidParameter("tools", "tools: two functions with one name")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            name = self.tool_choice.function.name
+            raise InvalidParameter("tool_choice", f"tool_choice names the function {name!r}, which is not in tools")
+        if self.tool_choice == "required" and not names:
+            raise InvalidParameter("tool_choice", "tool_choice 'required' needs tools")
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may hold tool calls: tools given and a choice other than none."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def completion_limit(self) -> int | None:
@@ -145,6 +254,8 @@ class CompletionRequest(SamplingFields):
     # one prompt (batch size 1), as a string or a list of one
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
     not_implemented: ClassVar[dict[str, tuple]] = NOT_IMPLEMENTED_COMPLETION
 
@@ -158,6 +269,33 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+class TokenizeRequest(BaseModel):
+    """llama.cpp server's /tokenize: the text's tokens, special tokens in it parsed as such."""
+
+    model_config = STRICT
+    content: str
+    add_special: bool = False  # the tokenizer's BOS (and what else it adds)
+    with_pieces: bool = False
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = STRICT
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    content: str
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
@@ -169,15 +307,31 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -190,11 +344,24 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
-    """Only the fields a chunk carries: the first has the role, the others just content."""
+    """Only the fields a chunk carries: the first has the role, the others content or tool calls."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler):
@@ -204,7 +371,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -217,10 +384,17 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

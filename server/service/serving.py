@@ -1,8 +1,9 @@
-"""Between the OpenAI protocol and the engine: prompts, the one-at-a-time queue, cancellation, chunks.
+"""Between the OpenAI protocol and the engine: prompts, grammars, the one-at-a-time queue, cancellation, chunks.
 
 Every request becomes one stream of protocol chunks; a non-streaming request drains the same stream.
-Validation, tokenization and the context-length and queue checks all happen in ``prepare``, before a
-response starts, so their errors can still carry a proper HTTP status; tokenizing runs off the event loop.
+Validation, tokenization, grammar compilation and the context-length and queue checks all happen in
+``prepare``, before a response starts, so their errors can still carry a proper HTTP status; the slow parts
+run off the event loop. A request's ``n`` choices run one after another, the prompt's KV cache reused.
 """
 
 from __future__ import annotations
@@ -13,28 +14,35 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-from prompts import ChatTemplate, split_special
 from server.engine.engine import Engine, GenerationStats, StepOutput
+from server.engine.grammar import GrammarError, Grammars
 from server.engine.sampling import SamplingParams
+from server.service.chunks import ChatChoiceStream, ChoiceAnswer, TokenTexts, completion_logprobs
+from server.service.generation import Generation, ToolCalling
 from server.service.metrics import Metrics
+from server.service.prompter import Prompter
 from server.service.protocol import (
-    ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChunkChoice,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    InvalidParameter,
     ModelCard,
     ModelList,
-    PromptTokensDetails,
-    ResponseMessage,
+    NamedToolChoice,
     SamplingFields,
-    Usage,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenPiece,
+    UnsupportedParameter,
     new_id,
     now,
 )
@@ -51,66 +59,6 @@ class NotReady(RuntimeError):
     pass
 
 
-class Prompter:
-    """Chat messages or raw text to token ids; user text never becomes special tokens."""
-
-    def __init__(self, tokenizer, template: ChatTemplate) -> None:
-        self.tokenizer = tokenizer
-        self.template = template
-        self._special = list(tokenizer.all_special_tokens) + [t for t in ("</s>",) if t in tokenizer.get_vocab()]
-
-    def _text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        pieces = self.template.render(
-            messages,
-            add_generation_prompt=True,
-            bos_token=self.tokenizer.bos_token or "",
-            eos_token=self.tokenizer.eos_token or "",
-        )
-        ids: list[int] = []
-        for kind, value in split_special(pieces, self._special):
-            ids.extend([self.tokenizer.convert_tokens_to_ids(value)] if kind == "special" else self._text_ids(value))
-        return ids
-
-    def completion_ids(self, prompt: str) -> list[int]:
-        """A raw prompt belongs wholly to the client, special tokens included (as in vLLM)."""
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids
-
-
-@dataclass
-class Generation:
-    """A validated, tokenized request, admitted to the queue (which it must run or ``abandon``)."""
-
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    include_usage: bool
-    queue: GenerationQueue
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    created: int = field(default_factory=now)
-    arrived: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None  # time to first token, once there is one
-    finish_reason: str | None = None
-    started: bool = False
-
-    def abandon(self) -> None:
-        """Give back the admission of a generation whose response never ran (safe to call always)."""
-        if not self.started:
-            self.started = True
-            self.queue.admitted -= 1
-
-    def usage(self) -> Usage:
-        s = self.stats
-        return Usage(
-            prompt_tokens=s.prompt_tokens,
-            completion_tokens=s.completion_tokens,
-            total_tokens=s.prompt_tokens + s.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=s.cached_tokens),
-        )
-
-
 class ChatService:
     def __init__(
         self,
@@ -121,6 +69,7 @@ class ChatService:
         default_max_tokens: int,
         metrics: Metrics | None = None,
         heartbeat_s: float = 10.0,
+        grammars: Grammars | None = None,
     ) -> None:
         self.engine = engine
         self.prompter = prompter
@@ -130,10 +79,24 @@ class ChatService:
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics or Metrics()
         self.metrics.watch_queue(self.queue)
+        self.grammars = grammars  # None: constrained requests are refused
+        self.texts = TokenTexts(prompter.tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-engine")
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=now())])
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        ids = await asyncio.to_thread(self.prompter.completion_ids, request.content, request.add_special)
+        if not request.with_pieces:
+            return TokenizeResponse(tokens=ids)
+        return TokenizeResponse(tokens=[TokenPiece(id=i, piece=self.texts.of(i)[0]) for i in ids])
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        size = len(self.prompter.tokenizer)
+        if unknown := [i for i in request.tokens if i >= size]:
+            raise InvalidParameter("tokens", f"token ids {unknown[:5]} are outside the vocabulary of {size} tokens")
+        return DetokenizeResponse(content=await asyncio.to_thread(self.prompter.tokenizer.decode, request.tokens))
 
     # -- preparing -----------------------------------------------------------------------------
     def _check_model(self, request: SamplingFields) -> None:
@@ -156,28 +119,70 @@ class ChatService:
             ignore_eos=request.ignore_eos,
         )
 
-    async def _prepare(self, prefix: str, tokenize, request: SamplingFields, stops: tuple[str, ...]) -> Generation:
+    async def _prepare(
+        self, prefix: str, tokenize, request: SamplingFields, stops: tuple[str, ...], **run
+    ) -> Generation:
         """Tokenize on a worker thread (rendering and tokenizing a megabyte takes seconds, which the event loop,
         /health included, must not wait for), then admit the request to the queue."""
         self._check_model(request)
         ids = await asyncio.to_thread(tokenize)
         params = self._params(request, len(ids), stops)
         self.queue.admit()
-        return Generation(new_id(prefix), ids, params, request.include_usage, self.queue)
+        return Generation(new_id(prefix), ids, params, request.include_usage, self.queue, choices=request.n, **run)
 
     async def prepare_chat(self, request: ChatCompletionRequest) -> Generation:
-        messages = [m.as_template_message() for m in request.messages]
+        messages = [_template_message(m) for m in request.messages]
+        tools = [t.function.model_dump(exclude_none=True, exclude={"strict"}) for t in request.tools or ()]
+        tools = tools if request.calls_tools else None
+        grammar = await asyncio.to_thread(self._grammar, request) if _constrained(request) else None
+        calling = ToolCalling(self.prompter.tool_format, frozenset(t["name"] for t in tools)) if tools else None
         return await self._prepare(
-            "chatcmpl", lambda: self.prompter.chat_ids(messages), request, self.prompter.template.stop
+            "chatcmpl",
+            lambda: self.prompter.chat_ids(messages, tools),
+            request,
+            self.prompter.template.stop,
+            grammar=grammar,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            tools=calling,
         )
 
     async def prepare_completion(self, request: CompletionRequest) -> Generation:
-        return await self._prepare("cmpl", lambda: self.prompter.completion_ids(request.prompt), request, ())
+        return await self._prepare(
+            "cmpl", lambda: self.prompter.completion_ids(request.prompt), request, (), logprobs=request.logprobs
+        )
+
+    def _grammar(self, request: ChatCompletionRequest) -> str:
+        """The grammar of a response format, or of the tool calls a tool choice requires."""
+        forced = request.calls_tools and (
+            request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)
+        )
+        shaped = request.response_format is not None and request.response_format.type != "text"
+        param = "tool_choice" if forced else "response_format"
+        if self.grammars is None:
+            raise UnsupportedParameter(param, f"'{param}' needs constrained decoding, which this server does not run")
+        if forced and shaped:
+            raise UnsupportedParameter(param, "a required tool call and a response_format cannot both shape the answer")
+        try:
+            if forced:
+                named = request.tool_choice.function.name if isinstance(request.tool_choice, NamedToolChoice) else None
+                functions = {
+                    t.function.name: t.function.parameters for t in request.tools if named in (None, t.function.name)
+                }
+                fmt = self.prompter.tool_format
+                return self.grammars.tool_calls(
+                    functions, request.parallel_tool_calls and named is None, fmt.call_begin, fmt.call_end
+                )
+            if request.response_format.type == "json_object":
+                return self.grammars.json_schema({"type": "object"})
+            return self.grammars.json_schema(request.response_format.json_schema.json_schema)
+        except GrammarError as exc:
+            what = "the tools' parameter schemas" if forced else "the JSON schema"
+            raise UnsupportedParameter(param, f"{what} cannot be enforced: {exc}") from None
 
     # -- running -------------------------------------------------------------------------------
-    async def run(self, generation: Generation) -> AsyncIterator[StepOutput | None]:
-        """Wait for the turn, then yield the engine's steps; ``None`` is a heartbeat, yielded after
-        ``heartbeat_s`` without a step (waiting in line, or a long prefill). Closing this iterator early
+    async def run(self, generation: Generation) -> AsyncIterator[tuple[int, StepOutput] | None]:
+        """Wait for the turn, then yield the engine's steps, each with its choice; ``None`` is a heartbeat,
+        yielded after ``heartbeat_s`` without a step (waiting in line, or a long prefill). Closing this iterator early
         (a client that went away) stops the generation at its next token; the turn ends when the engine
         is free."""
         generation.started = True
@@ -197,10 +202,20 @@ class ChatService:
 
         def work() -> None:
             try:
-                for step in self.engine.generate(
-                    generation.prompt_ids, generation.params, generation.stats, cancelled=cancel.is_set
-                ):
-                    loop.call_soon_threadsafe(steps.put_nowait, step)
+                for choice in range(generation.choices):
+                    stats = GenerationStats()
+                    generation.stats.append(stats)
+                    matcher = self.grammars.matcher(generation.grammar) if generation.grammar else None
+                    steps_of_choice = self.engine.generate(
+                        generation.prompt_ids,
+                        generation.params_of(choice),
+                        stats,
+                        cancelled=cancel.is_set,
+                        matcher=matcher,
+                        logprobs=generation.logprobs,
+                    )
+                    for step in steps_of_choice:
+                        loop.call_soon_threadsafe(steps.put_nowait, (choice, step))
             except Exception as exc:
                 log.exception("generation %s failed", generation.id)
                 loop.call_soon_threadsafe(steps.put_nowait, exc)
@@ -227,7 +242,7 @@ class ChatService:
                     raise item
                 self._observe_token(generation, last)
                 last = time.perf_counter()
-                generation.finish_reason = item.finish_reason
+                generation.finish_reason = item[1].finish_reason
                 yield item
         finally:
             cancel.set()
@@ -242,82 +257,103 @@ class ChatService:
             self.metrics.inter_token_latency.observe(now_s - last)
 
     def _observe_finish(self, generation: Generation) -> None:
-        self.metrics.prompt_tokens.inc(generation.stats.prompt_tokens)
-        self.metrics.cached_prompt_tokens.inc(generation.stats.cached_tokens)
-        self.metrics.generation_tokens.inc(generation.stats.completion_tokens)
+        usage = generation.usage()
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.metrics.cached_prompt_tokens.inc(usage.prompt_tokens_details.cached_tokens)
+        self.metrics.generation_tokens.inc(usage.completion_tokens)
 
     async def chat_chunks(self, generation: Generation) -> AsyncIterator[ChatCompletionChunk | None]:
-        """The chunks of a streamed chat completion; ``None`` is a heartbeat (an SSE comment)."""
+        """The chunks of a streamed chat completion; ``None`` is a heartbeat (an SSE comment). Each choice
+        begins with a chunk carrying the role."""
 
-        def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
+        def chunk(choices: list[ChunkChoice], usage=None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
-                id=generation.id,
-                created=generation.created,
-                model=self.model_name,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+                id=generation.id, created=generation.created, model=self.model_name, choices=choices, usage=usage
             )
 
-        yield chunk(Delta(role="assistant", content=""))
-        async for step in self.run(generation):
-            if step is None:
+        logprobs = generation.logprobs is not None
+        streams: dict[int, ChatChoiceStream] = {}
+        yield chunk([ChunkChoice(index=0, delta=Delta(role="assistant", content=""))])
+        async for item in self.run(generation):
+            if item is None:
                 yield None
-            elif step.text or step.finish_reason:
-                yield chunk(Delta(content=step.text or None), step.finish_reason)
+                continue
+            index, step = item
+            if index not in streams:
+                streams[index] = ChatChoiceStream(index, self.texts, generation.tools, logprobs)
+                if index:
+                    yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+            if (out := streams[index].step(step)) is not None:
+                delta, scored, finish = out
+                yield chunk([ChunkChoice(index=index, delta=delta, logprobs=scored, finish_reason=finish)])
         if generation.include_usage:
-            yield ChatCompletionChunk(
-                id=generation.id,
-                created=generation.created,
-                model=self.model_name,
-                choices=[],
-                usage=generation.usage(),
-            )
+            yield chunk([], usage=generation.usage())
 
     async def completion_chunks(self, generation: Generation) -> AsyncIterator[CompletionResponse | None]:
-        async for step in self.run(generation):
-            if step is None:
-                yield None
-            elif step.text or step.finish_reason:
-                yield CompletionResponse(
-                    id=generation.id,
-                    created=generation.created,
-                    model=self.model_name,
-                    choices=[CompletionChoice(text=step.text, finish_reason=step.finish_reason)],
-                )
-        if generation.include_usage:
-            yield CompletionResponse(
-                id=generation.id,
-                created=generation.created,
-                model=self.model_name,
-                choices=[],
-                usage=generation.usage(),
+        def chunk(choices: list[CompletionChoice], usage=None) -> CompletionResponse:
+            return CompletionResponse(
+                id=generation.id, created=generation.created, model=self.model_name, choices=choices, usage=usage
             )
 
+        offsets: dict[int, int] = {}
+        async for item in self.run(generation):
+            if item is None:
+                yield None
+                continue
+            index, step = item
+            if step.text or step.finish_reason or step.logprobs:
+                scored = None
+                if generation.logprobs is not None and step.logprobs is not None:
+                    scored = completion_logprobs(self.texts, [step.logprobs], offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(step.text)
+                yield chunk(
+                    [CompletionChoice(index=index, text=step.text, logprobs=scored, finish_reason=step.finish_reason)]
+                )
+        if generation.include_usage:
+            yield chunk([], usage=generation.usage())
+
+    async def _answers(self, generation: Generation) -> list[ChoiceAnswer]:
+        answers = [ChoiceAnswer(index) for index in range(generation.choices)]
+        async for item in self.run(generation):
+            if item is not None:
+                answers[item[0]].add(item[1])
+        return answers
+
     async def chat_response(self, generation: Generation) -> ChatCompletionResponse:
-        text, finish = await _drain(self.run(generation))
+        answers = await self._answers(generation)
+        logprobs = generation.logprobs is not None
         return ChatCompletionResponse(
             id=generation.id,
             created=generation.created,
             model=self.model_name,
-            choices=[ChatChoice(message=ResponseMessage(content=text), finish_reason=finish)],
+            choices=[a.chat(self.texts, generation.tools, logprobs) for a in answers],
             usage=generation.usage(),
         )
 
     async def completion_response(self, generation: Generation) -> CompletionResponse:
-        text, finish = await _drain(self.run(generation))
+        answers = await self._answers(generation)
         return CompletionResponse(
             id=generation.id,
             created=generation.created,
             model=self.model_name,
-            choices=[CompletionChoice(text=text, finish_reason=finish)],
+            choices=[a.completion(self.texts, generation.logprobs is not None) for a in answers],
             usage=generation.usage(),
         )
 
 
-async def _drain(steps: AsyncIterator[StepOutput | None]) -> tuple[str, str]:
-    parts, finish = [], "stop"
-    async for step in steps:
-        if step is None:
-            continue
-        parts.append(step.text)
-        finish = step.finish_reason or finish
-    return "".join(parts), finish
+def _constrained(request: ChatCompletionRequest) -> bool:
+    """Whether a grammar shapes the answer: a JSON response format, or tool calls the tool choice requires."""
+    forced = request.calls_tools and (
+        request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)
+    )
+    return forced or (request.response_format is not None and request.response_format.type != "text")
+
+
+def _template_message(message: ChatMessage) -> dict:
+    """A message as templates and the tool format read it: plain text, a developer speaking as the system."""
+    out = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.tool_calls:
+        out["tool_calls"] = [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
