@@ -4,6 +4,7 @@ artifacts/web-chat.png."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -98,6 +99,18 @@ def test_chat_stream_stop_and_continue(browser, server):
     wait_for(lambda: not find("#send").get_attribute("disabled"), 120)
     assert answer().strip()
     assert "tok/s" in find("#stats").text
+
+    # JSON mode: the next answer is one JSON object (greedy, so that it ends well within max tokens)
+    find("#new-chat").click()
+    temperature = find("#temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    find("#json-mode").click()
+    find("#prompt").send_keys("Describe a cat as a JSON object with its name, age and colour.")
+    find("#send").click()
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant")) == 1)
+    wait_for(lambda: not find("#send").get_attribute("disabled"), 120)
+    assert isinstance(json.loads(answer()), dict) and json.loads(answer()), answer()
 
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
