@@ -1,13 +1,15 @@
 """The compiled server end to end, started as `make serve` starts it (the `q8chat serve` command, default
-recipe and flags; only its port and cache directory are the test's): it starts its greedy answers with
-exactly the tokens the eager server gives, its steps run no reference kernel, /health answers during a long
-compiled prefill, and a restart loads the compiled steps instead of compiling, with one copy of the
-constants the two steps have in common.
+recipe and flags; only its port and cache directory are the test's): its greedy answers follow the eager
+server's distribution, its steps run no reference kernel, /health answers during a long compiled prefill,
+and a restart loads the compiled steps instead of compiling, with one copy of the constants the two steps
+have in common.
 
-Not whole answers: fused kernels round differently in the last float bit, per-token INT8 turns such a
-bit into a whole quantization step now and then, and after some tokens two near-tied candidates swap.
-Measured on the default model: logits differ by 0.5-1.5 (INT8 noise), 37 of 40 teacher-forced greedy
-tokens agree. The first tokens agreeing shows the compiled step computes the same function."""
+Not identical answers: fused kernels round differently in the last float bit, per-token INT8 turns such a
+bit into a whole quantization step now and then, and two near-tied candidates swap. Measured on the default
+model (AVX2 EPYC): the log probabilities of the tokens both chose differ by at most 0.36, and where the
+answers part, the two candidates were within 0.38 of each other in both servers. So the comparison is by
+log probability: up to where the answers part, each server's token is one the other found as likely, within
+``NEAR``."""
 
 from __future__ import annotations
 
@@ -28,22 +30,48 @@ MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = ["Write a short story about a robot who learns to paint.", "List three uses of a paper clip, one per line."]
 
 
+NEAR = 0.75  # nats: several times the differences measured, far below what a wrong kernel gives
+
+
 def greedy(server, content: str, max_tokens: int = 8) -> dict:
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 5,
     }
     response = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=600)
     assert response.status_code == 200, response.text
     answer = response.json()
     return {
         "text": answer["choices"][0]["message"]["content"],
-        "finish": answer["choices"][0]["finish_reason"],
         "tokens": answer["usage"]["completion_tokens"],
         "prompt_tokens": answer["usage"]["prompt_tokens"],
+        "steps": [
+            (entry["token"], {top["token"]: top["logprob"] for top in entry["top_logprobs"]})
+            for entry in answer["choices"][0]["logprobs"]["content"]
+        ],
     }
+
+
+def unlike_steps(answer: dict, reference: dict) -> list[str]:
+    """Where ``answer`` does not follow ``reference``'s distribution, up to the first token they part at:
+    a token not among the other's five most likely, or less likely there than its choice by over NEAR, or
+    with log probabilities that differ by over NEAR."""
+    faults = []
+    for position, ((token, tops), (ref_token, ref_tops)) in enumerate(zip(answer["steps"], reference["steps"])):
+        for chosen, mine, other in ((token, tops, ref_tops), (ref_token, ref_tops, tops)):
+            if (
+                chosen not in other
+                or max(other.values()) - other[chosen] > NEAR
+                or abs(mine[chosen] - other[chosen]) > NEAR
+            ):
+                faults.append(f"token {position} {chosen!r}: {mine} against {other}")
+        if token != ref_token:
+            break
+    return faults
 
 
 COMPILED = {"Q8CHAT_COMPILE": "true", "ONEDNN_VERBOSE": "1"}  # oneDNN names each primitive it runs
@@ -65,7 +93,10 @@ def test_the_compiled_server_as_make_serve_starts_it(start_server, server):
     assert step_kernels.REFERENCE not in log  # what each step's GEMMs run is logged at build and load
     eager = [greedy(server, content) for content in PROMPTS]
     assert [answer["tokens"] for answer in eager] == [8] * len(PROMPTS)
-    assert [greedy(compiled, content) for content in PROMPTS] == eager
+    for content, reference in zip(PROMPTS, eager):
+        answer = greedy(compiled, content)
+        assert answer["prompt_tokens"] == reference["prompt_tokens"] and answer["tokens"] == 8
+        assert unlike_steps(answer, reference) == [], (answer["text"], reference["text"])
 
     # a prompt of thousands of tokens takes the compiled prefill seconds; the event loop keeps serving
     long_prompt = "Summarize this text.\n\n" + heldout_text()[:12000]
@@ -82,5 +113,6 @@ def test_the_compiled_server_as_make_serve_starts_it(start_server, server):
     assert "step compiled in" not in log
     shared = re.search(r"the compiled steps share ([\d.]+) MB of constants; ([\d.]+) MB of memory given back", log)
     assert shared and float(shared[1]) > 50 and float(shared[2]) > 50, log[-2000:]  # most packed weights are alike
-    assert [greedy(restarted, content) for content in PROMPTS] == eager
+    for content, reference in zip(PROMPTS, eager):
+        assert unlike_steps(greedy(restarted, content), reference) == []
     assert served_references(restarted) == []
