@@ -91,10 +91,18 @@ class StreamTiming:
     cached_tokens: int
 
 
-def stream_chat(client: httpx.Client, base_url: str, model: str, messages: list[dict], max_tokens: int) -> StreamTiming:
+def stream_chat(
+    client: httpx.Client,
+    base_url: str,
+    model: str,
+    messages: list[dict],
+    max_tokens: int,
+    response_format: dict | None = None,
+) -> StreamTiming:
     """One greedy streamed chat completion (EOS ignored, so exactly ``max_tokens`` tokens), timed per chunk.
     ``client`` is made once: a new httpx client costs 15-25 ms (it builds an SSL context), which is not the
-    server's time."""
+    server's time. ``response_format``: the answer is held to it (its grammar must not end before
+    ``max_tokens``: a grammar's end stops the answer)."""
     body = {
         "model": model,
         "messages": messages,
@@ -103,6 +111,7 @@ def stream_chat(client: httpx.Client, base_url: str, model: str, messages: list[
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **({"response_format": response_format} if response_format else {}),
     }
     chunk_times, text, usage = [], [], None
     start = time.perf_counter()
@@ -133,9 +142,15 @@ class Served:
     the second start is a restart with the quantized checkpoint and compiled kernels already cached."""
 
     def __init__(
-        self, server_args: list[str], model_name: str, tokenizer, log_dir: Path, timeout_s: float = 3600
+        self,
+        server_args: list[str],
+        model_name: str,
+        tokenizer,
+        log_dir: Path,
+        timeout_s: float = 3600,
+        response_format: dict | None = None,
     ) -> None:
-        self.model_name, self.tokenizer = model_name, tokenizer
+        self.model_name, self.tokenizer, self.response_format = model_name, tokenizer, response_format
         self.extra = {"first_start_s": self._start(server_args, log_dir / "serve-first-start.log", timeout_s)}
         self.server.stop()
         self.extra["restart_s"] = self._start(server_args, log_dir / "serve.log", timeout_s)
@@ -154,14 +169,16 @@ class Served:
         self._conversations += 1  # a new system message each time: the server cannot reuse the last one
         system = {"role": "system", "content": f"Conversation {self._conversations}."}
         user = {"role": "user", "content": self.tokenizer.decode(prompt)}
-        first = stream_chat(self._client, self.server.base_url, self.model_name, [system, user], decode_tokens)
+        first = stream_chat(
+            self._client, self.server.base_url, self.model_name, [system, user], decode_tokens, self.response_format
+        )
         follow_up = [
             system,
             user,
             {"role": "assistant", "content": first.text},
             {"role": "user", "content": self.tokenizer.decode(prompt[:new_tokens])},
         ]
-        second = stream_chat(self._client, self.server.base_url, self.model_name, follow_up, 1)
+        second = stream_chat(self._client, self.server.base_url, self.model_name, follow_up, 1, self.response_format)
         self.extra.update(
             prompt_tokens=first.prompt_tokens,
             first_turn_cached_tokens=first.cached_tokens,

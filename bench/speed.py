@@ -100,6 +100,25 @@ def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool, 
     ]
 
 
+# q8chat-served-json: answers held to a JSON schema with no end in sight (a thousand records at least),
+# so that every decode step pays the grammar's mask: records mix strings, integers, enums and structure.
+RECORD = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "editor", "viewer"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "tags"],
+    "additionalProperties": False,
+}
+JSON_RECORDS = {
+    "type": "json_schema",
+    "json_schema": {"name": "records", "schema": {"type": "array", "items": RECORD, "minItems": 1000}},
+}
+
+
 def variants(
     model_spec: str,
     cache_dir: Path,
@@ -124,12 +143,13 @@ def variants(
             packages = None if base.endswith("-eager") else package_paths(cache_dir, quantized.path, context, kernel)
             decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages, kernel)
             yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
-        elif base in ("q8chat-served", "q8chat-served-eager"):
+        elif base in ("q8chat-served", "q8chat-served-eager", "q8chat-served-json"):
             checkpoint = read_checkpoint_info(
                 int8_checkpoint(model_spec, Recipe(calib_samples=calib_samples), cache_dir)
             )
             args = served_args(checkpoint.path, cache_dir, context, not base.endswith("-eager"), kernel or "auto")
-            served = Served(args, SERVED_NAME, tokenizer, log_dir)
+            constrained = JSON_RECORDS if base.endswith("-json") else None
+            served = Served(args, SERVED_NAME, tokenizer, log_dir, response_format=constrained)
             served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context) / 1e6, 1)
             yield name, served, stored_weight_bytes(checkpoint.path)
         elif name == llamacpp.VARIANT:
@@ -241,6 +261,12 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
                 f"weights + KV cache ({budget:.1f} MB); prompt {r['prompt_tokens']} tokens, second turn "
                 f"{r['second_turn_cached_tokens']} of {r['second_turn_prompt_tokens']} cached."
             )
+    if "q8chat-served" in rows and "q8chat-served-json" in rows:
+        free, held = rows["q8chat-served"]["decode_tok_s"], rows["q8chat-served-json"]["decode_tok_s"]
+        lines.append(
+            f"\nConstrained decoding (JSON schema): {1e3 / held - 1e3 / free:+.2f} ms a token, "
+            f"{100 * (free / held - 1):+.1f} % of the unconstrained decode time."
+        )
     return "\n".join(lines)
 
 
@@ -263,7 +289,8 @@ def configure_bench(p) -> None:
         "--variants",
         default=",".join(default_variants()),
         help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
-        "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; a q8chat "
+        "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; q8chat-served-json: "
+        "the same, answers held to a JSON schema (constrained decoding's cost); a q8chat "
         "variant@KERNEL (s8s8, u8s8, bf16) forces that W8A8 kernel; "
         f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
         "installed)",
