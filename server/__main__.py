@@ -27,6 +27,7 @@ def build_service(settings: Settings, metrics, placement):
     from quant.store import int8_checkpoint
     from server.engine.engine import Engine
     from server.engine.grammar import Grammars
+    from server.engine.prefix_cache import PrefixCache
     from server.runtime.aoti.steps import package_paths
     from server.runtime.decoders import make_decoder
     from server.runtime.placement import cpu_isa
@@ -54,7 +55,8 @@ def build_service(settings: Settings, metrics, placement):
     kernel = default_kernel() if settings.int8_kernel == "auto" else settings.int8_kernel
     packages = package_paths(settings.cache_dir, checkpoint.path, context, kernel) if settings.compile else None
     decoder = make_decoder(eager_model, config, context, packages, kernel)
-    engine = Engine(decoder, tokenizer, context, eos)
+    kept = PrefixCache(int(settings.kv_cache_mb * 2**20)) if settings.kv_cache_mb else None
+    engine = Engine(decoder, tokenizer, context, eos, kept)
     name = settings.served_model_name or checkpoint.name
     log.info(
         "serving %s on %s; ISA %s; weights %.1f MB, INT8 %s (%d layers with BF16 activations); template %s; "

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     template: str = Field("auto", description="chat template: auto, vicuna, chatml, or a template file")
     max_queue: int = Field(8, ge=0, description="requests that may wait while one generates; more get 429")
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
+    kv_cache_mb: float = Field(
+        256.0,
+        ge=0,
+        description="KV caches of past conversations kept for users who take turns (least recently used go "
+        "first); 0 keeps only the last request's",
+    )
     default_max_tokens: int = Field(512, ge=1, description="completion limit when a request sets none")
     alpha: Literal["auto"] | Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         "auto", description="SmoothQuant alpha when quantizing at start-up: 'auto' (per-layer search) or in [0, 1]"

@@ -74,6 +74,7 @@ class FakeEngine:
         self.words = reply.split(" ")
         self.step_s = step_s
         self.context_length = context_length
+        self.prefix_cache = None
         self.steps_run = 0
         self.running = threading.Event()
 

@@ -184,7 +184,8 @@ def direct(cache_dir):
     def greedy(prompt: str, steps: int) -> list[tuple[str, torch.Tensor]]:
         prompt_ids = info.tokenizer(prompt, add_special_tokens=False).input_ids
         decoder.reset()
-        chosen, logits = [], decoder.forward(prompt_ids, 0)
+        decoder.forward(prompt_ids[:-1], 0)  # as the engine prefills: the last prompt token goes alone
+        chosen, logits = [], decoder.forward(prompt_ids[-1:], len(prompt_ids) - 1)
         for _ in range(steps):
             row = torch.log_softmax(logits.float().flatten(), -1)
             chosen.append((int(row.argmax()), row))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from server.engine.engine import ContextLengthExceeded, Engine, GenerationStats
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import SamplingParams
 from server.runtime.decoders import HFDecoder, StaticDecoder, make_decoder
 from server.runtime.static_llama import UnsupportedForCompile, check_supported
@@ -13,7 +14,7 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 @pytest.fixture(params=["hf", "static"])
 def make_engine(request, tiny_model, tokenizer):
-    def make(context=256, eos=frozenset()):
+    def make(context=256, eos=frozenset(), kept_mb=0.0):
         if request.param == "hf":
             decoder = HFDecoder(tiny_model)
         else:
@@ -23,7 +24,7 @@ def make_engine(request, tiny_model, tokenizer):
                 pytest.skip("no compact decoder for this family")
             decoder = make_decoder(lambda: tiny_model, tiny_model.config, context)
             assert isinstance(decoder, StaticDecoder)
-        return Engine(decoder, tokenizer, context, set(eos))
+        return Engine(decoder, tokenizer, context, set(eos), PrefixCache(int(kept_mb * 2**20)) if kept_mb else None)
 
     return make
 
@@ -48,6 +49,48 @@ def test_reused_prefix_gives_the_same_tokens_as_a_fresh_cache(make_engine):
     diverged = prompt[:10] + [5, 6, 7]
     assert run(warm, diverged)[1].cached_tokens == 10
     assert run(warm, diverged)[1].cached_tokens == len(diverged) - 1
+
+
+def random_ids(count: int, seed: int) -> list[int]:
+    return torch.randint(0, 2000, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_users_taking_turns_get_their_conversations_back_exactly(make_engine):
+    shared = random_ids(8, 0)  # a system prompt both conversations start with
+    first_a, first_b = shared + random_ids(40, 1), shared + random_ids(40, 2)
+
+    def turn(engine, history, seed):
+        steps, stats = run(engine, history)
+        return history + random_ids(6, seed) + random_ids(10, seed + 1), [s.text for s in steps], stats
+
+    alone = make_engine()  # user A only: the live cache carries the conversation
+    a2, _, _ = turn(alone, first_a, 10)
+    _, alone_answer, alone_stats = turn(alone, a2, 20)
+
+    taking_turns = make_engine(kept_mb=16)
+    a2, _, _ = turn(taking_turns, first_a, 10)
+    b2, _, b_stats = turn(taking_turns, first_b, 30)
+    assert b_stats.cached_tokens == len(shared)  # B shares only the system prompt with A
+    _, answer, stats = turn(taking_turns, a2, 20)  # A again: its cache comes back from the kept copy
+    assert stats.cached_tokens == alone_stats.cached_tokens == len(first_a)
+    assert answer == alone_answer
+    assert run(taking_turns, b2)[1].cached_tokens == len(first_b)  # and B's, which A's turn put aside
+    kept = taking_turns.prefix_cache  # A's first and second turns and B's first
+    assert (kept.hits, kept.misses, len(kept)) == (2, 2, 3) and kept.nbytes > 0
+
+
+def test_kept_conversations_fit_the_budget_least_recently_used_first():
+    cache = PrefixCache(budget_bytes=100)
+    cache.keep((1, 2, 3), "a", 40)
+    cache.keep((4, 5), "b", 40)
+    assert cache.longest([1, 2, 3, 9], better_than=0)[1] == 3  # A is now the most recent
+    cache.keep((6, 7), "c", 40)  # over budget: B, the least recently used, goes
+    assert cache.longest([4, 5], better_than=0) == (None, 0) and cache.nbytes == 80
+    cache.keep((1, 2, 3, 4, 5), "a2", 40)  # continues A: replaces it
+    assert len(cache) == 2 and cache.covers((1, 2, 3)) and not cache.covers((1, 2, 4))
+    assert cache.longest([1, 2, 3, 4], better_than=4) == (None, 4)  # no better than the live cache
+    cache.keep(tuple(range(50)), "too big", 101)
+    assert len(cache) == 2 and (cache.hits, cache.misses) == (1, 2)
 
 
 def test_length_limits(make_engine):

@@ -93,6 +93,39 @@ def test_gauges_return_to_zero_after_cancelled_requests(ops_server):
         seen_busy = True
         time.sleep(0.2)
     assert (running, waiting) == (0, 0), f"still running={running} waiting={waiting} (busy seen: {seen_busy})"
+    m = samples(url)  # the names a Gateway API inference extension router reads
+    assert value(m, "vllm:num_requests_running") == value(m, "vllm:num_requests_waiting") == 0
+
+
+def test_two_users_taking_turns_find_their_histories_in_the_cache(ops_server):
+    """Each user's history comes back from the kept conversations, though the other user spoke in between:
+    from the second turn on, all of a prompt but its new user turn (and the few template tokens around it)
+    comes from the cache."""
+    url = ops_server.base_url
+    before = samples(url)
+    style = "Answer in one or two short sentences, plainly, without lists, and never ask a question back."
+    chats = {
+        "ada": [
+            {"role": "system", "content": f"You are the assistant of Ada, a mathematician who studies knots. {style}"}
+        ],
+        "bo": [{"role": "system", "content": f"You are the assistant of Bo, who keeps bees in the mountains. {style}"}],
+    }
+    for turn in range(5):
+        for user, messages in chats.items():
+            question = f"Turn {turn}: tell me one short fact about {user}'s work."
+            messages.append({"role": "user", "content": question})
+            body = {"model": MODEL, "messages": messages, "max_tokens": 32, "temperature": 0}
+            answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+            messages.append(answer["choices"][0]["message"])
+            usage = answer["usage"]
+            if turn:
+                new = len(httpx.post(url + "/tokenize", json={"content": question}, timeout=30).json()["tokens"])
+                template = 8  # the turn's role markers, and the last answer's end and token not yet in the cache
+                uncached = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+                assert uncached <= new + template, (turn, user, usage)
+    after = samples(url)
+    assert value(after, "q8chat_prefix_cache_hits_total") - value(before, "q8chat_prefix_cache_hits_total") >= 8
+    assert value(after, "q8chat_prefix_cache_bytes") > 0 and 0 < value(after, "vllm:kv_cache_usage_perc") <= 1
 
 
 @pytest.fixture(scope="module")

@@ -17,3 +17,10 @@ class Decoder(Protocol):
 
     def reset(self) -> None:
         """Forget the cached positions."""
+
+    def snapshot(self, length: int) -> tuple[object, int]:
+        """A copy of cached positions ``0...length-1`` and its size in bytes (only needed by an engine that
+        keeps past conversations)."""
+
+    def restore(self, kept: object, length: int) -> None:
+        """Make positions ``0...length-1`` of the cache those of a snapshot (of at least ``length``)."""

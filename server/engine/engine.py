@@ -16,6 +16,7 @@ import torch
 
 from server.engine.decoder import Decoder
 from server.engine.grammar import Matcher
+from server.engine.prefix_cache import PrefixCache, common_prefix_length
 from server.engine.sampling import (
     SamplingParams,
     TokenLogprobs,
@@ -51,20 +52,23 @@ class GenerationStats:
     completion_tokens: int = 0
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+KEEP_AFTER = 16  # a live conversation is kept when a prompt would overwrite this many of its tokens or more
 
 
 class Engine:
-    def __init__(self, decoder: Decoder, tokenizer, context_length: int, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        tokenizer,
+        context_length: int,
+        eos_token_ids: set[int],
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
+        self.prefix_cache = prefix_cache  # past conversations' caches; None: only the live one
         self._cache_ids: list[int] = []  # the tokens whose keys and values the decoder's cache holds
 
     def reset(self) -> None:
@@ -98,12 +102,28 @@ class Engine:
         reuses every other token and computes exactly what its first run computed, so greedy output is
         the same whether a request streams or not (a bulk forward sums in another order than M=1).
         """
-        reused = min(common_prefix_length(self._cache_ids, prompt_ids), len(prompt_ids) - 1)
+        live = common_prefix_length(self._cache_ids, prompt_ids)
+        if self.prefix_cache is not None:
+            live = self._switch_conversation(prompt_ids, live)
+        reused = min(live, len(prompt_ids) - 1)
         del self._cache_ids[reused:]  # the decoder overwrites or drops the cache from here on
         if len(prompt_ids) - 1 > reused:
             self._forward(prompt_ids[reused:-1])
             heap.trim()  # the prefill's working buffers: decoding needs none of them
         return self._forward(prompt_ids[-1:]), reused
+
+    def _switch_conversation(self, prompt_ids: list[int], live: int) -> int:
+        """Keep the live conversation if the prompt leaves much of it behind, and bring back a kept one that
+        the prompt continues further; how many prompt tokens the cache then holds."""
+        kept, length = self.prefix_cache.longest(prompt_ids, live)
+        ids = tuple(self._cache_ids)
+        if len(ids) - live >= KEEP_AFTER and not self.prefix_cache.covers(ids):
+            self.prefix_cache.keep(ids, *self.decoder.snapshot(len(ids)))
+        if kept is None:
+            return live
+        self.decoder.restore(kept.kv, length)
+        self._cache_ids = list(kept.ids[:length])
+        return length
 
     def generate(
         self,

@@ -9,6 +9,7 @@ prepacked for oneDNN, GEMMs from inductor's CPU templates: VNNI here, AMX where 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -53,6 +54,15 @@ class HFDecoder:
     def reset(self) -> None:
         self._cache = None
 
+    def snapshot(self, length: int) -> tuple[object, int]:
+        kept = copy.deepcopy(self._cache)
+        kept.crop(length - kept.get_seq_length())
+        return kept, sum(layer.keys.nbytes + layer.values.nbytes for layer in kept.layers)
+
+    def restore(self, kept, length: int) -> None:
+        self._cache = copy.deepcopy(kept)
+        self._cache.crop(length - self._cache.get_seq_length())
+
 
 class StaticDecoder:
     """The compact model. Prompts run the ``prefill`` step and single tokens the ``decode`` step: compiled
@@ -80,6 +90,14 @@ class StaticDecoder:
 
     def reset(self) -> None:
         pass  # positions are overwritten before they are attended to: nothing to forget
+
+    def snapshot(self, length: int) -> tuple[object, int]:
+        kept = [cache[:, :, :length].clone() for cache in self.caches]
+        return kept, sum(t.nbytes for t in kept)
+
+    def restore(self, kept, length: int) -> None:
+        for cache, saved in zip(self.caches, kept, strict=True):
+            cache[:, :, :length].copy_(saved[:, :, :length])
 
 
 def _first_line(exc: Exception) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -36,9 +37,49 @@ class Metrics:
         self.model_load_seconds = Gauge("q8chat_model_load_seconds", "Time to load (or quantize) the model", registry=r)
 
     def watch_queue(self, queue) -> None:
-        """Read the queue's gauges at scrape time."""
+        """Read the queue's gauges at scrape time, ours and those that Kubernetes' Gateway API inference
+        extension and llm-d read from vLLM to route requests."""
         self.queue_waiting.set_function(lambda: queue.waiting)
         self.running.set_function(lambda: queue.running)
+        Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM's name)", registry=self.registry).set_function(
+            lambda: queue.waiting
+        )
+        Gauge("vllm:num_requests_running", "Requests running (vLLM's name)", registry=self.registry).set_function(
+            lambda: queue.running
+        )
+
+    def watch_prefix_cache(self, cache) -> None:
+        """The kept conversations' figures, read at scrape time (``cache``: a PrefixCache, or None)."""
+        self.registry.register(_PrefixCacheCollector(cache))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCollector:
+    def __init__(self, cache) -> None:
+        self._cache = cache
+
+    def collect(self):
+        cache = self._cache
+        kept = cache.nbytes if cache is not None else 0
+        budget = cache.budget_bytes if cache is not None else 0
+        yield GaugeMetricFamily("q8chat_prefix_cache_bytes", "KV bytes of kept past conversations", value=kept)
+        yield GaugeMetricFamily(
+            "q8chat_prefix_cache_conversations", "Past conversations kept", value=len(cache) if cache else 0
+        )
+        yield CounterMetricFamily(
+            "q8chat_prefix_cache_hits",
+            "Prompts that continued a kept past conversation further than the live cache",
+            value=cache.hits if cache is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "q8chat_prefix_cache_misses",
+            "Prompts that continued no kept conversation further than the live cache",
+            value=cache.misses if cache is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of the kept-conversation budget in use (vLLM's name)",
+            value=kept / budget if budget else 0.0,
+        )

@@ -79,6 +79,7 @@ class ChatService:
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics or Metrics()
         self.metrics.watch_queue(self.queue)
+        self.metrics.watch_prefix_cache(engine.prefix_cache)
         self.grammars = grammars  # None: constrained requests are refused
         self.texts = TokenTexts(prompter.tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-engine")
