@@ -119,14 +119,16 @@ def builtin_template(name: str) -> ChatTemplate:
     return _from_toml(name, resources.files("prompts").joinpath(f"templates/{name}.toml").read_text("utf-8"))
 
 
-def load_template(spec: str, model_template: str | None = None, eos_token: str | None = None) -> ChatTemplate:
-    """``auto`` (the model's own template if it has one, else vicuna), a built-in name, or a file
-    (``.toml`` like the built-ins, or a bare ``.jinja``)."""
+def load_template(
+    spec: str, model_template: str | None = None, eos_token: str | None = None, fallback: str = "vicuna"
+) -> ChatTemplate:
+    """``auto`` (the model's own template if it has one, else ``fallback``: the built-in its family's chat
+    models use), a built-in name, or a file (``.toml`` like the built-ins, or a bare ``.jinja``)."""
     model_stop = (eos_token,) if eos_token else ()
     if spec == "auto":
         if model_template:
             return ChatTemplate(name="model", source=model_template, stop=model_stop)
-        spec = "vicuna"
+        spec = fallback
     if spec in BUILTIN:
         return builtin_template(spec)
     path = Path(spec).expanduser()

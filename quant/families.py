@@ -25,6 +25,8 @@ class Family:
     embedding: str
     final_norm: str  # the norm in front of the LM head
     lm_head: str
+    context: str  # the config attribute with the longest sequence the model was trained for
+    chat_format: str  # the built-in template (prompts) of its chat models when they ship none of their own
 
 
 FAMILIES: dict[str, Family] = {
@@ -40,6 +42,8 @@ FAMILIES: dict[str, Family] = {
         embedding="model.embed_tokens",
         final_norm="model.norm",
         lm_head="lm_head",
+        context="max_position_embeddings",
+        chat_format="vicuna",  # Vicuna v1.1; Llama chat models with a template of their own use theirs
     ),
     # MPT-7B-chat, the Q8-Chat model
     "mpt": Family(
@@ -53,6 +57,8 @@ FAMILIES: dict[str, Family] = {
         embedding="transformer.wte",
         final_norm="transformer.norm_f",
         lm_head="lm_head",
+        context="max_seq_len",
+        chat_format="chatml",  # MPT-7B-chat's
     ),
 }
 
@@ -68,6 +74,11 @@ def family_of(model_type: str) -> Family:
         raise UnsupportedModel(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+def context_window(config) -> int:
+    """The longest sequence a model of this config was trained for."""
+    return int(getattr(config, family_of(config.model_type).context))
 
 
 @dataclass(frozen=True)

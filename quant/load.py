@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quant.families import FAMILIES
+from quant.shards import ShardError, check_shards
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ def load_float_model(spec: str | Path) -> FloatModel:
         raise ModelLoadError(f"{path}: expected a model directory or a .gguf file")
     if path.is_dir():
         _check_architecture(path)
+        try:
+            check_shards(path)
+        except ShardError as exc:
+            raise ModelLoadError(str(exc)) from None
         where, kwargs = path, {}
     else:
         where, kwargs = path.parent, {"gguf_file": path.name}

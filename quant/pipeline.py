@@ -6,6 +6,7 @@ import logging
 
 from quant.calibrate import calibration_windows, collect_activation_stats
 from quant.checkpoint import QuantizedModel
+from quant.families import context_window
 from quant.load import FloatModel
 from quant.smoothquant import QuantReport, Recipe, group_inputs, quantize_model
 
@@ -13,9 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def calibrate(float_model: FloatModel, recipe: Recipe, progress: bool = True) -> dict:
-    """Activation statistics of the float model on the shipped calibration text."""
+    """Activation statistics of the float model on the shipped calibration text, in windows no longer than the
+    model's context (MPT's ALiBi bias stops at its max_seq_len)."""
     model = float_model.model
-    batches = calibration_windows(float_model.tokenizer, recipe.calib_samples, recipe.calib_length, recipe.seed)
+    length = min(recipe.calib_length, context_window(model.config))
+    if length < recipe.calib_length:
+        log.info("calibration windows of %d tokens: the model's context", length)
+    batches = calibration_windows(float_model.tokenizer, recipe.calib_samples, length, recipe.seed)
     return collect_activation_stats(model, group_inputs(model), batches, seed=recipe.seed, progress=progress)
 
 

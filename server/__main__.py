@@ -22,6 +22,7 @@ def build_service(settings: Settings, metrics, placement):
     weights are read only if a step has to be compiled or run eagerly."""
     from prompts import load_template
     from quant.checkpoint import load_checkpoint, read_checkpoint_info, stored_weight_bytes
+    from quant.families import context_window, family_of
     from quant.kernels import default_kernel
     from quant.smoothquant import Recipe
     from quant.store import int8_checkpoint
@@ -47,11 +48,12 @@ def build_service(settings: Settings, metrics, placement):
         return load_checkpoint(checkpoint.path).model
 
     tokenizer, config = checkpoint.tokenizer, checkpoint.config
-    template = load_template(settings.template, tokenizer.chat_template, tokenizer.eos_token)
+    family = family_of(config.model_type)
+    template = load_template(settings.template, tokenizer.chat_template, tokenizer.eos_token, family.chat_format)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     config_eos = getattr(config, "eos_token_id", None)  # what the model's generation config defaults to
     eos |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
-    context = settings.context_length or config.max_position_embeddings
+    context = settings.context_length or context_window(config)
     kernel = default_kernel() if settings.int8_kernel == "auto" else settings.int8_kernel
     packages = package_paths(settings.cache_dir, checkpoint.path, context, kernel) if settings.compile else None
     decoder = make_decoder(eager_model, config, context, packages, kernel)

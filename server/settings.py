@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients must send as 'model' (default: the model's)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    template: str = Field("auto", description="chat template: auto, vicuna, chatml, or a template file")
+    template: str = Field(
+        "auto",
+        description="chat template: auto (the model's own, else vicuna for Llama, chatml for MPT), vicuna, chatml, "
+        "or a template file",
+    )
     max_queue: int = Field(8, ge=0, description="requests that may wait while one generates; more get 429")
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
     kv_cache_mb: float = Field(

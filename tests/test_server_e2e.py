@@ -265,3 +265,27 @@ def test_keepalive_comments_while_waiting_for_the_turn(server):
     first_content = next(i for i, line in enumerate(lines) if '"content":"' in line and '"content":""' not in line)
     assert any(line.startswith(":") for line in lines[:first_content])  # comments while it waited its turn
     assert lines[-1] == "data: [DONE]"
+
+
+def test_a_published_mpt_directory_in_shards_is_quantized_and_served(start_server, tokenizer, tmp_path):
+    """A Hugging Face MPT directory as MPT-7B-chat ships (PyTorch shards and their index; no chat template
+    of its own), served as `q8chat serve --model DIR` serves it: quantized at start-up, the ChatML template
+    chosen for it, its context its config's max_seq_len."""
+    from tests.harness import tiny_mpt
+
+    model = tiny_mpt(len(tokenizer))
+    model.save_pretrained(tmp_path / "mpt", max_shard_size="300KB", safe_serialization=False)
+    tokenizer.save_pretrained(tmp_path / "mpt")
+    (tmp_path / "mpt" / "chat_template.jinja").unlink(missing_ok=True)  # MPT-7B-chat ships none
+    config = json.loads((tmp_path / "mpt" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "mpt" / "tokenizer_config.json").write_text(json.dumps(config))
+    mpt = start_server("--model", str(tmp_path / "mpt"), "--calib-samples", "4", "--alpha", "0.5")
+    assert "template chatml" in mpt.log() and f"context {model.config.max_seq_len} tokens" in mpt.log()
+    body = {"model": "mpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True}
+    answer = httpx.post(mpt.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5, answer.text
+    body["messages"][0]["content"] = "hi " * 300
+    too_long = httpx.post(mpt.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    mpt.stop()

@@ -55,6 +55,7 @@ def test_auto_prefers_the_model_template_then_vicuna(tokenizer):
         HISTORY[:1], tokenize=False, add_generation_prompt=True
     )
     assert load_template("auto", None).name == "vicuna"
+    assert load_template("auto", None, fallback="chatml").name == "chatml"  # an MPT chat model without one
 
 
 def test_template_files_and_unknown_names(tmp_path):
