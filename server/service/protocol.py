@@ -243,6 +243,20 @@ class ChatCompletionRequest(SamplingFields):
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
+    def requires_tool_call(self) -> bool:
+        """The answer must be tool calls: tool_choice required, or a named function."""
+        return self.calls_tools and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
+
+    @property
+    def json_format(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar shapes the answer."""
+        return self.requires_tool_call or self.json_format
+
+    @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 

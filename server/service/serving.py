@@ -135,7 +135,7 @@ class ChatService:
         messages = [_template_message(m) for m in request.messages]
         tools = [t.function.model_dump(exclude_none=True, exclude={"strict"}) for t in request.tools or ()]
         tools = tools if request.calls_tools else None
-        grammar = await asyncio.to_thread(self._grammar, request) if _constrained(request) else None
+        grammar = await asyncio.to_thread(self._grammar, request) if request.constrained else None
         calling = ToolCalling(self.prompter.tool_format, frozenset(t["name"] for t in tools)) if tools else None
         return await self._prepare(
             "chatcmpl",
@@ -154,10 +154,7 @@ class ChatService:
 
     def _grammar(self, request: ChatCompletionRequest) -> str:
         """The grammar of a response format, or of the tool calls a tool choice requires."""
-        forced = request.calls_tools and (
-            request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)
-        )
-        shaped = request.response_format is not None and request.response_format.type != "text"
+        forced, shaped = request.requires_tool_call, request.json_format
         param = "tool_choice" if forced else "response_format"
         if self.grammars is None:
             raise UnsupportedParameter(param, f"'{param}' needs constrained decoding, which this server does not run")
@@ -340,14 +337,6 @@ class ChatService:
             choices=[a.completion(self.texts, generation.logprobs is not None) for a in answers],
             usage=generation.usage(),
         )
-
-
-def _constrained(request: ChatCompletionRequest) -> bool:
-    """Whether a grammar shapes the answer: a JSON response format, or tool calls the tool choice requires."""
-    forced = request.calls_tools and (
-        request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)
-    )
-    return forced or (request.response_format is not None and request.response_format.type != "text")
 
 
 def _template_message(message: ChatMessage) -> dict:
