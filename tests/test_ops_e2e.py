@@ -99,8 +99,9 @@ def test_gauges_return_to_zero_after_cancelled_requests(ops_server):
 
 def test_two_users_taking_turns_find_their_histories_in_the_cache(ops_server):
     """Each user's history comes back from the kept conversations, though the other user spoke in between:
-    from the second turn on, all of a prompt but its new user turn (and the few template tokens around it)
-    comes from the cache."""
+    from the second turn on, at least the whole of the user's previous prompt comes from the cache (the
+    previous answer too, as far as the template renders it as the model wrote it); without the kept
+    conversations only the system prompt's first tokens would."""
     url = ops_server.base_url
     before = samples(url)
     style = "Answer in one or two short sentences, plainly, without lists, and never ask a question back."
@@ -110,19 +111,17 @@ def test_two_users_taking_turns_find_their_histories_in_the_cache(ops_server):
         ],
         "bo": [{"role": "system", "content": f"You are the assistant of Bo, who keeps bees in the mountains. {style}"}],
     }
+    previous: dict[str, int] = {}  # each user's last prompt length
     for turn in range(5):
         for user, messages in chats.items():
-            question = f"Turn {turn}: tell me one short fact about {user}'s work."
-            messages.append({"role": "user", "content": question})
+            messages.append({"role": "user", "content": f"Turn {turn}: tell me one short fact about {user}'s work."})
             body = {"model": MODEL, "messages": messages, "max_tokens": 32, "temperature": 0}
             answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
             messages.append(answer["choices"][0]["message"])
             usage = answer["usage"]
             if turn:
-                new = len(httpx.post(url + "/tokenize", json={"content": question}, timeout=30).json()["tokens"])
-                template = 8  # the turn's role markers, and the last answer's end and token not yet in the cache
-                uncached = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
-                assert uncached <= new + template, (turn, user, usage)
+                assert usage["prompt_tokens_details"]["cached_tokens"] >= previous[user], (turn, user, usage)
+            previous[user] = usage["prompt_tokens"]
     after = samples(url)
     assert value(after, "q8chat_prefix_cache_hits_total") - value(before, "q8chat_prefix_cache_hits_total") >= 8
     assert value(after, "q8chat_prefix_cache_bytes") > 0 and 0 < value(after, "vllm:kv_cache_usage_perc") <= 1

@@ -162,9 +162,9 @@ BAD_REQUESTS = [
     ("empty messages", {"model": MODEL, "messages": []}, 400, "messages"),
     ("unknown role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ("non-string content", {"model": MODEL, "messages": [{"role": "user", "content": 42}]}, 400, "messages"),
-    ("n other than 1", {"model": MODEL, "messages": QUESTION, "n": 2}, 400, "n"),
+    ("n above 16", {"model": MODEL, "messages": QUESTION, "n": 17}, 400, "n"),
     ("unknown parameter", {"model": MODEL, "messages": QUESTION, "best_of_luck": True}, 400, "best_of_luck"),
-    ("logprobs", {"model": MODEL, "messages": QUESTION, "logprobs": True}, 400, "logprobs"),
+    ("logit_bias", {"model": MODEL, "messages": QUESTION, "logit_bias": {"42": 5}}, 400, "logit_bias"),
     ("missing model", {"messages": QUESTION}, 400, "model"),
     ("unknown model", {"model": "gpt-4", "messages": QUESTION}, 404, "model"),
 ]
