@@ -96,11 +96,9 @@ class Matcher:
 
     def allowed(self) -> torch.Tensor:
         """A bool mask over the model's vocabulary (ids past the tokenizer's are never allowed)."""
-        bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = torch.zeros(self._vocab_size, dtype=torch.bool)
-        size = min(self._vocab_size, len(bits))
-        allowed[:size] = torch.from_numpy(bits[:size].astype(bool))
-        return allowed
+        mask = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        # count: cut to the vocabulary, or padded with zeros where the tokenizer's is smaller
+        return torch.from_numpy(np.unpackbits(mask, count=self._vocab_size, bitorder="little").view(np.bool_))
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):

@@ -3,6 +3,7 @@ choice is held to (a grammar) and reports (log probabilities, tool calls)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ class Generation:
         """Choice ``choice``'s sampling: a seeded request seeds each choice on its own (seed + choice)."""
         if self.params.seed is None or choice == 0:
             return self.params
-        return SamplingParams(**{**self.params.__dict__, "seed": self.params.seed + choice})
+        return dataclasses.replace(self.params, seed=self.params.seed + choice)
 
     def abandon(self) -> None:
         """Give back the admission of a generation whose response never ran (safe to call always)."""
