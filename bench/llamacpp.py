@@ -31,7 +31,7 @@ from quant.kernels import cpu_flags
 log = logging.getLogger(__name__)
 
 VARIANT = "llama.cpp-q8_0"
-INSTALL_HINT = "pip install 'llama-cpp-python==0.3.36' (or: pip install '.[llamacpp]'); it builds from source"
+INSTALL_HINT = "pip install 'llama-cpp-python==0.3.36' (or: pip install -e '.[llamacpp]'); it builds from source"
 
 
 class LlamaCppUnavailable(RuntimeError):

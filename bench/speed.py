@@ -26,7 +26,7 @@ from bench.served import Served
 from prompts import heldout_text
 from quant import defaults
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
-from quant.kernels import check_kernel, cpu_class, default_kernel
+from quant.kernels import STEPS, check_kernel, cpu_class, default_kernels
 from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import int8_checkpoint, load_int8_model
@@ -138,10 +138,10 @@ def variants(
             yield name, InProcess(HFDecoder(model), tokenizer, context), weight_bytes(model)
         elif base.startswith("q8chat-int8-"):
             scheme = base.removeprefix("q8chat-int8-").removesuffix("-eager")
-            kernel = check_kernel(kernel or default_kernel())
+            kernels = dict.fromkeys(STEPS, check_kernel(kernel)) if kernel else default_kernels()
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
-            packages = None if base.endswith("-eager") else package_paths(cache_dir, quantized.path, context, kernel)
-            decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages, kernel)
+            packages = None if base.endswith("-eager") else package_paths(cache_dir, quantized.path, context, kernels)
+            decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages, kernels)
             yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
         elif base in ("q8chat-served", "q8chat-served-eager", "q8chat-served-json"):
             checkpoint = read_checkpoint_info(
@@ -211,7 +211,7 @@ def run(args) -> dict:
             "bandwidth_gb_s": round(bandwidth, 1),
             "isa": torch.backends.cpu.get_cpu_capability(),
             **cpu_class(),
-            "default_int8_kernel": default_kernel(),
+            "default_int8_kernels": default_kernels(),
         },
         "workload": {
             "model": args.model,
@@ -232,8 +232,8 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
     bases = [rows[name] for name in baselines if name in rows] or [next(iter(rows.values()))]
     machine = report["machine"]
     lines = [
-        f"CPU {machine['model_name']} ({' '.join(machine['flags'])}), W8A8 kernel by default "
-        f"{machine['default_int8_kernel']}. "
+        f"CPU {machine['model_name']} ({' '.join(machine['flags'])}), W8A8 kernels by default "
+        f"{', '.join(f'{kernel} {step}' for step, kernel in machine['default_int8_kernels'].items())}. "
         f"Memory bandwidth {machine['bandwidth_gb_s']} GB/s, {machine['threads']} threads; "
         f"prompt {report['workload']['prompt_tokens']} tokens, {report['workload']['decode_tokens']} decoded, "
         f"median of {report['workload']['reps']}.",

@@ -13,11 +13,13 @@ x86 CPUs differ in which INT8 instruction they have, and each kernel family is e
 - ``u8s8``: AVX-512 VNNI and AVX-VNNI multiply u8 by s8 (``vpdpbusd``). Activations are shifted by 128 to
   u8 and the product is written as the dequantize-linear pattern that inductor rewrites into oneDNN's u8s8
   ``qlinear`` (or its own VNNI template): what x86's PT2E quantization compiles to on these CPUs. Compiled
-  steps only: the weights must be prepacked by inductor's freezing.
+  prefill steps only: the weights must be prepacked by inductor's freezing, and at one row (decode) each
+  call's fixed cost and oneDNN's GEMV bandwidth made ``bf16`` faster.
 - ``bf16``: the INT8 values travel in BF16, which holds every one of them exactly, through the weight-only
   INT8 kernel (``_weight_int8pack_mm``), which multiplies and accumulates in FP32: products are exact, and
-  sums too while they stay below 2**24 in magnitude. The eager kernel of CPUs without VNNI, and the compiled
-  one of AVX-512 CPUs without VNNI. (oneDNN's own
+  sums too while they stay below 2**24 in magnitude; the result is rounded to BF16. The eager kernel of
+  CPUs without VNNI, the compiled decode step's of VNNI CPUs without AMX, and both compiled steps' of
+  AVX-512 CPUs without VNNI. (oneDNN's own
   u8s8 GEMM on AVX2 saturates ``vpmaddubsw``'s 16-bit pair sums: it lost up to 20 % of a 512-row product.)
 
 ``reference`` is the exact result on any CPU (FP32 BLAS on the INT8 values); quantization measures its
@@ -116,15 +118,21 @@ def _has(feature: str, flags: frozenset[str] | None, onednn_cap: str | None) -> 
     return bool(flags & set(_CAPS[feature])) and _onednn_allows(feature, cap)
 
 
-def default_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> str:
-    """The kernel of KERNELS that the compiled steps compute W8A8 products with, exactly and fastest on this
-    CPU (see the module)."""
-    if _has("AMX", flags, onednn_cap):
-        return "s8s8"
-    if _has("VNNI", flags, onednn_cap):
-        return "u8s8"
+STEPS = ("decode", "prefill")  # the compiled steps, each with its own kernel
+
+
+def default_kernels(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> dict[str, str]:
+    """The kernel of KERNELS that each compiled step computes W8A8 products with on this CPU: exact, and the
+    fastest measured (see the module). A prompt's many rows make the prefill compute-bound: it gets the INT8
+    instruction. The decode step multiplies one row, bound by reading the weights and by each GEMM's fixed
+    cost: on VNNI CPUs without AMX, oneDNN's u8s8 ``qlinear`` is an extern call per GEMM that reads weights at
+    about half the bandwidth inductor's own one-row template reaches with ``bf16`` (the same exact products)."""
     flags = cpu_flags() if flags is None else flags
-    return "s8s8" if "avx2" in flags and "avx512f" not in flags else "bf16"  # q8chat's AVX2 micro-kernel
+    if _has("AMX", flags, onednn_cap):
+        return dict.fromkeys(STEPS, "s8s8")
+    if _has("VNNI", flags, onednn_cap):
+        return {"prefill": "u8s8", "decode": "bf16"}
+    return dict.fromkeys(STEPS, "s8s8" if "avx2" in flags and "avx512f" not in flags else "bf16")  # AVX2: ours
 
 
 def eager_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> str:

@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     )
     int8_kernel: Literal["auto", "s8s8", "u8s8", "bf16"] = Field(
         "auto",
-        description="W8A8 kernel of the compiled steps: auto (by the CPU: s8s8 with AMX, u8s8 with VNNI, "
-        "else bf16), or one of them to compare",
+        description="W8A8 kernel of the compiled steps: auto (by the CPU: s8s8 with AMX; u8s8 prefill and "
+        "bf16 decode with VNNI; s8s8 on AVX2 alone, else bf16), or one of them for both steps, to compare",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body (413 above)")
     body_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next part of a request body (408)")

@@ -21,15 +21,17 @@ def test_a_step_is_keyed_by_context_length_kernel_and_thread_count(tmp_path, mon
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
-    first = package_paths(tmp_path, checkpoint, 256, "bf16")
+    bf16 = {"decode": "bf16", "prefill": "bf16"}
+    first = package_paths(tmp_path, checkpoint, 256, bf16)
     assert set(first) == {"decode", "prefill"} and first["decode"].parent == tmp_path / "compiled"
-    assert package_paths(tmp_path, checkpoint, 256, "bf16") == first
-    assert package_paths(tmp_path, checkpoint, 512, "bf16")["decode"] != first["decode"]
-    assert package_paths(tmp_path, checkpoint, 256, "s8s8")["decode"] != first["decode"]
+    assert package_paths(tmp_path, checkpoint, 256, bf16) == first
+    assert package_paths(tmp_path, checkpoint, 512, bf16)["decode"] != first["decode"]
+    mixed = package_paths(tmp_path, checkpoint, 256, {**bf16, "prefill": "u8s8"})  # each step by its own kernel
+    assert mixed["decode"] == first["decode"] and mixed["prefill"] != first["prefill"]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
-        assert package_paths(tmp_path, checkpoint, 256, "bf16")["decode"] != first["decode"]
+        assert package_paths(tmp_path, checkpoint, 256, bf16)["decode"] != first["decode"]
     finally:
         torch.set_num_threads(threads)
 

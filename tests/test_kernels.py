@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quant.int8 import Int8Linear
-from quant.kernels import REFERENCE, cpu_flags, default_kernel, eager_kernel, w8a8_matmul
+from quant.kernels import REFERENCE, cpu_flags, default_kernels, eager_kernel, w8a8_matmul
 from quant.smoothquant import Recipe
 from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import steps as compiled_step
@@ -22,15 +22,19 @@ ZEN3 = frozenset({"avx2", "fma"})
 
 
 def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
-    assert default_kernel(AMX, "") == eager_kernel(AMX, "") == "s8s8"
-    # u8s8 needs weights that inductor's freezing prepacks: eager layers multiply s8 by s8 on those CPUs
-    assert default_kernel(ZEN4, "") == default_kernel(ALDER_LAKE, "") == "u8s8"
+    both = dict.fromkeys(("decode", "prefill"))
+    assert default_kernels(AMX, "") == dict.fromkeys(both, "s8s8") and eager_kernel(AMX, "") == "s8s8"
+    # VNNI: the prompt's rows get u8s8 (vpdpbusd); one row is bound by reading weights, which inductor's
+    # template does faster with the INT8 values in BF16. Eager layers multiply s8 by s8 (u8s8 needs prepacking).
+    vnni = {"decode": "bf16", "prefill": "u8s8"}
+    assert default_kernels(ZEN4, "") == default_kernels(ALDER_LAKE, "") == vnni
     assert eager_kernel(ZEN4, "") == eager_kernel(ALDER_LAKE, "") == "s8s8"
     # AVX2 alone: compiled s8s8 through q8chat's micro-kernel; eagerly, _int_mm is a scalar loop there
-    assert default_kernel(ZEN3, "") == "s8s8" and eager_kernel(ZEN3, "") == "bf16"
+    assert default_kernels(ZEN3, "") == dict.fromkeys(both, "s8s8") and eager_kernel(ZEN3, "") == "bf16"
     # ONEDNN_MAX_CPU_ISA caps the choice as it caps oneDNN; an AVX-512 CPU without VNNI gets bf16
-    assert default_kernel(AMX, "AVX512_CORE_VNNI") == "u8s8" and default_kernel(AMX, "avx2") == "bf16"
-    assert default_kernel(ZEN4, "AVX512_CORE_AMX") == "u8s8"
+    assert default_kernels(AMX, "AVX512_CORE_VNNI") == vnni
+    assert default_kernels(AMX, "avx2") == dict.fromkeys(both, "bf16")
+    assert default_kernels(ZEN4, "AVX512_CORE_AMX") == vnni
 
 
 def exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -102,9 +106,9 @@ def audit(kernel: str, rows: int, tmp_path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("rows", [1, 64], ids=["one-row", "rows"])
-def test_this_cpus_compiled_product_is_exact_and_runs_no_reference_kernel(rows, tmp_path):
-    assert audit(default_kernel(), rows, tmp_path) == []
+@pytest.mark.parametrize(("rows", "step"), [(1, "decode"), (64, "prefill")], ids=["one-row", "rows"])
+def test_this_cpus_compiled_product_is_exact_and_runs_no_reference_kernel(rows, step, tmp_path):
+    assert audit(default_kernels()[step], rows, tmp_path) == []
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +139,7 @@ def step_audit(model, kernel: str, step: str, directory) -> tuple[list[str], tor
 
 @pytest.mark.parametrize("step", ["decode", "prefill"])
 def test_this_cpus_compiled_steps_run_no_reference_kernel_and_give_the_eager_logits(tiny_w8a8, step, tmp_path):
-    references, got, want = step_audit(tiny_w8a8, default_kernel(), step, tmp_path / step)
+    references, got, want = step_audit(tiny_w8a8, default_kernels()[step], step, tmp_path / step)
     assert references == []
     assert (got - want).abs().max() < 0.05 * want.std() and torch.equal(got.argmax(-1), want.argmax(-1))
 
@@ -148,7 +152,7 @@ def test_the_audit_catches_the_reference_kernel_s8s8_ran_on_this_cpu_before_kern
     (``avx2_int8_gemm``), inductor's reference micro-kernel."""
     from torch._inductor import config
 
-    if default_kernel() == "s8s8":  # AVX2 alone
+    if default_kernels()["prefill"] == "s8s8":  # AVX2 alone (AMX skips)
         ours = avx2_int8_gemm.register()  # first: it imports inductor's template machinery in its order
         from torch._inductor.codegen import cpp_micro_gemm
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant.kernels import default_kernel, eager_kernel
+from quant.kernels import default_kernels, eager_kernel
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.constants import share_constants
@@ -75,7 +75,7 @@ class StaticDecoder:
         self._steps, self._net = steps or {}, net
         compiled = " and ".join(f"{name} step" for name in self._steps)
         kernels = [f"{net.kernel} eagerly"] if net is not None and net.kernel else []
-        kernels += [f"{step.kernel} compiled" for step in self._steps.values()][:1]
+        kernels += [f"{step.kernel} compiled {name}" for name, step in self._steps.items()]
         self.description = (
             (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled else "eager compact model")
             + ", static KV cache"
@@ -137,17 +137,18 @@ def _median_s(run: Callable[[], object], reps: int) -> float:
 
 def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, caches: list[torch.Tensor]) -> str:
     """Seconds per call of the compiled step and of the eager one it replaces, on the same input: a decode
-    step at position 256 (or the cache's end), a prefill of 128 tokens (or what fits). Raises if the
-    compiled step is slower, with both figures."""
+    step at position 256 (or the cache's end), a prefill of 512 tokens (or what fits), each with the mask it
+    is served with (a prefill from position 0 runs eagerly with none: causal attention skips the masked
+    half). Raises if the compiled step is slower, with both figures."""
     max_len = eager.max_len
-    count = 1 if step == "decode" else min(128, max_len - 1)
+    count = 1 if step == "decode" else min(512, max_len - 1)
     start = min(256, max_len - 2) if step == "decode" else 0
     ids, pos = torch.zeros(1, count, dtype=torch.long), torch.arange(start, start + count)
-    mask = attention_mask(max_len, start, count, compiled=True)
+    masks = {kind: attention_mask(max_len, start, count, compiled=kind) for kind in (True, False)}
     reps = 15 if step == "decode" else 3
     with torch.no_grad():
         figures = {
-            name: _median_s(lambda: run(ids, pos, mask, caches), reps)
+            name: _median_s(lambda: run(ids, pos, masks[run is compiled], caches), reps)
             for name, run in (("compiled", compiled), ("eager", eager), ("compiled again", compiled))
         }
     compiled_s, eager_s = min(figures["compiled"], figures["compiled again"]), figures["eager"]
@@ -209,20 +210,21 @@ def make_decoder(
     config,
     max_len: int,
     packages: dict[str, Path] | None = None,
-    kernel: str | None = None,
+    kernels: dict[str, str] | None = None,
 ):
     """The fastest decoder for a model of this ``config``. ``load_model`` gives the eager INT8 model and is
     called only when something needs its weights: a step to compile or to run eagerly, or a family the
     compact model does not cover. So a restart with both steps compiled never reads the checkpoint's
     weights. ``packages``: the compiled steps' directories by step name (see
-    ``compiled_step.package_paths``), built when absent; None decodes eagerly. ``kernel``: the W8A8 kernel
-    of the compiled steps (``quant.kernels``; None: this CPU's); eager steps get this CPU's ``eager_kernel()``."""
+    ``compiled_step.package_paths``), built when absent; None decodes eagerly. ``kernels``: the W8A8
+    kernel of each compiled step (``quant.kernels``; None: this CPU's); eager steps get this CPU's
+    ``eager_kernel()``."""
     try:
         check_supported(config)
     except UnsupportedForCompile as exc:
         log.info("%s; decoding eagerly with the Hugging Face model", exc)
         return HFDecoder(load_model())
-    kernel = kernel or default_kernel()
+    kernels = kernels or default_kernels()
     model = functools.cache(load_model)
     compact = functools.cache(lambda kernel: StaticLlama(model(), max_len, kernel).eval())
     eager = functools.partial(compact, eager_kernel())
@@ -230,7 +232,7 @@ def make_decoder(
     steps = {}
     for step, package in (packages or {}).items():
         try:
-            steps[step] = _compiled_step(functools.partial(compact, kernel), eager, step, package, caches)
+            steps[step] = _compiled_step(functools.partial(compact, kernels[step]), eager, step, package, caches)
         except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
             log.warning(
                 "not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__, _first_line(exc)

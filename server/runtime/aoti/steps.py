@@ -56,7 +56,7 @@ _SOURCES = (
     avx2_int8_gemm.__file__,
     __file__,
 )
-STEPS = ("decode", "prefill")
+STEPS = kernels.STEPS
 LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-constants.json", "source.sha256"
 KERNELS = "kernels.json"
 STALE_AFTER_S = 24 * 3600
@@ -68,9 +68,9 @@ def source_digest() -> str:
     return hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in _SOURCES)).hexdigest()
 
 
-def package_paths(cache_dir: Path, checkpoint: Path, max_len: int, kernel: str) -> dict[str, Path]:
-    """The directories of the compiled steps of this checkpoint, context length and W8A8 kernel, for this
-    machine and code."""
+def package_paths(cache_dir: Path, checkpoint: Path, max_len: int, kernels: dict[str, str]) -> dict[str, Path]:
+    """The directories of the compiled steps of this checkpoint, context length and W8A8 kernel of each step
+    (``kernels`` by step name), for this machine and code."""
     facts = {
         "checkpoint": fingerprint(Path(checkpoint)),
         "max_len": max_len,
@@ -78,10 +78,12 @@ def package_paths(cache_dir: Path, checkpoint: Path, max_len: int, kernel: str) 
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
         "source": source_digest(),
-        "kernel": kernel,
     }
-    key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-    return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key}" for step in STEPS}
+
+    def key(step: str) -> str:
+        return hashlib.sha256(json.dumps({**facts, "kernel": kernels[step]}, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key(step)}" for step in STEPS}
 
 
 def prune_stale(directory: Path, now: float | None = None) -> tuple[int, int]:
