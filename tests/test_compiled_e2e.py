@@ -1,8 +1,9 @@
 """The compiled server end to end, started as `make serve` starts it (the `q8chat serve` command, default
 recipe and flags; only its port and cache directory are the test's): its greedy answers follow the eager
-server's distribution, its steps run no reference kernel, /health answers during a long compiled prefill,
-and a restart loads the compiled steps instead of compiling, with one copy of the constants the two steps
-have in common.
+server's distribution, its steps run no reference kernel, /health answers during a long prefill, and a
+restart loads the compiled steps instead of compiling, with one copy of the constants the two steps have in
+common. The decode step is served compiled; the prefill step is built and timed against the eager prefill,
+and served by whichever ran faster (on a VNNI EPYC the two ran within a few percent: either can win).
 
 Not identical answers: fused kernels round differently in the last float bit, per-token INT8 turns such a
 bit into a whole quantization step now and then, and two near-tied candidates swap. Measured on the default
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from prompts import heldout_text
+from quant.kernels import default_kernels
 from server.runtime.aoti import kernels as step_kernels
 from tests.conftest import Q8CHAT_SERVE
 from tests.harness import health_during
@@ -84,12 +86,23 @@ def served_references(server) -> list[str]:
     return reference_kernels({}, onednn_executions(served))
 
 
+def prefill_served(log: str) -> str:
+    """How the server's start-up line says prompts run: ``compiled``, or ``eager: slower compiled`` where the
+    build's timing found the compiled prefill slower (or a marker from an earlier start says so)."""
+    if "compiled decode step and prefill step (AOTInductor" in log:
+        return "compiled"
+    if "not using a compiled prefill step (RuntimeError: it ran slower than eager" in log:
+        assert "compiled decode step (AOTInductor" in log
+        return "eager: slower compiled"
+    return "neither: " + log[-3000:]
+
+
 @pytest.mark.timeout(1800)  # builds both steps at its first start: minutes on 2 cores
 def test_the_compiled_server_as_make_serve_starts_it(start_server, server):
     compiled = start_server(env=COMPILED, command=Q8CHAT_SERVE)
     log = compiled.log()
     assert "decode step compiled in" in log and "prefill step compiled in" in log, log[-3000:]
-    assert "compiled decode step and prefill step (AOTInductor" in log
+    assert prefill_served(log) in ("compiled", "eager: slower compiled")
     assert step_kernels.REFERENCE not in log  # what each step's GEMMs run is logged at build and load
     eager = [greedy(server, content) for content in PROMPTS]
     assert [answer["tokens"] for answer in eager] == [8] * len(PROMPTS)
@@ -98,7 +111,7 @@ def test_the_compiled_server_as_make_serve_starts_it(start_server, server):
         assert answer["prompt_tokens"] == reference["prompt_tokens"] and answer["tokens"] == 8
         assert unlike_steps(answer, reference) == [], (answer["text"], reference["text"])
 
-    # a prompt of thousands of tokens takes the compiled prefill seconds; the event loop keeps serving
+    # a prompt of thousands of tokens takes the prefill seconds; the event loop keeps serving
     long_prompt = "Summarize this text.\n\n" + heldout_text()[:12000]
     answers = []
     seconds, latencies = health_during(compiled, lambda: answers.append(greedy(compiled, long_prompt, 1)))
@@ -109,10 +122,14 @@ def test_the_compiled_server_as_make_serve_starts_it(start_server, server):
 
     restarted = start_server(env=COMPILED, command=Q8CHAT_SERVE)
     log = restarted.log()
-    assert "loaded the compiled decode step" in log and "loaded the compiled prefill step" in log
-    assert "step compiled in" not in log
+    assert "loaded the compiled decode step" in log and "step compiled in" not in log
+    loaded_prefill = "loaded the compiled prefill step" in log
+    assert prefill_served(log) == ("compiled" if loaded_prefill else "eager: slower compiled")
     shared = re.search(r"the compiled steps share ([\d.]+) MB of constants; ([\d.]+) MB of memory given back", log)
-    assert shared and float(shared[1]) > 50 and float(shared[2]) > 50, log[-2000:]  # most packed weights are alike
+    assert shared and float(shared[2]) > 20, log[-2000:]  # pages of constants no kernel reads, at least
+    kernels = default_kernels()
+    if prefill_served(log) == "compiled" and kernels["decode"] == kernels["prefill"]:
+        assert float(shared[1]) > 50, log[-2000:]  # most packed weights are alike
     for content, reference in zip(PROMPTS, eager):
         assert unlike_steps(greedy(restarted, content), reference) == []
     assert served_references(restarted) == []

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.sampling import SamplingParams, apply_penalties, new_generator, sample
+from server.engine.sampling import SamplingParams, apply_penalties, new_generator, sample, token_logprobs
 
 
 def logits():
@@ -13,6 +13,15 @@ def logits():
 
 def test_greedy_takes_the_argmax():
     assert sample(logits(), SamplingParams(max_tokens=1, temperature=0), new_generator(None), [], []) == 1
+
+
+def test_a_greedy_choice_among_tied_logits_leads_its_top_logprobs():
+    # BF16-rounded logits tie: the greedy token (argmax, the first of the tied) is listed first
+    tied = torch.tensor([0.5, 2.0, -1.0, 2.0, 2.0, 1.0])
+    token = sample(tied, SamplingParams(max_tokens=1, temperature=0), new_generator(None), [], [])
+    scored = token_logprobs(tied, token, 4)
+    assert token == 1 and [i for i, _ in scored.top] == [1, 3, 4, 5]
+    assert scored.top[0][1] == scored.logprob and scored.logprob == scored.top[1][1]
 
 
 def test_same_seed_same_tokens_different_seed_differs():

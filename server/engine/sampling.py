@@ -103,6 +103,10 @@ class TokenLogprobs:
 
 
 def token_logprobs(processed: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """The top tokens are ranked by the logits, equal ones by token id, as greedy decoding picks (``argmax``:
+    the first of equal maxima): logits rounded to BF16 (a weight-only LM head) tie often, and a greedy
+    choice then leads its list."""
     logprobs = torch.log_softmax(processed, dim=-1)
-    values, ids = torch.topk(logprobs, top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
-    return TokenLogprobs(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist())))
+    ids = torch.topk(processed, top).indices.tolist() if top else []
+    ranked = sorted(ids, key=lambda i: (-float(processed[i]), i))
+    return TokenLogprobs(token, float(logprobs[token]), tuple((i, float(logprobs[i])) for i in ranked))
