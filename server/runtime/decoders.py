@@ -78,7 +78,7 @@ class StaticDecoder:
         kernels += [f"{step.kernel} compiled {name}" for name, step in self._steps.items()]
         self.description = (
             (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled else "eager compact model")
-            + ", static KV cache"
+            + f", static KV cache of {sum(cache.nbytes for cache in caches) / 1e6:.1f} MB"
             + (f"; W8A8 kernel {', '.join(kernels)}" if kernels else "")
         )
 
