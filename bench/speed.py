@@ -26,7 +26,7 @@ from bench.served import Served
 from prompts import heldout_text
 from quant import defaults
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
-from quant.kernels import STEPS, check_kernel, cpu_class, default_kernels
+from quant.kernels import cpu_class, default_kernels, kernels_by_step
 from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import int8_checkpoint, load_int8_model
@@ -138,7 +138,7 @@ def variants(
             yield name, InProcess(HFDecoder(model), tokenizer, context), weight_bytes(model)
         elif base.startswith("q8chat-int8-"):
             scheme = base.removeprefix("q8chat-int8-").removesuffix("-eager")
-            kernels = dict.fromkeys(STEPS, check_kernel(kernel)) if kernel else default_kernels()
+            kernels = kernels_by_step(kernel or None)
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
             packages = None if base.endswith("-eager") else package_paths(cache_dir, quantized.path, context, kernels)
             decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages, kernels)

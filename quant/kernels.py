@@ -141,6 +141,12 @@ def eager_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = N
     return "s8s8" if _has("AMX", flags, onednn_cap) or _has("VNNI", flags, onednn_cap) else "bf16"
 
 
+def kernels_by_step(kernel: str | None = None) -> dict[str, str]:
+    """The kernel of each compiled step: this CPU's (``default_kernels``) for None or ``auto``, else ``kernel``
+    for both (``--int8-kernel``, a bench variant's ``@kernel``)."""
+    return default_kernels() if kernel in (None, "auto") else dict.fromkeys(STEPS, check_kernel(kernel))
+
+
 def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS + (REFERENCE,):
         raise ValueError(f"unknown INT8 kernel {kernel!r}; expected one of {', '.join(KERNELS)}")

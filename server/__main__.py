@@ -23,7 +23,7 @@ def build_service(settings: Settings, metrics, placement):
     from prompts import load_template
     from quant.checkpoint import load_checkpoint, read_checkpoint_info, stored_weight_bytes
     from quant.families import context_window, family_of
-    from quant.kernels import STEPS, default_kernels
+    from quant.kernels import kernels_by_step
     from quant.smoothquant import Recipe
     from quant.store import int8_checkpoint
     from server.engine.engine import Engine
@@ -54,7 +54,7 @@ def build_service(settings: Settings, metrics, placement):
     config_eos = getattr(config, "eos_token_id", None)  # what the model's generation config defaults to
     eos |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
     context = settings.context_length or context_window(config)
-    kernels = default_kernels() if settings.int8_kernel == "auto" else dict.fromkeys(STEPS, settings.int8_kernel)
+    kernels = kernels_by_step(settings.int8_kernel)
     packages = package_paths(settings.cache_dir, checkpoint.path, context, kernels) if settings.compile else None
     decoder = make_decoder(eager_model, config, context, packages, kernels)
     kept = PrefixCache(int(settings.kv_cache_mb * 2**20)) if settings.kv_cache_mb else None

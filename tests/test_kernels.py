@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quant.int8 import Int8Linear
-from quant.kernels import REFERENCE, cpu_flags, default_kernels, eager_kernel, w8a8_matmul
+from quant.kernels import REFERENCE, STEPS, cpu_flags, default_kernels, eager_kernel, w8a8_matmul
 from quant.smoothquant import Recipe
 from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import steps as compiled_step
@@ -22,18 +22,17 @@ ZEN3 = frozenset({"avx2", "fma"})
 
 
 def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
-    both = dict.fromkeys(("decode", "prefill"))
-    assert default_kernels(AMX, "") == dict.fromkeys(both, "s8s8") and eager_kernel(AMX, "") == "s8s8"
+    assert default_kernels(AMX, "") == dict.fromkeys(STEPS, "s8s8") and eager_kernel(AMX, "") == "s8s8"
     # VNNI: the prompt's rows get u8s8 (vpdpbusd); one row is bound by reading weights, which inductor's
     # template does faster with the INT8 values in BF16. Eager layers multiply s8 by s8 (u8s8 needs prepacking).
     vnni = {"decode": "bf16", "prefill": "u8s8"}
     assert default_kernels(ZEN4, "") == default_kernels(ALDER_LAKE, "") == vnni
     assert eager_kernel(ZEN4, "") == eager_kernel(ALDER_LAKE, "") == "s8s8"
     # AVX2 alone: compiled s8s8 through q8chat's micro-kernel; eagerly, _int_mm is a scalar loop there
-    assert default_kernels(ZEN3, "") == dict.fromkeys(both, "s8s8") and eager_kernel(ZEN3, "") == "bf16"
+    assert default_kernels(ZEN3, "") == dict.fromkeys(STEPS, "s8s8") and eager_kernel(ZEN3, "") == "bf16"
     # ONEDNN_MAX_CPU_ISA caps the choice as it caps oneDNN; an AVX-512 CPU without VNNI gets bf16
     assert default_kernels(AMX, "AVX512_CORE_VNNI") == vnni
-    assert default_kernels(AMX, "avx2") == dict.fromkeys(both, "bf16")
+    assert default_kernels(AMX, "avx2") == dict.fromkeys(STEPS, "bf16")
     assert default_kernels(ZEN4, "AVX512_CORE_AMX") == vnni
 
 

@@ -107,6 +107,6 @@ def token_logprobs(processed: torch.Tensor, token: int, top: int) -> TokenLogpro
     the first of equal maxima): logits rounded to BF16 (a weight-only LM head) tie often, and a greedy
     choice then leads its list."""
     logprobs = torch.log_softmax(processed, dim=-1)
-    ids = torch.topk(processed, top).indices.tolist() if top else []
-    ranked = sorted(ids, key=lambda i: (-float(processed[i]), i))
-    return TokenLogprobs(token, float(logprobs[token]), tuple((i, float(logprobs[i])) for i in ranked))
+    values, ids = torch.topk(processed, top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+    ranked = [i for _, i in sorted(zip((-v for v in values.tolist()), ids.tolist()))]
+    return TokenLogprobs(token, float(logprobs[token]), tuple(zip(ranked, logprobs[ranked].tolist())))

@@ -144,13 +144,15 @@ def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, cach
     count = 1 if step == "decode" else min(512, max_len - 1)
     start = min(256, max_len - 2) if step == "decode" else 0
     ids, pos = torch.zeros(1, count, dtype=torch.long), torch.arange(start, start + count)
-    masks = {kind: attention_mask(max_len, start, count, compiled=kind) for kind in (True, False)}
+    compiled_mask, eager_mask = (attention_mask(max_len, start, count, compiled=kind) for kind in (True, False))
+    runs = (
+        ("compiled", compiled, compiled_mask),
+        ("eager", eager, eager_mask),
+        ("compiled again", compiled, compiled_mask),
+    )
     reps = 15 if step == "decode" else 3
     with torch.no_grad():
-        figures = {
-            name: _median_s(lambda: run(ids, pos, masks[run is compiled], caches), reps)
-            for name, run in (("compiled", compiled), ("eager", eager), ("compiled again", compiled))
-        }
+        figures = {name: _median_s(lambda: run(ids, pos, mask, caches), reps) for name, run, mask in runs}
     compiled_s, eager_s = min(figures["compiled"], figures["compiled again"]), figures["eager"]
     summary = f"compiled {compiled_s * 1e3:.2f} ms, eager {eager_s * 1e3:.2f} ms per {count}-token call"
     if compiled_s > eager_s:
