@@ -98,6 +98,7 @@ def test_streaming_passes_through_unbuffered(cluster):
             "messages": [{"role": "user", "content": "Count to fifty."}],
             "max_tokens": 60,
             "ignore_eos": True,
+            "logprobs": True,  # a chunk for every token, also those past EOS whose text is empty
             "stream": True,
         },
     ) as r:
