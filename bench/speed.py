@@ -26,7 +26,7 @@ from bench.served import Served
 from prompts import heldout_text
 from quant import defaults
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
-from quant.kernels import cpu_class, default_kernels, kernels_by_step
+from quant.kernels import check_kernel, cpu_class, default_kernels, kernels_by_step
 from quant.load import load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import int8_checkpoint, load_int8_model
@@ -34,7 +34,7 @@ from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.runtime.aoti.steps import package_paths
 from server.runtime.decoders import HFDecoder, make_decoder
-from server.runtime.static_llama import kv_cache_bytes
+from server.runtime.static_llama import DEFAULT_KV_DTYPE, KV_DTYPES, kv_cache_bytes
 from server.settings import default_cache_dir
 
 SERVED_NAME = "q8chat-bench"
@@ -83,7 +83,9 @@ class InProcess:
         pass
 
 
-def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool, kernel: str = "auto") -> list[str]:
+def served_args(
+    checkpoint: Path, cache_dir: Path, context: int, compile: bool, kernel: str = "auto", kv: str | None = None
+) -> list[str]:
     """``q8chat serve`` flags serving the in-process variants' INT8 checkpoint with the same context."""
     return [
         "--model",
@@ -97,6 +99,7 @@ def served_args(checkpoint: Path, cache_dir: Path, context: int, compile: bool, 
         "--compile" if compile else "--no-compile",
         "--int8-kernel",
         kernel,
+        *(["--kv-cache-dtype", kv] if kv else []),
     ]
 
 
@@ -119,6 +122,18 @@ JSON_RECORDS = {
 }
 
 
+def variant_options(suffix: str) -> tuple[str | None, str | None]:
+    """A q8chat variant's options after ``@``, joined by ``+``: a W8A8 kernel (``quant.kernels.KERNELS``) and a
+    KV cache type (``kv-bf16``, ``kv-fp32``). Returns (kernel, KV cache type), None where the server's default."""
+    kernel = kv = None
+    for option in filter(None, suffix.split("+")):
+        if option.startswith("kv-") and option.removeprefix("kv-") in KV_DTYPES:
+            kv = option.removeprefix("kv-")
+        else:
+            kernel = check_kernel(option)
+    return kernel, kv
+
+
 def variants(
     model_spec: str,
     cache_dir: Path,
@@ -132,7 +147,8 @@ def variants(
     float_model = load_float_model(model_spec)
     tokenizer = float_model.tokenizer
     for name in names:
-        base, _, kernel = name.partition("@")  # q8chat variants may name their W8A8 kernel: ...@bf16
+        base, _, options = name.partition("@")  # q8chat variants may name options: ...@bf16+kv-fp32
+        kernel, kv = variant_options(options)
         if name in ("hf-fp32", "hf-bf16"):
             model = float_model.model if name == "hf-fp32" else copy.deepcopy(float_model.model).to(torch.bfloat16)
             yield name, InProcess(HFDecoder(model), tokenizer, context), weight_bytes(model)
@@ -140,17 +156,21 @@ def variants(
             scheme = base.removeprefix("q8chat-int8-").removesuffix("-eager")
             kernels = kernels_by_step(kernel or None)
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
-            packages = None if base.endswith("-eager") else package_paths(cache_dir, quantized.path, context, kernels)
-            decoder = make_decoder(lambda: quantized.model, quantized.model.config, context, packages, kernels)
+            kv_dtype = KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
+            compiled = not base.endswith("-eager")
+            packages = package_paths(cache_dir, quantized.path, context, kernels, kv_dtype) if compiled else None
+            config = quantized.model.config
+            decoder = make_decoder(lambda: quantized.model, config, context, packages, kernels, kv_dtype)
             yield name, InProcess(decoder, tokenizer, context), weight_bytes(quantized.model)
         elif base in ("q8chat-served", "q8chat-served-eager", "q8chat-served-json"):
             checkpoint = read_checkpoint_info(
                 int8_checkpoint(model_spec, Recipe(calib_samples=calib_samples), cache_dir)
             )
-            args = served_args(checkpoint.path, cache_dir, context, not base.endswith("-eager"), kernel or "auto")
+            args = served_args(checkpoint.path, cache_dir, context, not base.endswith("-eager"), kernel or "auto", kv)
             constrained = JSON_RECORDS if base.endswith("-json") else None
             served = Served(args, SERVED_NAME, tokenizer, log_dir, response_format=constrained)
-            served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context) / 1e6, 1)
+            kv_dtype = KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
+            served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context, kv_dtype) / 1e6, 1)
             yield name, served, stored_weight_bytes(checkpoint.path)
         elif name == llamacpp.VARIANT:
             path = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, torch.get_num_threads(), converter)
@@ -291,7 +311,8 @@ def configure_bench(p) -> None:
         help=f"comma-separated; q8chat-int8-SCHEME[-eager]: in-process, compiled unless -eager; "
         "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; q8chat-served-json: "
         "the same, answers held to a JSON schema (constrained decoding's cost); a q8chat "
-        "variant@KERNEL (s8s8, u8s8, bf16) forces that W8A8 kernel; "
+        "variant@OPTIONS takes options joined by '+': a W8A8 kernel (s8s8, u8s8, bf16) forces that kernel, "
+        "kv-fp32 or kv-bf16 the KV cache's type (q8chat-int8-dynamic@u8s8+kv-fp32); "
         f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
         "installed)",
     )

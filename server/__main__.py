@@ -32,6 +32,7 @@ def build_service(settings: Settings, metrics, placement):
     from server.runtime.aoti.steps import package_paths
     from server.runtime.decoders import make_decoder
     from server.runtime.placement import cpu_isa
+    from server.runtime.static_llama import KV_DTYPES
     from server.service.prompter import Prompter
     from server.service.serving import ChatService
 
@@ -55,8 +56,11 @@ def build_service(settings: Settings, metrics, placement):
     eos |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
     context = settings.context_length or context_window(config)
     kernels = kernels_by_step(settings.int8_kernel)
-    packages = package_paths(settings.cache_dir, checkpoint.path, context, kernels) if settings.compile else None
-    decoder = make_decoder(eager_model, config, context, packages, kernels)
+    kv_dtype = KV_DTYPES[settings.kv_cache_dtype]
+    packages = (
+        package_paths(settings.cache_dir, checkpoint.path, context, kernels, kv_dtype) if settings.compile else None
+    )
+    decoder = make_decoder(eager_model, config, context, packages, kernels, kv_dtype)
     kept = PrefixCache(int(settings.kv_cache_mb * 2**20)) if settings.kv_cache_mb else None
     engine = Engine(decoder, tokenizer, context, eos, kept)
     name = settings.served_model_name or checkpoint.name
@@ -172,8 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         slot.metrics.model_load_seconds.set(time.perf_counter() - start)
         log.info("ready in %.1f s on http://%s:%d", time.perf_counter() - start, settings.host, settings.port)
 
-    threading.Thread(target=load, name="q8chat-load", daemon=True).start()
+    loader = threading.Thread(target=load, name="q8chat-load", daemon=True)
+    loader.start()
     server.run()
+    if loader.is_alive():
+        # stopped while quantizing or compiling: the interpreter's exit would abort under the loader's running
+        # torch threads ("terminate called without an active exception"). Nothing it writes is used unfinished.
+        log.info("stopped while loading the model")
+        logging.shutdown()
+        os._exit(0)
     return 1 if failed.is_set() else 0
 
 

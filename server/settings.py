@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(8, ge=0, description="requests that may wait while one generates; more get 429")
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
+    kv_cache_dtype: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="element type of the static KV cache (Llama family): bf16 takes half the memory and half "
+        "the bytes a decode step reads from it; fp32 computes attention as the float model does",
+    )
     kv_cache_mb: float = Field(
         256.0,
         ge=0,

@@ -17,7 +17,7 @@ from server.runtime.static_llama import StaticLlama, new_kv_caches
 from tests.harness import quantized_tiny, tiny_checkpoint, tiny_llama
 
 
-def test_a_step_is_keyed_by_context_length_kernel_and_thread_count(tmp_path, monkeypatch):
+def test_a_step_is_keyed_by_context_length_kv_type_kernel_and_thread_count(tmp_path, monkeypatch):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
@@ -26,6 +26,7 @@ def test_a_step_is_keyed_by_context_length_kernel_and_thread_count(tmp_path, mon
     assert set(first) == {"decode", "prefill"} and first["decode"].parent == tmp_path / "compiled"
     assert package_paths(tmp_path, checkpoint, 256, bf16) == first
     assert package_paths(tmp_path, checkpoint, 512, bf16)["decode"] != first["decode"]
+    assert package_paths(tmp_path, checkpoint, 256, bf16, torch.float32)["decode"] != first["decode"]
     mixed = package_paths(tmp_path, checkpoint, 256, {**bf16, "prefill": "u8s8"})  # each step by its own kernel
     assert mixed["decode"] == first["decode"] and mixed["prefill"] != first["prefill"]
     threads = torch.get_num_threads()
@@ -67,7 +68,7 @@ def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_t
     first = start_server("--model", str(checkpoint), env=env)
     for step in ("decode", "prefill"):  # inductor may find out while lowering (LoweringException) or after
         assert re.search(rf"not using a compiled {step} step \(InductorError: .*InvalidCxxCompiler", first.log())
-    assert "eager compact model, static KV cache of " in first.log()
+    assert "eager compact model, static bfloat16 KV cache of " in first.log()
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     assert httpx.post(first.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
     first.stop()

@@ -11,7 +11,7 @@ from quant.smoothquant import Recipe
 from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.container import Container
-from server.runtime.static_llama import StaticLlama, attention_mask, new_kv_caches
+from server.runtime.static_llama import DEFAULT_KV_DTYPE, StaticLlama, attention_mask, new_kv_caches
 from tests.harness import quantized_tiny, tiny_llama
 from tests.kernel_audit import onednn_implementations, reference_kernels
 
@@ -122,7 +122,7 @@ def step_audit(model, kernel: str, step: str, directory) -> tuple[list[str], tor
     """A compiled step of ``model`` with ``kernel`` on this CPU: the reference kernels it and the eager compact
     model (this CPU's eager kernel) ran, and their logits on the same tokens."""
     net = StaticLlama(model, 64, kernel).eval()
-    compiled_step.build(net, step, directory)
+    compiled_step.build(net, step, directory, DEFAULT_KV_DTYPE)
     loaded = compiled_step.load(directory)
     eager = StaticLlama(model, 64).eval()
     count = 1 if step == "decode" else 12

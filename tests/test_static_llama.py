@@ -8,9 +8,9 @@ from server.runtime.static_llama import StaticLlama, UnsupportedForCompile, atte
 from tests.harness import quantized_tiny, tiny_llama, tiny_mpt
 
 
-def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]:
+def compact_logits(net, ids: list[int], chunks: list[int], kv_dtype: torch.dtype) -> list[torch.Tensor]:
     """Run ``ids`` through the compact model in chunks of the given sizes; logits after each chunk."""
-    start, out, caches = 0, [], new_kv_caches(net.config, net.max_len)
+    start, out, caches = 0, [], new_kv_caches(net.config, net.max_len, kv_dtype)
     for size in chunks:
         part = ids[start : start + size]
         mask = attention_mask(net.max_len, start, size)
@@ -20,12 +20,13 @@ def compact_logits(net, ids: list[int], chunks: list[int]) -> list[torch.Tensor]
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-kv", "bf16-kv"])
 @pytest.mark.parametrize(
     "recipe",
     [None, Recipe(alpha=None), Recipe(alpha=None, scheme="static"), Recipe(alpha=0.5, fallback_error=0.0)],
     ids=["float", "dynamic", "static", "weight-only"],
 )
-def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe):
+def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe, kv_dtype):
     model = tiny_llama(len(tokenizer))
     if recipe is not None:
         quantized_tiny(model, recipe)
@@ -35,8 +36,10 @@ def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe
     # a prompt in one piece, then token by token, as the engine runs it
     chunks = [16] + [1] * 8
     ends = [sum(chunks[: i + 1]) - 1 for i in range(len(chunks))]
-    for logits, end in zip(compact_logits(net, ids, chunks), ends):
-        assert torch.allclose(logits, expected[end], atol=2e-3, rtol=1e-3), end
+    # a BF16 cache rounds keys and values to 8 significant bits: logits of about 1 move by a BF16 step or two
+    atol = 2e-3 if kv_dtype == torch.float32 else 1e-2
+    for logits, end in zip(compact_logits(net, ids, chunks, kv_dtype), ends):
+        assert torch.allclose(logits, expected[end], atol=atol, rtol=1e-3), end
 
 
 def test_attention_mask_sees_each_position_up_to_itself():
@@ -61,3 +64,23 @@ def test_compiled_steps_get_a_mask_at_least_two_positions_wide():
 def test_other_families_are_refused():
     with pytest.raises(UnsupportedForCompile, match="mpt"):
         StaticLlama(tiny_mpt(100), 8)
+
+
+@torch.no_grad()
+def test_a_bf16_kv_cache_keeps_the_default_models_predictions():
+    """On real text, the default model decoding on a BF16 cache predicts what it predicts on an FP32 one."""
+    from prompts import heldout_text
+    from quant.load import load_float_model
+
+    loaded = load_float_model("default")
+    ids = loaded.tokenizer(heldout_text(), add_special_tokens=False).input_ids[:256]
+    net, prompt = StaticLlama(loaded.model, len(ids)).eval(), 192
+    chunks = [prompt] + [1] * (len(ids) - prompt - 1)  # then decode steps, each reading the cache
+    targets = torch.tensor(ids[prompt:])
+    runs = {}
+    for kv_dtype in (torch.float32, torch.bfloat16):
+        logits = torch.stack(compact_logits(net, ids, chunks, kv_dtype))
+        runs[kv_dtype] = logits, torch.nn.functional.cross_entropy(logits, targets)
+    (fp32, fp32_nll), (bf16, bf16_nll) = runs.values()
+    assert abs(bf16_nll - fp32_nll) < 0.02  # nats per token
+    assert (fp32.argmax(-1) == bf16.argmax(-1)).sum() >= len(targets) - 4

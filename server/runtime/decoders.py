@@ -24,6 +24,7 @@ from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.constants import share_constants
 from server.runtime.static_llama import (
+    DEFAULT_KV_DTYPE,
     StaticLlama,
     UnsupportedForCompile,
     attention_mask,
@@ -78,7 +79,8 @@ class StaticDecoder:
         kernels += [f"{step.kernel} compiled {name}" for name, step in self._steps.items()]
         self.description = (
             (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled else "eager compact model")
-            + f", static KV cache of {sum(cache.nbytes for cache in caches) / 1e6:.1f} MB"
+            + f", static {str(caches[0].dtype).removeprefix('torch.')} KV cache of "
+            + f"{sum(cache.nbytes for cache in caches) / 1e6:.1f} MB"
             + (f"; W8A8 kernel {', '.join(kernels)}" if kernels else "")
         )
 
@@ -193,7 +195,7 @@ def _compiled_step(
     log.info("compiling the %s step into %s (minutes on few cores; once per model and machine)...", step, package)
     begin = time.perf_counter()
     try:
-        compiled_step.build(net, step, package)
+        compiled_step.build(net, step, package, caches[0].dtype)
         loaded = _checked(package, one_call)
     except Exception as exc:
         _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
@@ -213,6 +215,7 @@ def make_decoder(
     max_len: int,
     packages: dict[str, Path] | None = None,
     kernels: dict[str, str] | None = None,
+    kv_dtype: torch.dtype = DEFAULT_KV_DTYPE,
 ):
     """The fastest decoder for a model of this ``config``. ``load_model`` gives the eager INT8 model and is
     called only when something needs its weights: a step to compile or to run eagerly, or a family the
@@ -220,7 +223,8 @@ def make_decoder(
     weights. ``packages``: the compiled steps' directories by step name (see
     ``compiled_step.package_paths``), built when absent; None decodes eagerly. ``kernels``: the W8A8
     kernel of each compiled step (``quant.kernels``; None: this CPU's); eager steps get this CPU's
-    ``eager_kernel()``."""
+    ``eager_kernel()``. ``kv_dtype``: the static KV cache's element type (``KV_DTYPES``), which the packages
+    must have been keyed by."""
     try:
         check_supported(config)
     except UnsupportedForCompile as exc:
@@ -230,7 +234,7 @@ def make_decoder(
     model = functools.cache(load_model)
     compact = functools.cache(lambda kernel: StaticLlama(model(), max_len, kernel).eval())
     eager = functools.partial(compact, eager_kernel())
-    caches = new_kv_caches(config, max_len)
+    caches = new_kv_caches(config, max_len, kv_dtype)
     steps = {}
     for step, package in (packages or {}).items():
         try:

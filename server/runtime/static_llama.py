@@ -60,14 +60,20 @@ def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
     return 1, heads, max_len + 1, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def new_kv_caches(config, max_len: int) -> list[torch.Tensor]:
+# The KV cache's element types by name (``--kv-cache-dtype``). BF16 halves the bytes a decode step reads
+# from the cache (and the memory a long context takes); attention then runs in BF16 with FP32 sums.
+KV_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_KV_DTYPE = torch.bfloat16
+
+
+def new_kv_caches(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE) -> list[torch.Tensor]:
     """Each layer's key cache, then its value cache, zeroed: the ``caches`` argument of a step."""
-    return [torch.zeros(kv_cache_shape(config, max_len)) for _ in range(2 * config.num_hidden_layers)]
+    return [torch.zeros(kv_cache_shape(config, max_len), dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
 
 
-def kv_cache_bytes(config, max_len: int) -> int:
-    """Bytes of all layers' float32 key and value caches for ``max_len`` positions."""
-    return 2 * config.num_hidden_layers * torch.float32.itemsize * math.prod(kv_cache_shape(config, max_len))
+def kv_cache_bytes(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE) -> int:
+    """Bytes of all layers' key and value caches for ``max_len`` positions."""
+    return 2 * config.num_hidden_layers * dtype.itemsize * math.prod(kv_cache_shape(config, max_len))
 
 
 def attention_mask(max_len: int, start: int, count: int, compiled: bool = False) -> torch.Tensor | None:
@@ -136,17 +142,17 @@ class StaticBlock(nn.Module):
         q = _rotate(q.view(1, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k = _rotate(k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
+        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
         length = t if mask is None else mask.shape[-1]
         att = F.scaled_dot_product_attention(
-            q,
+            q.to(k_cache.dtype),  # in the cache's type: converting the cache instead would read it twice
             k_cache[:, :, :length],
             v_cache[:, :, :length],
             attn_mask=mask,
             is_causal=mask is None,
             enable_gqa=self.heads != self.kv_heads,
-        )
+        ).to(x.dtype)
         x = x + self.o_proj(att.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
         gate, up = self.gate_up(_rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -156,10 +162,10 @@ class StaticLlama(nn.Module):
     """``forward(ids [1, T], pos [T], mask [T, L] or None, caches) -> logits [1, vocab]`` of the last
     position.
 
-    ``caches`` (``new_kv_caches``: each layer's keys, then its values) get the keys and values of positions
-    ``pos``; attention reads the first L cache positions through ``mask`` (True: attend), so its cost
-    follows the conversation, not the cache size. Its INT8 layers compute W8A8 products by ``kernel``
-    (``quant.kernels``; None: this CPU's eager one)."""
+    ``caches`` (``new_kv_caches``: each layer's keys, then its values, of a type in ``KV_DTYPES``) get the keys
+    and values of positions ``pos``; attention reads the first L cache positions through ``mask`` (True:
+    attend), so its cost follows the conversation, not the cache size. Its INT8 layers compute W8A8 products
+    by ``kernel`` (``quant.kernels``; None: this CPU's eager one)."""
 
     def __init__(self, model, max_len: int, kernel: str | None = None) -> None:
         super().__init__()

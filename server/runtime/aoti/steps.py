@@ -8,10 +8,10 @@ directory; later starts load them in a second or two. ``torch.compile`` cannot b
 graph cache refuses graphs holding oneDNN-prepacked weights, so every start lowered the whole model again
 (about 50 s on 2 cores).
 
-A step is keyed by everything its machine code depends on: the checkpoint, the context length, torch, the
-CPU's ISA, the thread count (inductor bakes it into its parallel loops) and the source of the compact
-model; steps that other code built are removed once unused for a day (``prune_stale``). The KV caches are
-arguments, written in place: the steps hold no copy of them (at 8,192 positions that copy was 377 MB of
+A step is keyed by everything its machine code depends on: the checkpoint, the context length and KV cache
+type, torch, the CPU's ISA, the thread count (inductor bakes it into its parallel loops) and the source of
+the compact model; steps that other code built are removed once unused for a day (``prune_stale``). The KV
+caches are arguments, written in place: the steps hold no copy of them (a copy would be the whole cache's
 zeros per step), and eager and compiled steps share one cache.
 
 A step is loaded into an AOTInductor model container driven through its C interface (``aoti_container``)
@@ -68,12 +68,19 @@ def source_digest() -> str:
     return hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in _SOURCES)).hexdigest()
 
 
-def package_paths(cache_dir: Path, checkpoint: Path, max_len: int, kernels: dict[str, str]) -> dict[str, Path]:
-    """The directories of the compiled steps of this checkpoint, context length and W8A8 kernel of each step
-    (``kernels`` by step name), for this machine and code."""
+def package_paths(
+    cache_dir: Path,
+    checkpoint: Path,
+    max_len: int,
+    kernels: dict[str, str],
+    kv_dtype: torch.dtype = static_llama.DEFAULT_KV_DTYPE,
+) -> dict[str, Path]:
+    """The directories of the compiled steps of this checkpoint, context length, KV cache type and W8A8 kernel
+    of each step (``kernels`` by step name), for this machine and code."""
     facts = {
         "checkpoint": fingerprint(Path(checkpoint)),
         "max_len": max_len,
+        "kv_dtype": str(kv_dtype),
         "torch": torch.__version__,
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
@@ -165,11 +172,11 @@ def _register_one_row_micro_kernel() -> None:
     )
 
 
-def _example(net: static_llama.StaticLlama, step: str) -> tuple[tuple, tuple]:
+def _example(net: static_llama.StaticLlama, step: str, kv_dtype: torch.dtype) -> tuple[tuple, tuple]:
     """Example arguments of ``step`` and their dynamic shapes: ``decode`` takes one token at a position > 0,
     ``prefill`` 2 or more tokens; the attended length is symbolic from 2 to the cache size."""
     length = torch.export.Dim("attended", min=2, max=net.max_len)
-    caches = static_llama.new_kv_caches(net.config, net.max_len)
+    caches = static_llama.new_kv_caches(net.config, net.max_len, kv_dtype)
     fixed = [None] * len(caches)  # the caches' shapes do not change
     tokens = 1 if step == "decode" else 4
     example = (
@@ -241,9 +248,10 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
         return torch.equal(step(*example), before)
 
 
-def build(net: static_llama.StaticLlama, step: str, path: Path) -> None:
-    """Compile ``step`` into the directory ``path`` (written whole or not at all)."""
-    example, dynamic = _example(net, step)
+def build(net: static_llama.StaticLlama, step: str, path: Path, kv_dtype: torch.dtype) -> None:
+    """Compile ``step``, for KV caches of ``kv_dtype``, into the directory ``path`` (written whole or not at
+    all)."""
+    example, dynamic = _example(net, step, kv_dtype)
     program = export_step(net, example, dynamic)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
