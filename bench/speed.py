@@ -149,6 +149,7 @@ def variants(
     for name in names:
         base, _, options = name.partition("@")  # q8chat variants may name options: ...@bf16+kv-fp32
         kernel, kv = variant_options(options)
+        kv_dtype = KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
         if name in ("hf-fp32", "hf-bf16"):
             model = float_model.model if name == "hf-fp32" else copy.deepcopy(float_model.model).to(torch.bfloat16)
             yield name, InProcess(HFDecoder(model), tokenizer, context), weight_bytes(model)
@@ -156,7 +157,6 @@ def variants(
             scheme = base.removeprefix("q8chat-int8-").removesuffix("-eager")
             kernels = kernels_by_step(kernel or None)
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
-            kv_dtype = KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
             compiled = not base.endswith("-eager")
             packages = package_paths(cache_dir, quantized.path, context, kernels, kv_dtype) if compiled else None
             config = quantized.model.config
@@ -169,7 +169,6 @@ def variants(
             args = served_args(checkpoint.path, cache_dir, context, not base.endswith("-eager"), kernel or "auto", kv)
             constrained = JSON_RECORDS if base.endswith("-json") else None
             served = Served(args, SERVED_NAME, tokenizer, log_dir, response_format=constrained)
-            kv_dtype = KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
             served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context, kv_dtype) / 1e6, 1)
             yield name, served, stored_weight_bytes(checkpoint.path)
         elif name == llamacpp.VARIANT:
