@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 from bench import llamacpp
-from bench.random_model import is_random_spec, random_model_dir
 from bench.results import Result, Sample
 from bench.served import Served
 from prompts import heldout_text
 from quant import defaults
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
 from quant.kernels import check_kernel, cpu_class, default_kernels, kernels_by_step
-from quant.load import load_float_model, resolve_model_path
+from quant.load import DEFAULT_MODEL, load_float_model, resolve_model_path
 from quant.smoothquant import Recipe
 from quant.store import int8_checkpoint, load_int8_model
 from server.engine.engine import Engine
@@ -35,7 +34,6 @@ from server.engine.sampling import SamplingParams
 from server.runtime.aoti.steps import package_paths
 from server.runtime.decoders import HFDecoder, make_decoder
 from server.runtime.static_llama import DEFAULT_KV_DTYPE, KV_DTYPES, kv_cache_bytes
-from server.settings import default_cache_dir
 
 SERVED_NAME = "q8chat-bench"
 
@@ -144,7 +142,7 @@ def variants(
     converter: Path | None,
 ):
     """(name, runner, weight bytes) for each requested variant, built from one float model."""
-    float_model = load_float_model(model_spec)
+    float_model = load_float_model(model_spec, lazy=not any(name.startswith("hf-") for name in names))
     tokenizer = float_model.tokenizer
     for name in names:
         base, _, options = name.partition("@")  # q8chat variants may name options: ...@bf16+kv-fp32
@@ -202,7 +200,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     context = args.prompt_tokens * 2 + args.decode_tokens + 64
     log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
-    model = str(random_model_dir(args.model, args.cache_dir)) if is_random_spec(args.model) else args.model
+    model = args.model if args.model == DEFAULT_MODEL else str(resolve_model_path(args.model, args.cache_dir))
     loaded = []
     try:  # served variants run a server process: stop it whatever fails
         for variant in variants(
@@ -302,7 +300,7 @@ def configure_bench(p) -> None:
     p.add_argument(
         "--model",
         default="default",
-        help="as for serve, or random:llama-1b (a 1.1B Llama shape with random weights, built once)",
+        help="as for serve (random:llama-1b, random:llama-7b, random:mpt-7b: real shapes with random weights)",
     )
     p.add_argument(
         "--variants",
@@ -319,7 +317,7 @@ def configure_bench(p) -> None:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the second turn")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="INT8 checkpoints (as serve uses)")
+    p.add_argument("--cache-dir", type=Path, default=defaults.CACHE_DIR, help="INT8 checkpoints (as serve uses)")
     p.add_argument("--calib-samples", type=int, default=defaults.CALIB_SAMPLES)
     p.add_argument(
         "--llama-cpp-converter",

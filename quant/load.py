@@ -8,11 +8,14 @@ import hashlib
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from quant import defaults
 from quant.families import FAMILIES
-from quant.shards import ShardError, check_shards
+from quant.random_model import is_random_spec, random_model_dir
+from quant.shards import ShardError, check_shards, first_line
+from quant.weights import FileWeights, InMemoryWeights
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class FloatModel:
     path: Path  # the file or directory it came from
     name: str  # a short human name, used as the served model name
     fingerprint: str  # identifies the source weights (cache keys, manifests)
+    weights: InMemoryWeights | FileWeights = field(default_factory=InMemoryWeights)  # where parameters come from
 
 
 def default_model_path() -> Path:
@@ -49,7 +53,10 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_model_path(spec: str | Path) -> Path:
+def resolve_model_path(spec: str | Path, cache_dir: Path = defaults.CACHE_DIR) -> Path:
+    """The file or directory ``spec`` names; ``random:SHAPE`` is built under ``cache_dir`` on first use."""
+    if is_random_spec(spec):
+        return random_model_dir(str(spec), cache_dir)
     path = default_model_path() if str(spec) == DEFAULT_MODEL else Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
@@ -89,11 +96,13 @@ def _check_architecture(path: Path) -> None:
         )
 
 
-def load_float_model(spec: str | Path) -> FloatModel:
-    """Load a float32 model and its tokenizer, ready for calibration or evaluation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_float_model(spec: str | Path, lazy: bool = False, cache_dir: Path = defaults.CACHE_DIR) -> FloatModel:
+    """Load a float32 model and its tokenizer, ready for calibration or evaluation. ``lazy``: a model
+    directory's parameters stay on the meta device, to be read a block at a time as it is quantized
+    (``FloatModel.weights``); a GGUF file is always read whole (transformers dequantizes it in one go)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, cache_dir)
     if path.is_file() and path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected a model directory or a .gguf file")
     if path.is_dir():
@@ -104,14 +113,22 @@ def load_float_model(spec: str | Path) -> FloatModel:
             raise ModelLoadError(str(exc)) from None
         where, kwargs = path, {}
     else:
-        where, kwargs = path.parent, {"gguf_file": path.name}
-    log.info("loading float model from %s", path)
+        where, kwargs, lazy = path.parent, {"gguf_file": path.name}, False
+    log.info("loading float model from %s%s", path, " (weights read layer by layer)" if lazy else "")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype="float32", **kwargs)
+        if lazy:
+            from accelerate import init_empty_weights
+
+            weights = FileWeights(path)
+            with init_empty_weights(include_buffers=False):  # rotary tables are computed, not stored
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype="float32")
+            model.tie_weights()  # from_config leaves a tied head apart from its embedding
+        else:
+            weights = InMemoryWeights()
+            model = AutoModelForCausalLM.from_pretrained(where, dtype="float32", **kwargs)
     except Exception as exc:  # transformers raises many types for a bad file; report one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: cannot load model ({reason})") from None
+        raise ModelLoadError(f"{path}: cannot load model ({first_line(exc)})") from None
     if model.config.model_type not in FAMILIES:
         raise ModelLoadError(
             f"{path}: unsupported architecture {model.config.model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
@@ -120,4 +137,4 @@ def load_float_model(spec: str | Path) -> FloatModel:
         model.hf_quantizer.remove_quantization_config(model)
     model.eval()
     name = DEFAULT_NAME if str(spec) == DEFAULT_MODEL else path.stem if path.is_file() else path.name
-    return FloatModel(model, tokenizer, path, name, fingerprint(path))
+    return FloatModel(model, tokenizer, path, name, fingerprint(path), weights)

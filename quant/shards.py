@@ -15,6 +15,15 @@ class ShardError(ValueError):
     """A shard is missing, unreadable or does not hold the tensors its index lists; the message names it."""
 
 
+def first_line(exc: Exception) -> str:
+    """An exception as one line: its message's first, or its type when it has none."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def unreadable(path: Path, exc: Exception) -> ShardError:
+    return ShardError(f"{path}: unreadable weight file ({first_line(exc)})")
+
+
 def tensor_names(shard: Path) -> set[str]:
     """The tensors stored in one weight file, read without loading them (safetensors' header; a PyTorch
     file memory-mapped with ``weights_only``, so nothing in it runs)."""
@@ -28,8 +37,7 @@ def tensor_names(shard: Path) -> set[str]:
 
         return set(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
     except Exception as exc:  # a truncated or foreign file: many exception types, one message
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShardError(f"{shard}: unreadable weight file ({reason})") from None
+        raise unreadable(shard, exc) from None
 
 
 def check_shards(directory: Path) -> None:

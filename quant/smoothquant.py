@@ -212,37 +212,44 @@ def _smoothing(
 def quantize_model(
     model: nn.Module, stats: dict[str, dict[str, torch.Tensor]], recipe: Recipe, progress: bool = True
 ) -> QuantReport:
-    """Smooth and convert every group of ``model`` in place; embeddings and LM head become INT8 too
-    (the head never with static activations: its input range varies most from token to token)."""
+    """Smooth and convert every group of ``model`` in place, from statistics of the whole model."""
     report = QuantReport()
-    groups = all_groups(model)
     desc = "alpha search + convert" if recipe.smooth and recipe.alpha is None else "converting"
-    for group in tqdm(groups, desc=desc, unit="group", disable=not progress):
-        linears = [model.get_submodule(n) for n in group.linears]
-        is_head = group.block < 0
-        scheme = recipe.head_scheme if is_head else recipe.scheme
-        if scheme == "weight_only":  # BF16 activations: nothing to migrate, nothing to fall back from
-            alpha, s, fallback = None, None, False
-            error = group_error(stats[group.key]["sample"], linears, None, scheme, stats[group.key]["absmax"])
-        else:
-            alpha, s, error = _smoothing(group, linears, stats, recipe, scheme)
-            fallback = recipe.fallback_error is not None and error > recipe.fallback_error
-        if fallback:  # INT8 weights without smoothing (nothing to migrate), BF16 activations
-            alpha, s, scheme = None, None, "weight_only"
-        if is_head:
-            quantize_head(model, s, scheme)
-        else:
-            _convert_group(
-                model,
-                group,
-                linears,
-                s,
-                scheme,
-                stats[group.key]["absmax"],
-                stats[group.key]["sample"] if recipe.gptq else None,
-            )
-        report.groups.append(GroupResult(list(group.linears), alpha, error, fallback))
+    for group in tqdm(all_groups(model), desc=desc, unit="group", disable=not progress):
+        quantize_group(model, group, stats, recipe, report)
     return report
+
+
+@torch.no_grad()
+def quantize_group(
+    model: nn.Module, group: BoundGroup, stats: dict[str, dict[str, torch.Tensor]], recipe: Recipe, report: QuantReport
+) -> None:
+    """Smooth and convert one group in place and add it to ``report``; the LM head's group converts the
+    embedding too (the head never with static activations: its input range varies most from token to token)."""
+    linears = [model.get_submodule(n) for n in group.linears]
+    is_head = group.block < 0
+    scheme = recipe.head_scheme if is_head else recipe.scheme
+    if scheme == "weight_only":  # BF16 activations: nothing to migrate, nothing to fall back from
+        alpha, s, fallback = None, None, False
+        error = group_error(stats[group.key]["sample"], linears, None, scheme, stats[group.key]["absmax"])
+    else:
+        alpha, s, error = _smoothing(group, linears, stats, recipe, scheme)
+        fallback = recipe.fallback_error is not None and error > recipe.fallback_error
+    if fallback:  # INT8 weights without smoothing (nothing to migrate), BF16 activations
+        alpha, s, scheme = None, None, "weight_only"
+    if is_head:
+        quantize_head(model, s, scheme)
+    else:
+        _convert_group(
+            model,
+            group,
+            linears,
+            s,
+            scheme,
+            stats[group.key]["absmax"],
+            stats[group.key]["sample"] if recipe.gptq else None,
+        )
+    report.groups.append(GroupResult(list(group.linears), alpha, error, fallback))
 
 
 @torch.no_grad()
@@ -276,8 +283,3 @@ def quantize_head(model: nn.Module, s: torch.Tensor | None, scheme: str = "dynam
 def linear_names(model: nn.Module) -> list[str]:
     """Names of every linear SmoothQuant converts."""
     return [name for group in all_groups(model) for name in group.linears]
-
-
-def group_inputs(model: nn.Module) -> list[str]:
-    """The modules calibration hooks: one linear per group (its linears read the same input)."""
-    return [group.key for group in all_groups(model)]

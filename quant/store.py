@@ -26,13 +26,13 @@ def cache_key(spec: str, path: Path, recipe: Recipe) -> str:
 def int8_checkpoint(spec: str, recipe: Recipe, cache_dir: Path) -> Path:
     """The INT8 checkpoint to serve for ``spec``: the checkpoint itself, the cached one, or one quantized
     now and cached."""
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, cache_dir)
     if path.is_dir() and is_checkpoint(path):
         return path
     cached = Path(cache_dir).expanduser() / cache_key(spec, path, recipe)
     if not is_checkpoint(cached):
         log.info("no cached INT8 checkpoint for %s: quantizing (%s)", path, recipe.name)
-        quantized = quantize(load_float_model(spec), recipe)
+        quantized = quantize(load_float_model(spec, lazy=True, cache_dir=cache_dir), recipe)
         save_checkpoint(quantized.model, quantized.tokenizer, cached, quantized.manifest, force=True)
     return cached
 

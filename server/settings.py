@@ -13,16 +13,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from quant import defaults
 
 
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "q8chat"
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="Q8CHAT_", cli_kebab_case=True, cli_prog_name="q8chat serve", cli_implicit_flags=True, extra="ignore"
     )
 
-    model: str = Field("default", description="INT8 checkpoint dir, HF model dir, .gguf file, or 'default'")
+    model: str = Field(
+        "default", description="INT8 checkpoint dir, HF model dir, .gguf file, 'default', or random:SHAPE"
+    )
     served_model_name: str | None = Field(None, description="name clients must send as 'model' (default: the model's)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -51,7 +49,7 @@ class Settings(BaseSettings):
     scheme: Literal["dynamic", "static"] = Field("dynamic", description="INT8 activation scheme when quantizing")
     calib_samples: int = Field(defaults.CALIB_SAMPLES, ge=1, description="calibration sequences when quantizing")
     cache_dir: Path = Field(
-        default_factory=default_cache_dir, description="where quantized checkpoints and compiled kernels are cached"
+        default=defaults.CACHE_DIR, description="where quantized checkpoints and compiled kernels are cached"
     )
     compile: bool = Field(
         True,
