@@ -121,10 +121,13 @@ def tensor_bytes(path: Path) -> int:
 
 
 class LlamaCppDecoder:
-    """The engine's decoder interface over a llama.cpp context: logits after ``ids`` at ``start...``."""
+    """The engine's decoder interface over a llama.cpp context: logits after ``ids`` at ``start...`` of a
+    slot. Each slot is a llama.cpp sequence of its own, and ``decode`` puts one token of each of several
+    in one ``llama_decode`` batch, as llama.cpp's server does with its parallel slots."""
 
-    def __init__(self, path: Path, context: int, threads: int) -> None:
+    def __init__(self, path: Path, context: int, threads: int, slots: int = 1) -> None:
         api = self.api = _library().api
+        self.slots = slots
         model_params = api.llama_model_default_params()
         amx = "amx_int8" in cpu_flags()
         model_params.use_extra_bufts = not amx  # see the module docstring
@@ -132,30 +135,47 @@ class LlamaCppDecoder:
         if not self._model:
             raise LlamaCppUnavailable(f"llama.cpp could not load {path}")
         ctx_params = api.llama_context_default_params()
-        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = context
+        ctx_params.n_ctx = context * slots  # split evenly between the sequences
+        ctx_params.n_batch = ctx_params.n_ubatch = context
+        ctx_params.n_seq_max = slots
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
         self._ctx = api.llama_init_from_model(self._model, ctx_params)
         self._batch = api.llama_batch_init(context, 0, 1)
         self._vocab = api.llama_vocab_n_tokens(api.llama_model_get_vocab(self._model))
         self.description = (
-            f"llama.cpp {api.__version__} ({path.name}, {threads} threads{', no AMX buffers' if amx else ''})"
+            f"llama.cpp {api.__version__} ({path.name}, {threads} threads{', no AMX buffers' if amx else ''}"
+            + (f", {slots} sequences" if slots > 1 else "")
+            + ")"
         )
 
-    def forward(self, ids: list[int], start: int) -> torch.Tensor:
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """Decode ``(token, position, sequence, wants logits)`` entries in one batch: the logits asked for."""
         api, batch = self.api, self._batch
-        api.llama_memory_seq_rm(api.llama_get_memory(self._ctx), 0, start, -1)  # drop the cache from start on
-        batch.n_tokens = len(ids)
-        for i, token in enumerate(ids):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(ids) - 1
+        batch.n_tokens = len(entries)
+        for i, (token, position, sequence, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+            batch.seq_id[i][0] = sequence
+            batch.logits[i] = logits
         if (status := api.llama_decode(self._ctx, batch)) != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        logits = np.ctypeslib.as_array(api.llama_get_logits_ith(self._ctx, -1), shape=(self._vocab,))
-        return torch.from_numpy(logits.copy())
+        rows = [i for i, entry in enumerate(entries) if entry[3]]
+        out = [np.ctypeslib.as_array(api.llama_get_logits_ith(self._ctx, i), shape=(self._vocab,)) for i in rows]
+        return torch.from_numpy(np.stack(out))
 
-    def reset(self) -> None:
-        self.api.llama_memory_clear(self.api.llama_get_memory(self._ctx), True)
+    def _drop(self, slot: int, start: int) -> None:
+        self.api.llama_memory_seq_rm(self.api.llama_get_memory(self._ctx), slot, start, -1)
+
+    def forward(self, ids: list[int], start: int, slot: int = 0) -> torch.Tensor:
+        self._drop(slot, start)  # drop the cache from start on
+        return self._run([(token, start + i, slot, i == len(ids) - 1) for i, token in enumerate(ids)])[0]
+
+    def decode(self, tokens: list[int], starts: list[int], slots: list[int]) -> torch.Tensor:
+        for start, slot in zip(starts, slots, strict=True):
+            self._drop(slot, start)
+        return self._run([(t, start, slot, True) for t, start, slot in zip(tokens, starts, slots, strict=True)])
+
+    def reset(self, slot: int = 0) -> None:
+        self._drop(slot, 0)
 
     def __del__(self) -> None:
         if getattr(self, "_ctx", None):

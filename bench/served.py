@@ -19,6 +19,8 @@ import httpx
 
 from bench.results import Sample
 
+SERVED_NAME = "q8chat-bench"  # the model name the benchmark's servers serve
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -84,11 +86,16 @@ class ServerProcess:
 
 @dataclass
 class StreamTiming:
+    start_s: float  # perf_counter when the request was sent
+    first_s: float  # ... when its first token came
+    last_s: float  # ... when its last token came
+    tokens: int  # completion tokens
     ttft_s: float  # request sent -> first chunk with text (or the last chunk, if none has text)
     decode_tok_s: float  # completion tokens after the first / time from first to last content chunk
     text: str
     prompt_tokens: int
     cached_tokens: int
+    gaps_s: list[float]  # between consecutive content chunks: the inter-token latencies
 
 
 def stream_chat(
@@ -129,11 +136,16 @@ def stream_chat(
     tokens = usage["completion_tokens"]
     span = chunk_times[-1] - chunk_times[0]
     return StreamTiming(
+        start_s=start,
+        first_s=chunk_times[0],
+        last_s=chunk_times[-1],
+        tokens=tokens,
         ttft_s=chunk_times[0] - start,
         decode_tok_s=(tokens - 1) / span if span else 0.0,
         text="".join(text),
         prompt_tokens=usage["prompt_tokens"],
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+        gaps_s=[later - earlier for earlier, later in zip(chunk_times, chunk_times[1:], strict=False)],
     )
 
 
@@ -194,3 +206,23 @@ class Served:
     def stop(self) -> None:
         self._client.close()
         self.server.stop()
+
+
+def served_args(
+    checkpoint: Path, cache_dir: Path, context: int, compile: bool, kernel: str = "auto", kv: str | None = None
+) -> list[str]:
+    """``q8chat serve`` flags serving the in-process variants' INT8 checkpoint with the same context."""
+    return [
+        "--model",
+        str(checkpoint),
+        "--served-model-name",
+        SERVED_NAME,
+        "--cache-dir",
+        str(cache_dir),
+        "--context-length",
+        str(context),
+        "--compile" if compile else "--no-compile",
+        "--int8-kernel",
+        kernel,
+        *(["--kv-cache-dtype", kv] if kv else []),
+    ]

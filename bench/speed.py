@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from bench import llamacpp
+from bench import concurrency, llamacpp
 from bench.results import Result, Sample
-from bench.served import Served
+from bench.served import SERVED_NAME, Served, served_args
 from prompts import heldout_text
 from quant import defaults
 from quant.checkpoint import read_checkpoint_info, stored_weight_bytes, weight_bytes
@@ -34,8 +34,6 @@ from server.engine.sampling import SamplingParams
 from server.runtime.aoti.steps import package_paths
 from server.runtime.decoders import HFDecoder, make_decoder
 from server.runtime.static_llama import DEFAULT_KV_DTYPE, KV_DTYPES, kv_cache_bytes
-
-SERVED_NAME = "q8chat-bench"
 
 
 def memory_bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 7) -> float:
@@ -79,26 +77,6 @@ class InProcess:
 
     def stop(self) -> None:
         pass
-
-
-def served_args(
-    checkpoint: Path, cache_dir: Path, context: int, compile: bool, kernel: str = "auto", kv: str | None = None
-) -> list[str]:
-    """``q8chat serve`` flags serving the in-process variants' INT8 checkpoint with the same context."""
-    return [
-        "--model",
-        str(checkpoint),
-        "--served-model-name",
-        SERVED_NAME,
-        "--cache-dir",
-        str(cache_dir),
-        "--context-length",
-        str(context),
-        "--compile" if compile else "--no-compile",
-        "--int8-kernel",
-        kernel,
-        *(["--kv-cache-dtype", kv] if kv else []),
-    ]
 
 
 # q8chat-served-json: answers held to a JSON schema with no end in sight (a thousand records at least),
@@ -325,12 +303,19 @@ def configure_bench(p) -> None:
         default=None,
         help="llama.cpp's convert_hf_to_gguf.py, for the llama.cpp variant of a non-GGUF model",
     )
+    p.add_argument(
+        "--concurrency",
+        default=None,
+        help="comma-separated stream counts (1,2,4,8): measure many users at once instead of the variants "
+        "(aggregate decode, inter-token latency, time to first token; q8chat served with --max-batch the "
+        "largest, and in process beside llama.cpp)",
+    )
     p.add_argument("--json", type=Path, default=Path("bench-results.json"))
     p.set_defaults(run=run_bench)
 
 
 def run_bench(args) -> int:
-    report = run(args)
+    report = concurrency.run(args) if args.concurrency else run(args)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
+    print(concurrency.markdown(report) if args.concurrency else markdown(report))
     return 0

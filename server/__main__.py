@@ -58,9 +58,11 @@ def build_service(settings: Settings, metrics, placement):
     kernels = kernels_by_step(settings.int8_kernel)
     kv_dtype = KV_DTYPES[settings.kv_cache_dtype]
     packages = (
-        package_paths(settings.cache_dir, checkpoint.path, context, kernels, kv_dtype) if settings.compile else None
+        package_paths(settings.cache_dir, checkpoint.path, context, kernels, kv_dtype, settings.max_batch)
+        if settings.compile
+        else None
     )
-    decoder = make_decoder(eager_model, config, context, packages, kernels, kv_dtype)
+    decoder = make_decoder(eager_model, config, context, packages, kernels, kv_dtype, settings.max_batch)
     kept = PrefixCache(int(settings.kv_cache_mb * 2**20)) if settings.kv_cache_mb else None
     engine = Engine(decoder, tokenizer, context, eos, kept)
     name = settings.served_model_name or checkpoint.name
@@ -86,6 +88,7 @@ def build_service(settings: Settings, metrics, placement):
         metrics,
         heartbeat_s=settings.keepalive_s,
         grammars=Grammars(tokenizer, config.vocab_size),
+        prefill_chunk=settings.prefill_chunk,
     )
 
 

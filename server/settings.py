@@ -29,7 +29,18 @@ class Settings(BaseSettings):
         description="chat template: auto (the model's own, else vicuna for Llama, chatml for MPT), vicuna, chatml, "
         "or a template file",
     )
-    max_queue: int = Field(8, ge=0, description="requests that may wait while one generates; more get 429")
+    max_queue: int = Field(8, ge=0, description="requests that may wait while --max-batch generate; more get 429")
+    max_batch: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="generations decoded together in one step, each with its own KV cache region (the "
+        "Llama family's compiled batched step; others decode them one after another); raise it for "
+        "concurrent users: each slot costs a KV cache",
+    )
+    prefill_chunk: int = Field(
+        512, ge=1, description="prompt tokens prefilled per step while other generations are decoding"
+    )
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
     kv_cache_dtype: Literal["bf16", "fp32"] = Field(
         "bf16",

@@ -68,12 +68,14 @@ def tiny_checkpoint(tokenizer, directory: Path, recipe: Recipe = Recipe(alpha=No
 
 
 class FakeEngine:
-    """Emits the words of ``reply`` one per step, honouring max_tokens and cancellation."""
+    """Emits the words of ``reply`` one per step (``step_s`` each), honouring max_tokens, on ``slots`` slots;
+    the batcher drives it as it drives the real engine."""
 
-    def __init__(self, reply="Hello there friend", step_s=0.0, context_length=100):
+    def __init__(self, reply="Hello there friend", step_s=0.0, context_length=100, slots=1):
         self.words = reply.split(" ")
         self.step_s = step_s
         self.context_length = context_length
+        self.slots = slots
         self.prefix_cache = None
         self.steps_run = 0
         self.running = threading.Event()
@@ -82,21 +84,32 @@ class FakeEngine:
         if prompt_tokens + (max_tokens or 0) > self.context_length:
             raise ContextLengthExceeded("too long")
 
-    def generate(self, prompt_ids, params, stats, cancelled=lambda: False, matcher=None, logprobs=None):
+    def pick_slot(self, prompt_ids, free):
+        return free[0]
+
+    def begin(self, prompt_ids, params, stats, slot=0, matcher=None, logprobs=None):
         stats.prompt_tokens = len(prompt_ids)
         self.running.set()
-        for i, word in enumerate(self.words):
-            if cancelled():
-                return
-            time.sleep(self.step_s)
-            self.steps_run += 1
-            stats.completion_tokens = i + 1
-            last = i == len(self.words) - 1 or i + 1 == params.max_tokens
-            yield StepOutput(
-                ("" if i == 0 else " ") + word, ("stop" if i == len(self.words) - 1 else "length") if last else None
-            )
-            if last:
-                return
+        return FakeSequence(self.words, params, stats)
+
+    def decode(self, sequences):
+        time.sleep(self.step_s)
+        self.steps_run += 1
+        return [None] * len(sequences)
+
+
+class FakeSequence:
+    prefilling = False
+
+    def __init__(self, words, params, stats):
+        self.words, self.params, self.stats = words, params, stats
+
+    def take(self, row) -> StepOutput:
+        i = self.stats.completion_tokens
+        self.stats.completion_tokens = i + 1
+        last = i == len(self.words) - 1 or i + 1 == self.params.max_tokens
+        finish = ("stop" if i == len(self.words) - 1 else "length") if last else None
+        return StepOutput(("" if i == 0 else " ") + self.words[i], finish)
 
 
 def health_during(server, run) -> tuple[float, list[float]]:

@@ -13,10 +13,10 @@ from tests.harness import FakeEngine
 class BrokenEngine(FakeEngine):
     broken = True
 
-    def generate(self, prompt_ids, params, stats, cancelled=lambda: False, matcher=None, logprobs=None):
+    def decode(self, sequences):
         if self.broken:
             raise RuntimeError("secret internal detail")
-        yield from super().generate(prompt_ids, params, stats, cancelled)
+        return super().decode(sequences)
 
 
 def test_internal_failure_is_a_bare_500_and_the_server_recovers(tokenizer):

@@ -59,6 +59,27 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+@torch.no_grad()
+def test_the_batched_decode_step_compiles_to_what_each_sequence_computes_alone(tmp_path, tokenizer):
+    """Three slots, one idle: the compiled batched step's logits for each running sequence are those of its
+    own compiled decode step (each slot's prompt prefilled on its region of the shared caches)."""
+    model = tiny_llama(len(tokenizer))
+    quantized_tiny(model)
+    paths = package_paths(tmp_path, tmp_path, 64, dict.fromkeys(compiled_step.STEPS, "s8s8"), slots=3)
+    assert set(paths) == {"decode", "prefill", "batch"}
+    decoder = make_decoder(lambda: model, model.config, 64, paths, slots=3)
+    assert decoder.description.startswith("compiled decode step and prefill step and batch step")
+    prompts = [torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 17)]
+    for slot, prompt in zip((0, 2), prompts, strict=True):
+        decoder.forward(prompt, 0, slot)
+    snapshots = [decoder.snapshot(len(prompt), slot)[0] for slot, prompt in zip((0, 2), prompts, strict=True)]
+    batched = decoder.decode([5, 6], [9, 17], [0, 2])
+    for slot, prompt, kept, token, row in zip((0, 2), prompts, snapshots, (5, 6), batched, strict=True):
+        decoder.restore(kept, len(prompt), slot)
+        alone = decoder.forward([token], len(prompt), slot)
+        assert (row - alone).abs().max() < 0.05 * alone.std()
+
+
 @pytest.mark.e2e
 def test_a_machine_without_a_cpp_compiler_serves_eagerly_and_does_not_retry_at_the_next_start(
     start_server, tokenizer, tmp_path

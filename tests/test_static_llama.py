@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from quant.smoothquant import Recipe
-from server.runtime.static_llama import StaticLlama, UnsupportedForCompile, attention_mask, new_kv_caches
+from server.runtime.static_llama import (
+    StaticLlama,
+    UnsupportedForCompile,
+    attention_mask,
+    batch_mask,
+    new_kv_caches,
+)
 from tests.harness import quantized_tiny, tiny_llama, tiny_mpt
 
 
@@ -45,14 +51,22 @@ def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe
 def test_attention_mask_sees_each_position_up_to_itself():
     mask = attention_mask(8, 3, 2)
     assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
-    assert attention_mask(8, 0, 1).tolist() == [[True]]
     assert attention_mask(8, 0, 4) is None  # a fresh prompt: causal attention without a mask
     with pytest.raises(ValueError):
         attention_mask(8, 7, 2)
 
 
+def test_a_decode_step_attends_whole_blocks_and_a_batched_one_the_widest_slots():
+    assert attention_mask(64, 0, 1).tolist() == [[True] + [False] * 15]
+    assert attention_mask(64, 16, 1).tolist() == [[True] * 17 + [False] * 15]
+    assert attention_mask(20, 18, 1).tolist() == [[True] * 19 + [False]]  # within the cache
+    pos, mask = batch_mask(64, [3, None, 20])
+    assert pos.tolist() == [3, 64, 20]  # the idle slot writes to the spare position
+    assert mask.tolist() == [[True] * 4 + [False] * 28, [True] + [False] * 31, [True] * 21 + [False] * 11]
+
+
 def test_compiled_steps_get_a_mask_at_least_two_positions_wide():
-    assert attention_mask(8, 0, 1, compiled=True).tolist() == [[True, False]]  # the extra position is masked
+    assert attention_mask(2, 0, 1, compiled=True).tolist() == [[True, False]]  # the extra position is masked
     assert attention_mask(8, 0, 3, compiled=True).tolist() == [
         [True, False, False],
         [True, True, False],

@@ -1,9 +1,9 @@
-"""Tokens in, tokens out, one generation at a time (batch size 1): prefill with KV-cache prefix reuse,
-a decode loop, sampling, stop strings and UTF-8-safe detokenization. No web imports.
+"""Tokens in, tokens out: prefill with KV-cache prefix reuse, decode steps, sampling, stop strings and
+UTF-8-safe detokenization, for sequences that each hold one of the decoder's slots. No web imports.
 
-The KV cache of the previous generation is kept (inside the decoder, see ``decoder.Decoder``): a chat
-client resends the whole history, so the next prompt usually starts with the tokens already in the
-cache, and only the rest is prefilled.
+Each slot's cache keeps the last generation that ran on it (inside the decoder, see ``decoder.Decoder``): a
+chat client resends the whole history, so its next prompt usually starts with the tokens already in a
+slot's cache, and only the rest is prefilled. Which sequences run together is ``batching``'s business.
 """
 
 from __future__ import annotations
@@ -55,7 +55,65 @@ class GenerationStats:
 KEEP_AFTER = 16  # a live conversation is kept when a prompt would overwrite this many of its tokens or more
 
 
+class Sequence:
+    """One generation between steps: the tokens it must run next (``pending``: the rest of its prompt, then
+    each sampled token) from ``position`` of its slot's cache, and what sampling a token needs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        slot: int,
+        prompt_ids: list[int],
+        reused: int,
+        params: SamplingParams,
+        stats: GenerationStats,
+        matcher: Matcher | None,
+        logprobs: int | None,
+    ) -> None:
+        self.slot, self.prompt_ids, self.params, self.stats = slot, prompt_ids, params, stats
+        self.matcher, self.logprobs = matcher, logprobs
+        self.pending, self.position = prompt_ids[reused:], reused
+        self.budget = min(params.max_tokens, engine.context_length - len(prompt_ids))
+        self.eos_token_ids = engine.eos_token_ids
+        self.generated: list[int] = []
+        self.generator = new_generator(params.seed)
+        self.detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt_ids)
+        self.stops = StopStrings(params.stop)
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether prompt tokens other than the last are still to run (the last runs as a decode step)."""
+        return len(self.pending) > 1
+
+    def ran(self, count: int) -> None:
+        self.pending, self.position = self.pending[count:], self.position + count
+
+    def take(self, logits: torch.Tensor) -> StepOutput:
+        """Sample the next token from the logits after ``pending``'s last; it becomes ``pending`` unless the
+        generation ends here (a ``finish_reason``)."""
+        params, matcher = self.params, self.matcher
+        processed = processed_logits(logits, params, self.prompt_ids, self.generated, matcher and matcher.allowed())
+        token = choose(processed, params, self.generator)
+        scored = token_logprobs(processed, token, self.logprobs) if self.logprobs is not None else None
+        self.generated.append(token)
+        self.stats.completion_tokens = len(self.generated)
+        self.pending = [token]
+        if matcher is not None:
+            matcher.advance(token)
+        if token in self.eos_token_ids and (not params.ignore_eos or matcher is not None):
+            return StepOutput(self.stops.flush(), "stop", scored)
+        text, stopped = self.stops.feed(self.detokenizer.push(token))
+        if stopped or (matcher is not None and matcher.finished):  # a complete grammar ends the text
+            return StepOutput(text + ("" if stopped else self.stops.flush()), "stop", scored)
+        if len(self.generated) >= self.budget:
+            return StepOutput(text + self.stops.flush(), "length", scored)
+        return StepOutput(text, logprobs=scored)
+
+
 class Engine:
+    """Runs sequences on the decoder's slots: ``begin`` one on a slot, ``prefill`` its prompt (in chunks, if
+    asked), ``decode`` a token of several at once. ``generate`` runs one sequence on slot 0 to its end."""
+
     def __init__(
         self,
         decoder: Decoder,
@@ -68,13 +126,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
-        self.prefix_cache = prefix_cache  # past conversations' caches; None: only the live one
-        self._cache_ids: list[int] = []  # the tokens whose keys and values the decoder's cache holds
+        self.prefix_cache = prefix_cache  # past conversations' caches; None: only the live ones
+        self.slots = getattr(decoder, "slots", 1)
+        self._cached: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens each slot's cache holds
+        self._used = [0] * self.slots  # when each slot last began a sequence (a counter)
 
-    def reset(self) -> None:
-        """Forget the cached conversation (the next prompt is computed from scratch)."""
-        self._cache_ids = []
-        self.decoder.reset()
+    def reset(self, slot: int = 0) -> None:
+        """Forget the slot's cached conversation (its next prompt is computed from scratch)."""
+        self._cached[slot] = []
+        self.decoder.reset(slot)
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None) -> None:
         if prompt_tokens >= self.context_length:
@@ -89,41 +149,82 @@ class Engine:
                 f"completion). Please reduce the prompt or max_tokens."
             )
 
-    @torch.no_grad()
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        logits = self.decoder.forward(ids, len(self._cache_ids))
-        self._cache_ids.extend(ids)
-        return logits
+    def pick_slot(self, prompt_ids: list[int], free: list[int]) -> int:
+        """Of the ``free`` slots, the one whose cache shares the longest prefix with the prompt; the least
+        recently used of those that share none."""
+        return max(free, key=lambda slot: (common_prefix_length(self._cached[slot], prompt_ids), -self._used[slot]))
 
-    def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Logits after the prompt, and how many prompt tokens came from the cache.
-
-        The last prompt token always goes through alone, like a decode step: a repeated request then
-        reuses every other token and computes exactly what its first run computed, so greedy output is
-        the same whether a request streams or not (a bulk forward sums in another order than M=1).
-        """
-        live = common_prefix_length(self._cache_ids, prompt_ids)
+    def begin(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stats: GenerationStats | None = None,
+        slot: int = 0,
+        matcher: Matcher | None = None,
+        logprobs: int | None = None,
+    ) -> Sequence:
+        """A sequence on ``slot``, its prompt reused from the slot's cache (or a kept conversation) as far as
+        it goes but for the last token, which always runs as a decode step: a repeated request then computes
+        exactly what its first run computed, so greedy output is the same whether a request streams or not
+        (a bulk forward sums in another order than one token)."""
+        if not prompt_ids:
+            raise ValueError("an empty prompt")  # the service lets none through
+        self.check_length(len(prompt_ids), None)
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt_ids)
+        self._used[slot] = max(self._used) + 1
+        live = common_prefix_length(self._cached[slot], prompt_ids)
         if self.prefix_cache is not None:
-            live = self._switch_conversation(prompt_ids, live)
-        reused = min(live, len(prompt_ids) - 1)
-        del self._cache_ids[reused:]  # the decoder overwrites or drops the cache from here on
-        if len(prompt_ids) - 1 > reused:
-            self._forward(prompt_ids[reused:-1])
-            heap.trim()  # the prefill's working buffers: decoding needs none of them
-        return self._forward(prompt_ids[-1:]), reused
+            live = self._switch_conversation(prompt_ids, live, slot)
+        stats.cached_tokens = reused = min(live, len(prompt_ids) - 1)
+        del self._cached[slot][reused:]  # the decoder overwrites or drops the cache from here on
+        return Sequence(self, slot, prompt_ids, reused, params, stats, matcher, logprobs)
 
-    def _switch_conversation(self, prompt_ids: list[int], live: int) -> int:
-        """Keep the live conversation if the prompt leaves much of it behind, and bring back a kept one that
-        the prompt continues further; how many prompt tokens the cache then holds."""
+    def _switch_conversation(self, prompt_ids: list[int], live: int, slot: int) -> int:
+        """Keep the slot's conversation if the prompt leaves much of it behind, and bring back a kept one that
+        the prompt continues further; how many prompt tokens the slot's cache then holds."""
         kept, length = self.prefix_cache.longest(prompt_ids, live)
-        ids = tuple(self._cache_ids)
+        ids = tuple(self._cached[slot])
         if len(ids) - live >= KEEP_AFTER and not self.prefix_cache.covers(ids):
-            self.prefix_cache.keep(ids, *self.decoder.snapshot(len(ids)))
+            self.prefix_cache.keep(ids, *self.decoder.snapshot(len(ids), slot))
         if kept is None:
             return live
-        self.decoder.restore(kept.kv, length)
-        self._cache_ids = list(kept.ids[:length])
+        self.decoder.restore(kept.kv, length, slot)
+        self._cached[slot] = list(kept.ids[:length])
         return length
+
+    @torch.no_grad()
+    def prefill(self, sequence: Sequence, limit: int | None = None) -> None:
+        """Run the sequence's prompt but its last token, or the first ``limit`` tokens of it."""
+        count = len(sequence.pending) - 1 if limit is None else min(limit, len(sequence.pending) - 1)
+        ids = sequence.pending[:count]
+        try:
+            self.decoder.forward(ids, sequence.position, sequence.slot)
+        except Exception:
+            self.reset(sequence.slot)  # a half-updated cache must not be reused
+            raise
+        self._cached[sequence.slot].extend(ids)
+        sequence.ran(count)
+        if not sequence.prefilling:
+            heap.trim()  # the prefill's working buffers: decoding needs none of them
+
+    @torch.no_grad()
+    def decode(self, sequences: list[Sequence]) -> torch.Tensor:
+        """Run each sequence's one pending token, all in one step: the logits of each (for its ``take``)."""
+        tokens = [s.pending[0] for s in sequences]
+        try:
+            if len(sequences) == 1:
+                logits = self.decoder.forward(tokens, sequences[0].position, sequences[0].slot)[None]
+            else:
+                logits = self.decoder.decode(tokens, [s.position for s in sequences], [s.slot for s in sequences])
+        except Exception:
+            for sequence in sequences:
+                self.reset(sequence.slot)
+            raise
+        for sequence in sequences:
+            self._cached[sequence.slot].extend(sequence.pending)
+            sequence.ran(1)
+        return logits
 
     def generate(
         self,
@@ -134,42 +235,15 @@ class Engine:
         matcher: Matcher | None = None,
         logprobs: int | None = None,
     ) -> Iterator[StepOutput]:
-        """Yield one StepOutput per generated token; the last one carries ``finish_reason``.
-        Stops early, yielding nothing more, once ``cancelled()`` is true. ``matcher``: a grammar the tokens
-        must follow; the generation stops where it is complete. ``logprobs``: each token's log probability
-        and that of the ``logprobs`` most likely ones."""
-        if not prompt_ids:
-            raise ValueError("an empty prompt")  # the service lets none through
-        stats = stats if stats is not None else GenerationStats()
-        self.check_length(len(prompt_ids), None)
-        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        stats.prompt_tokens = len(prompt_ids)
-        try:
-            logits, stats.cached_tokens = self._prefill(prompt_ids)
-            generator = new_generator(params.seed)
-            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
-            stops = StopStrings(params.stop)
-            generated: list[int] = []
-            while not cancelled():
-                processed = processed_logits(logits, params, prompt_ids, generated, matcher and matcher.allowed())
-                token = choose(processed, params, generator)
-                scored = token_logprobs(processed, token, logprobs) if logprobs is not None else None
-                generated.append(token)
-                stats.completion_tokens = len(generated)
-                if matcher is not None:
-                    matcher.advance(token)
-                if token in self.eos_token_ids and (not params.ignore_eos or matcher is not None):
-                    yield StepOutput(stops.flush(), "stop", scored)
-                    return
-                text, stopped = stops.feed(detokenizer.push(token))
-                if stopped or (matcher is not None and matcher.finished):  # a complete grammar ends the text
-                    yield StepOutput(text + ("" if stopped else stops.flush()), "stop", scored)
-                    return
-                if len(generated) >= budget:
-                    yield StepOutput(text + stops.flush(), "length", scored)
-                    return
-                yield StepOutput(text, logprobs=scored)
-                logits = self._forward([token])
-        except Exception:
-            self.reset()  # a half-updated cache must not be reused
-            raise
+        """One sequence on slot 0, alone: yield one StepOutput per generated token; the last one carries
+        ``finish_reason``. Stops early, yielding nothing more, once ``cancelled()`` is true. ``matcher``: a
+        grammar the tokens must follow; the generation stops where it is complete. ``logprobs``: each
+        token's log probability and that of the ``logprobs`` most likely ones."""
+        sequence = self.begin(prompt_ids, params, stats, 0, matcher, logprobs)
+        if sequence.prefilling:
+            self.prefill(sequence)
+        while not cancelled():
+            out = sequence.take(self.decode([sequence])[0])
+            yield out
+            if out.finish_reason is not None:
+                return

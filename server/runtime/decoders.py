@@ -5,6 +5,9 @@ The engine owns the token bookkeeping (which tokens the cache holds); a decoder 
 prefill and one-token decode steps compiled ahead of time (``compiled_step``: frozen INT8 weights
 prepacked for oneDNN, GEMMs from inductor's CPU templates: VNNI here, AMX where the CPU has it).
 ``HFDecoder`` runs the Hugging Face model eagerly and serves every other family.
+
+Both hold ``slots`` sequences' caches. The compact model decodes a token of each of them in one batched
+step (``batch``, compiled too); the Hugging Face one runs them one after another.
 """
 
 from __future__ import annotations
@@ -28,51 +31,63 @@ from server.runtime.static_llama import (
     StaticLlama,
     UnsupportedForCompile,
     attention_mask,
+    batch_mask,
     check_supported,
     new_kv_caches,
+    slot_views,
 )
 
 log = logging.getLogger(__name__)
 
 
 class HFDecoder:
-    def __init__(self, model) -> None:
-        self.model = model
-        self._cache = None
-        self.description = "eager (Hugging Face modeling, dynamic KV cache)"
+    def __init__(self, model, slots: int = 1) -> None:
+        self.model, self.slots = model, slots
+        self._caches: list = [None] * slots
+        self.description = "eager (Hugging Face modeling, dynamic KV cache" + (
+            f", {slots} sequences decoded one after another)" if slots > 1 else ")"
+        )
 
-    def forward(self, ids: list[int], start: int) -> torch.Tensor:
+    def forward(self, ids: list[int], start: int, slot: int = 0) -> torch.Tensor:
         """Logits after ``ids``, placed at positions ``start...``; the cache beyond ``start`` is dropped."""
-        if start == 0 or self._cache is None:
+        cache = self._caches[slot]
+        if start == 0 or cache is None:
             from transformers import DynamicCache  # only here: it imports transformers' modeling code
 
-            self._cache = DynamicCache()
-        elif start < self._cache.get_seq_length():
-            self._cache.crop(start - self._cache.get_seq_length())  # negative: drop from the end
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, use_cache=True)
+            cache = self._caches[slot] = DynamicCache()
+        elif start < cache.get_seq_length():
+            cache.crop(start - cache.get_seq_length())  # negative: drop from the end
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
         return out.logits[0, -1]
 
-    def reset(self) -> None:
-        self._cache = None
+    def decode(self, tokens: list[int], starts: list[int], slots: list[int]) -> torch.Tensor:
+        return torch.stack(
+            [self.forward([t], start, slot) for t, start, slot in zip(tokens, starts, slots, strict=True)]
+        )
 
-    def snapshot(self, length: int) -> tuple[object, int]:
-        kept = copy.deepcopy(self._cache)
+    def reset(self, slot: int = 0) -> None:
+        self._caches[slot] = None
+
+    def snapshot(self, length: int, slot: int = 0) -> tuple[object, int]:
+        kept = copy.deepcopy(self._caches[slot])
         kept.crop(length - kept.get_seq_length())
         return kept, sum(layer.keys.nbytes + layer.values.nbytes for layer in kept.layers)
 
-    def restore(self, kept, length: int) -> None:
-        self._cache = copy.deepcopy(kept)
-        self._cache.crop(length - self._cache.get_seq_length())
+    def restore(self, kept, length: int, slot: int = 0) -> None:
+        cache = self._caches[slot] = copy.deepcopy(kept)
+        cache.crop(length - cache.get_seq_length())
 
 
 class StaticDecoder:
-    """The compact model. Prompts run the ``prefill`` step and single tokens the ``decode`` step: compiled
-    where ``steps`` has them, else ``net``, the module itself, eagerly (None when both are compiled)."""
+    """The compact model. Prompts run the ``prefill`` step, single tokens the ``decode`` step and a token of
+    each of several slots the ``batch`` step: compiled where ``steps`` has them, else ``net``, the module
+    itself, eagerly (None when all are compiled)."""
 
     def __init__(
         self, max_len: int, caches: list[torch.Tensor], steps: dict | None = None, net: StaticLlama | None = None
     ) -> None:
-        self.max_len, self.caches = max_len, caches
+        self.max_len, self.caches, self.slots = max_len, caches, caches[0].shape[0]
+        self._slot_caches = [slot_views(caches, slot) for slot in range(self.slots)]
         self._steps, self._net = steps or {}, net
         compiled = " and ".join(f"{name} step" for name in self._steps)
         kernels = [f"{net.kernel} eagerly"] if net is not None and net.kernel else []
@@ -81,24 +96,36 @@ class StaticDecoder:
             (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled else "eager compact model")
             + f", static {str(caches[0].dtype).removeprefix('torch.')} KV cache of "
             + f"{sum(cache.nbytes for cache in caches) / 1e6:.1f} MB"
+            + (f" for {self.slots} sequences" if self.slots > 1 else "")
             + (f"; W8A8 kernel {', '.join(kernels)}" if kernels else "")
         )
 
-    def forward(self, ids: list[int], start: int) -> torch.Tensor:
-        """Logits after ``ids`` at positions ``start...``."""
+    def forward(self, ids: list[int], start: int, slot: int = 0) -> torch.Tensor:
+        """Logits after ``ids`` at positions ``start...`` of slot ``slot``."""
         step = self._steps.get("decode" if len(ids) == 1 else "prefill")
         mask = attention_mask(self.max_len, start, len(ids), compiled=step is not None)
-        return (step or self._net)(torch.tensor([ids]), torch.arange(start, start + len(ids)), mask, self.caches)[0]
+        ids_, pos = torch.tensor([ids]), torch.arange(start, start + len(ids))
+        return (step or self._net)(ids_, pos, mask, self._slot_caches[slot])[0]
 
-    def reset(self) -> None:
+    def decode(self, tokens: list[int], starts: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits ``[len(tokens), vocab]`` after token ``tokens[i]`` at position ``starts[i]`` of slot
+        ``slots[i]``, in one step over all slots (the idle ones compute a token that is discarded)."""
+        at: list[int | None] = [None] * self.slots
+        ids = torch.zeros(self.slots, 1, dtype=torch.long)
+        for token, start, slot in zip(tokens, starts, slots, strict=True):
+            at[slot], ids[slot, 0] = start, token
+        pos, mask = batch_mask(self.max_len, at)
+        return (self._steps.get("batch") or self._net)(ids, pos, mask, self.caches)[slots]
+
+    def reset(self, slot: int = 0) -> None:
         pass  # positions are overwritten before they are attended to: nothing to forget
 
-    def snapshot(self, length: int) -> tuple[object, int]:
-        kept = [cache[:, :, :length].clone() for cache in self.caches]
+    def snapshot(self, length: int, slot: int = 0) -> tuple[object, int]:
+        kept = [cache[:, :, :length].clone() for cache in self._slot_caches[slot]]
         return kept, sum(t.nbytes for t in kept)
 
-    def restore(self, kept, length: int) -> None:
-        for cache, saved in zip(self.caches, kept, strict=True):
+    def restore(self, kept, length: int, slot: int = 0) -> None:
+        for cache, saved in zip(self._slot_caches[slot], kept, strict=True):
             cache[:, :, :length].copy_(saved[:, :, :length])
 
 
@@ -137,25 +164,31 @@ def _median_s(run: Callable[[], object], reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _inputs(step: str, max_len: int, caches: list[torch.Tensor], compiled: bool) -> tuple:
+    """A step's arguments for timing it: a decode step at position 256 (or the cache's end), a batched one
+    with every slot there, a prefill of 512 tokens (or what fits), each with the mask it is served with (a
+    prefill from position 0 runs eagerly with none: causal attention skips the masked half)."""
+    start = min(256, max_len - 2)
+    if step == "batch":
+        slots = caches[0].shape[0]
+        return (torch.zeros(slots, 1, dtype=torch.long), *batch_mask(max_len, [start] * slots), caches)
+    count, start = (1, start) if step == "decode" else (min(512, max_len - 1), 0)
+    mask = attention_mask(max_len, start, count, compiled=compiled)
+    return torch.zeros(1, count, dtype=torch.long), torch.arange(start, start + count), mask, slot_views(caches, 0)
+
+
 def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, caches: list[torch.Tensor]) -> str:
-    """Seconds per call of the compiled step and of the eager one it replaces, on the same input: a decode
-    step at position 256 (or the cache's end), a prefill of 512 tokens (or what fits), each with the mask it
-    is served with (a prefill from position 0 runs eagerly with none: causal attention skips the masked
-    half). Raises if the compiled step is slower, with both figures."""
-    max_len = eager.max_len
-    count = 1 if step == "decode" else min(512, max_len - 1)
-    start = min(256, max_len - 2) if step == "decode" else 0
-    ids, pos = torch.zeros(1, count, dtype=torch.long), torch.arange(start, start + count)
-    compiled_mask, eager_mask = (attention_mask(max_len, start, count, compiled=kind) for kind in (True, False))
-    runs = (
-        ("compiled", compiled, compiled_mask),
-        ("eager", eager, eager_mask),
-        ("compiled again", compiled, compiled_mask),
-    )
-    reps = 15 if step == "decode" else 3
+    """Seconds per call of the compiled step and of the eager one it replaces, on the same input
+    (``_inputs``). Raises if the compiled step is slower, with both figures."""
+    runs = (("compiled", compiled, True), ("eager", eager, False), ("compiled again", compiled, True))
+    reps = 3 if step == "prefill" else 15
     with torch.no_grad():
-        figures = {name: _median_s(lambda: run(ids, pos, mask, caches), reps) for name, run, mask in runs}
+        figures = {
+            name: _median_s(functools.partial(run, *_inputs(step, eager.max_len, caches, kind)), reps)
+            for name, run, kind in runs
+        }
     compiled_s, eager_s = min(figures["compiled"], figures["compiled again"]), figures["eager"]
+    count = _inputs(step, eager.max_len, caches, True)[0].numel()
     summary = f"compiled {compiled_s * 1e3:.2f} ms, eager {eager_s * 1e3:.2f} ms per {count}-token call"
     if compiled_s > eager_s:
         raise RuntimeError(f"it ran slower than eager: {summary}")
@@ -181,8 +214,12 @@ def _compiled_step(
     max_len = caches[0].shape[2] - 1  # kv_cache_shape's spare position
 
     def one_call(loaded) -> None:
+        decoder = StaticDecoder(max_len, caches, {step: loaded})
         with torch.no_grad():
-            StaticDecoder(max_len, caches, {step: loaded}).forward([0] * (1 if step == "decode" else 2), 0)
+            if step == "batch":
+                decoder.decode([0] * decoder.slots, [0] * decoder.slots, list(range(decoder.slots)))
+            else:
+                decoder.forward([0] * (1 if step == "decode" else 2), 0)
 
     if package.exists():
         try:
@@ -195,7 +232,7 @@ def _compiled_step(
     log.info("compiling the %s step into %s (minutes on few cores; once per model and machine)...", step, package)
     begin = time.perf_counter()
     try:
-        compiled_step.build(net, step, package, caches[0].dtype)
+        compiled_step.build(net, step, package, caches[0].dtype, caches[0].shape[0])
         loaded = _checked(package, one_call)
     except Exception as exc:
         _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
@@ -216,29 +253,31 @@ def make_decoder(
     packages: dict[str, Path] | None = None,
     kernels: dict[str, str] | None = None,
     kv_dtype: torch.dtype = DEFAULT_KV_DTYPE,
+    slots: int = 1,
 ):
-    """The fastest decoder for a model of this ``config``. ``load_model`` gives the eager INT8 model and is
-    called only when something needs its weights: a step to compile or to run eagerly, or a family the
-    compact model does not cover. So a restart with both steps compiled never reads the checkpoint's
-    weights. ``packages``: the compiled steps' directories by step name (see
+    """The fastest decoder for a model of this ``config``, with caches for ``slots`` sequences. ``load_model``
+    gives the eager INT8 model and is called only when something needs its weights: a step to compile or to
+    run eagerly, or a family the compact model does not cover. So a restart with every step compiled never
+    reads the checkpoint's weights. ``packages``: the compiled steps' directories by step name (see
     ``compiled_step.package_paths``), built when absent; None decodes eagerly. ``kernels``: the W8A8
     kernel of each compiled step (``quant.kernels``; None: this CPU's); eager steps get this CPU's
     ``eager_kernel()``. ``kv_dtype``: the static KV cache's element type (``KV_DTYPES``), which the packages
-    must have been keyed by."""
+    must have been keyed by, as by ``slots`` (more than one: a ``batch`` package)."""
     try:
         check_supported(config)
     except UnsupportedForCompile as exc:
         log.info("%s; decoding eagerly with the Hugging Face model", exc)
-        return HFDecoder(load_model())
+        return HFDecoder(load_model(), slots)
     kernels = kernels or default_kernels()
     model = functools.cache(load_model)
     compact = functools.cache(lambda kernel: StaticLlama(model(), max_len, kernel).eval())
     eager = functools.partial(compact, eager_kernel())
-    caches = new_kv_caches(config, max_len, kv_dtype)
+    caches = new_kv_caches(config, max_len, kv_dtype, slots)
     steps = {}
     for step, package in (packages or {}).items():
         try:
-            steps[step] = _compiled_step(functools.partial(compact, kernels[step]), eager, step, package, caches)
+            kernel = compiled_step.kernel_of(kernels, step)
+            steps[step] = _compiled_step(functools.partial(compact, kernel), eager, step, package, caches)
         except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
             log.warning(
                 "not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__, _first_line(exc)
@@ -260,6 +299,6 @@ def make_decoder(
             released / 1e6,
             unused / 1e6,
         )
-    net = None if set(steps) == set(compiled_step.STEPS) else eager()
+    net = None if set(steps) == set(compiled_step.steps_of(slots)) else eager()
     compact.cache_clear()  # the compiled steps' own copy of the model is no longer needed
     return StaticDecoder(max_len, caches, steps, net)

@@ -9,6 +9,10 @@ larger INT8 GEMMs (oneDNN's small-N shapes are slow, and every call has a fixed 
 Positions beyond the current one are masked, so the cache needs no cropping: reusing a prefix is
 just writing the new tokens at their positions. The caches are arguments of the step, written in place:
 the eager module and the compiled steps share them, and no compiled package carries a copy of them.
+
+The caches have one region (a *slot*) per sequence that may run at once. A prompt or a lone token runs
+on one slot (a ``[1, ...]`` view of it); a batched decode step runs one token of every slot together,
+each at its own position, so the weights are read once for all of them.
 """
 
 from __future__ import annotations
@@ -66,27 +70,59 @@ KV_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_KV_DTYPE = torch.bfloat16
 
 
-def new_kv_caches(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE) -> list[torch.Tensor]:
-    """Each layer's key cache, then its value cache, zeroed: the ``caches`` argument of a step."""
-    return [torch.zeros(kv_cache_shape(config, max_len), dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
+def new_kv_caches(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> list[torch.Tensor]:
+    """Each layer's key cache, then its value cache, zeroed, with ``slots`` sequences' regions: the ``caches``
+    argument of a step."""
+    shape = (slots, *kv_cache_shape(config, max_len)[1:])
+    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
 
 
-def kv_cache_bytes(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE) -> int:
-    """Bytes of all layers' key and value caches for ``max_len`` positions."""
-    return 2 * config.num_hidden_layers * dtype.itemsize * math.prod(kv_cache_shape(config, max_len))
+def slot_views(caches: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
+    """One slot's region of each cache, shaped as a one-slot cache (a contiguous view)."""
+    return [cache[slot : slot + 1] for cache in caches]
+
+
+def kv_cache_bytes(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> int:
+    """Bytes of all layers' key and value caches for ``max_len`` positions of ``slots`` sequences."""
+    return slots * 2 * config.num_hidden_layers * dtype.itemsize * math.prod(kv_cache_shape(config, max_len))
+
+
+# A decode step attends a whole number of these blocks of cache positions, the rest masked. SDPA's CPU
+# kernel sums a partial last block of keys in another order than a whole one, so a token's attention would
+# change in its last bits with the width its batch attends (the farthest sequence's); it does not change
+# with whole masked blocks added. So a decode step computes the same for a token whatever it runs with.
+ATTENTION_BLOCK = 16
+
+
+def decode_width(max_len: int, start: int) -> int:
+    """The attended width of a decode step for a token at ``start``: its whole blocks (at least 2 positions,
+    what the compiled steps take), within the cache."""
+    return min(max_len, max(2, -(-(start + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK))
+
+
+def batch_mask(max_len: int, starts: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and mask of a batched decode step: slot ``i`` adds one token at ``starts[i]`` and attends
+    to the cache up to it. An idle slot (None) writes to the spare position, which no mask reaches, and
+    attends to position 0 alone (its output is discarded; a row with nothing to attend would be NaN)."""
+    live = [start for start in starts if start is not None]
+    if any(start >= max_len for start in live):
+        raise ValueError(f"positions up to {max(live) + 1} do not fit a cache of {max_len}")
+    width = max(decode_width(max_len, start) for start in [0, *live])
+    pos = torch.tensor([max_len if start is None else start for start in starts])
+    reach = torch.tensor([0 if start is None else start for start in starts])
+    return pos, torch.arange(width)[None, :] <= reach[:, None]
 
 
 def attention_mask(max_len: int, start: int, count: int, compiled: bool = False) -> torch.Tensor | None:
     """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself.
     None for several tokens from position 0 (SDPA's causal attention, with no mask tensor to build), unless
-    ``compiled``: the compiled steps take a tensor at least 2 positions wide (a single first token is padded
-    with a masked-out position)."""
+    ``compiled``: the compiled steps take a tensor. A single token's mask is ``decode_width`` wide."""
     if start + count > max_len:
         raise ValueError(f"positions up to {start + count} do not fit a cache of {max_len}")
     if start == 0 and count > 1 and not compiled:
         return None
-    mask = torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
-    return F.pad(mask, (0, 1)) if compiled and start + count == 1 else mask
+    width = decode_width(max_len, start) if count == 1 else start + count
+    return torch.arange(width)[None, :] <= torch.arange(start, start + count)[:, None]
 
 
 def check_supported(config) -> None:
@@ -134,16 +170,21 @@ class StaticBlock(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        t = x.shape[1]
+        b, t = x.shape[:2]
         qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
         q, k, v = qkv.split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
         )
-        q = _rotate(q.view(1, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = _rotate(k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+        q = _rotate(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if b == 1:
+            k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+        else:  # one token per slot, each at its own position
+            slots = torch.arange(b)
+            k_cache[slots, :, pos] = k[:, :, 0].to(k_cache.dtype)
+            v_cache[slots, :, pos] = v[:, :, 0].to(v_cache.dtype)
         length = t if mask is None else mask.shape[-1]
         att = F.scaled_dot_product_attention(
             q.to(k_cache.dtype),  # in the cache's type: converting the cache instead would read it twice
@@ -153,14 +194,15 @@ class StaticBlock(nn.Module):
             is_causal=mask is None,
             enable_gqa=self.heads != self.kv_heads,
         ).to(x.dtype)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         gate, up = self.gate_up(_rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
 
 class StaticLlama(nn.Module):
     """``forward(ids [1, T], pos [T], mask [T, L] or None, caches) -> logits [1, vocab]`` of the last
-    position.
+    position, on one-slot caches; or a batched decode step, ``forward(ids [B, 1], pos [B], mask [B, L],
+    caches) -> logits [B, vocab]`` on caches of B slots (``batch_mask``).
 
     ``caches`` (``new_kv_caches``: each layer's keys, then its values, of a type in ``KV_DTYPES``) get the keys
     and values of positions ``pos``; attention reads the first L cache positions through ``mask`` (True:
@@ -177,7 +219,7 @@ class StaticLlama(nn.Module):
         self.norm = model.model.norm.weight
         self.eps = config.rms_norm_eps
         self.lm_head = _own(model.lm_head, kernel)
-        positions = torch.arange(max_len)[None]
+        positions = torch.arange(max_len + 1)[None]  # and the spare position idle slots write to
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         self.register_buffer("cos", cos[0].float(), persistent=False)
         self.register_buffer("sin", sin[0].float(), persistent=False)
@@ -187,7 +229,10 @@ class StaticLlama(nn.Module):
     ) -> torch.Tensor:
         x = self.embed(ids)
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = None if mask is None else mask[None, None]
+        if ids.shape[0] > 1:  # a batched decode step: each slot's own position and mask
+            cos, sin, mask = cos[:, None, None], sin[:, None, None], mask[:, None, None]
+        elif mask is not None:
+            mask = mask[None, None]
         for i, block in enumerate(self.blocks):
             x = block(x, pos, cos, sin, mask, caches[2 * i], caches[2 * i + 1])
         return self.lm_head(_rms_norm(x[:, -1], self.norm, self.eps))

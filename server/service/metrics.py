@@ -33,7 +33,7 @@ class Metrics:
         )
         self.generation_tokens = Counter("q8chat_generation_tokens", "Generated tokens", registry=r)
         self.queue_waiting = Gauge("q8chat_queue_waiting", "Requests waiting for their turn", registry=r)
-        self.running = Gauge("q8chat_running", "Generations running (0 or 1: batch size 1)", registry=r)
+        self.running = Gauge("q8chat_running", "Generations running (up to --max-batch)", registry=r)
         self.model_load_seconds = Gauge("q8chat_model_load_seconds", "Time to load (or quantize) the model", registry=r)
 
     def watch_queue(self, queue) -> None:

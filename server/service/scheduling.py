@@ -1,4 +1,4 @@
-"""Batch size 1 as a queue: who generates now, who waits, who is turned away."""
+"""Who generates now (up to the engine's slots at once), who waits, who is turned away."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class ShuttingDown(RuntimeError):
 
 
 class GenerationQueue:
-    """Batch size 1: one generation runs, at most ``max_queue`` wait in FIFO order.
+    """At most ``max_running`` generations run, at most ``max_queue`` wait in FIFO order.
 
     A request is admitted (``admit``) when it arrives, before its response starts, so a full queue is
     still a proper 429; the place it holds becomes a turn in line when its response runs (``enter``)
@@ -23,8 +23,8 @@ class GenerationQueue:
     waiter away with ``ShuttingDown``.
     """
 
-    def __init__(self, max_queue: int) -> None:
-        self.max_queue = max_queue
+    def __init__(self, max_queue: int, max_running: int = 1) -> None:
+        self.max_queue, self.max_running = max_queue, max_running
         self.running = 0
         self.closed = False
         self.admitted = 0  # admitted, response not started yet
@@ -37,7 +37,7 @@ class GenerationQueue:
     def admit(self) -> None:
         if self.closed:
             raise ShuttingDown("The server is shutting down.")
-        if self.running + self.waiting >= 1 + self.max_queue:  # one generating, max_queue in line
+        if self.running + self.waiting >= self.max_running + self.max_queue:
             raise QueueFull(f"The server is busy: {self.waiting} requests are already waiting. Retry later.")
         self.admitted += 1
 
@@ -47,8 +47,8 @@ class GenerationQueue:
         if self.closed:
             raise ShuttingDown("The server is shutting down.")
         turn = asyncio.get_running_loop().create_future()
-        if not self.running and not self._waiters:
-            self.running = 1
+        if self.running < self.max_running and not self._waiters:
+            self.running += 1
             turn.set_result(None)
         else:
             self._waiters.append(turn)
@@ -65,9 +65,9 @@ class GenerationQueue:
         while self._waiters:
             turn = self._waiters.popleft()
             if not turn.done():
-                turn.set_result(None)  # running stays 1: the turn passes directly
+                turn.set_result(None)  # the count stays: the turn passes directly
                 return
-        self.running = 0
+        self.running -= 1
 
     def close(self) -> None:
         self.closed = True

@@ -1,4 +1,4 @@
-"""Between the OpenAI protocol and the engine: prompts, grammars, the one-at-a-time queue, cancellation, chunks.
+"""Between the OpenAI protocol and the engine: prompts, grammars, the queue, cancellation, chunks.
 
 Every request becomes one stream of protocol chunks; a non-streaming request drains the same stream.
 Validation, tokenization, grammar compilation and the context-length and queue checks all happen in
@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
+from server.engine.batching import DONE, Batcher, Job
 from server.engine.engine import Engine, GenerationStats, StepOutput
 from server.engine.grammar import GrammarError, Grammars
 from server.engine.sampling import SamplingParams
@@ -70,19 +70,20 @@ class ChatService:
         metrics: Metrics | None = None,
         heartbeat_s: float = 10.0,
         grammars: Grammars | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         self.engine = engine
         self.prompter = prompter
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
-        self.queue = GenerationQueue(max_queue)
+        self.queue = GenerationQueue(max_queue, engine.slots)
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics or Metrics()
         self.metrics.watch_queue(self.queue)
         self.metrics.watch_prefix_cache(engine.prefix_cache)
         self.grammars = grammars  # None: constrained requests are refused
         self.texts = TokenTexts(prompter.tokenizer)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-engine")
+        self.batcher = Batcher(engine, prefill_chunk)
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=now())])
@@ -196,36 +197,26 @@ class ChatService:
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        done = object()
 
-        def work() -> None:
-            try:
-                for choice in range(generation.choices):
-                    stats = GenerationStats()
-                    generation.stats.append(stats)
-                    matcher = self.grammars.matcher(generation.grammar) if generation.grammar else None
-                    steps_of_choice = self.engine.generate(
-                        generation.prompt_ids,
-                        generation.params_of(choice),
-                        stats,
-                        cancelled=cancel.is_set,
-                        matcher=matcher,
-                        logprobs=generation.logprobs,
-                    )
-                    for step in steps_of_choice:
-                        loop.call_soon_threadsafe(steps.put_nowait, (choice, step))
-            except Exception as exc:
-                log.exception("generation %s failed", generation.id)
-                loop.call_soon_threadsafe(steps.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(steps.put_nowait, done)
+        def choice(index: int):
+            stats = GenerationStats()
+            generation.stats.append(stats)
+            matcher = self.grammars.matcher(generation.grammar) if generation.grammar else None
+            return generation.params_of(index), stats, matcher
 
+        def emit(item) -> None:  # on the batcher's thread
+            if isinstance(item, Exception):
+                log.error("generation %s failed", generation.id, exc_info=item)
+            loop.call_soon_threadsafe(steps.put_nowait, item)
+            if item is DONE:  # the slot is free: the next in line may run
+                loop.call_soon_threadsafe(self.queue.release)
+
+        job = Job(generation.prompt_ids, choice, emit, cancel.is_set, generation.choices, generation.logprobs)
         try:
-            future = loop.run_in_executor(self._executor, work)
+            self.batcher.submit(job)
         except BaseException:
             self.queue.release()
             raise
-        future.add_done_callback(lambda _: self.queue.release())
         last = None
         try:
             while True:
@@ -234,7 +225,7 @@ class ChatService:
                 except TimeoutError:
                     yield None
                     continue
-                if item is done:
+                if item is DONE:
                     break
                 if isinstance(item, Exception):
                     raise item

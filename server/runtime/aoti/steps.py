@@ -2,7 +2,8 @@
 
 Two steps: ``decode`` (one token, attended length symbolic) and ``prefill`` (2 or more tokens, count and
 attended length symbolic). A single graph with a symbolic token count decodes 20 % slower, so each gets its
-own. The first start exports them, lets inductor freeze the INT8 weights, prepack them for oneDNN and pick
+own. A server that decodes several sequences at once adds ``batch``: one token of each of its
+slots. The first start exports them, lets inductor freeze the INT8 weights, prepack them for oneDNN and pick
 its GEMM templates (VNNI here, AMX where the CPU has it), and keeps each step's library and constants in a
 directory; later starts load them in a second or two. ``torch.compile`` cannot be cached this way: its
 graph cache refuses graphs holding oneDNN-prepacked weights, so every start lowered the whole model again
@@ -57,6 +58,7 @@ _SOURCES = (
     __file__,
 )
 STEPS = kernels.STEPS
+BATCH = "batch"  # the batched decode step, with the decode step's W8A8 kernel
 LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-constants.json", "source.sha256"
 KERNELS = "kernels.json"
 STALE_AFTER_S = 24 * 3600
@@ -68,15 +70,27 @@ def source_digest() -> str:
     return hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in _SOURCES)).hexdigest()
 
 
+def steps_of(slots: int) -> tuple[str, ...]:
+    """The steps a decoder with caches for ``slots`` sequences runs."""
+    return STEPS + ((BATCH,) if slots > 1 else ())
+
+
+def kernel_of(kernels: dict[str, str], step: str) -> str:
+    """``step``'s W8A8 kernel of ``kernels`` (by step name)."""
+    return kernels["decode" if step == BATCH else step]
+
+
 def package_paths(
     cache_dir: Path,
     checkpoint: Path,
     max_len: int,
     kernels: dict[str, str],
     kv_dtype: torch.dtype = static_llama.DEFAULT_KV_DTYPE,
+    slots: int = 1,
 ) -> dict[str, Path]:
     """The directories of the compiled steps of this checkpoint, context length, KV cache type and W8A8 kernel
-    of each step (``kernels`` by step name), for this machine and code."""
+    of each step (``kernels`` by step name), for this machine and code; with ``slots`` sequences, the batched
+    decode step's too (keyed by their number)."""
     facts = {
         "checkpoint": fingerprint(Path(checkpoint)),
         "max_len": max_len,
@@ -88,9 +102,10 @@ def package_paths(
     }
 
     def key(step: str) -> str:
-        return hashlib.sha256(json.dumps({**facts, "kernel": kernels[step]}, sort_keys=True).encode()).hexdigest()[:16]
+        own = {"kernel": kernel_of(kernels, step)} | ({"slots": slots} if step == BATCH else {})
+        return hashlib.sha256(json.dumps(facts | own, sort_keys=True).encode()).hexdigest()[:16]
 
-    return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key(step)}" for step in STEPS}
+    return {step: Path(cache_dir).expanduser() / "compiled" / f"{step}-{key(step)}" for step in steps_of(slots)}
 
 
 def prune_stale(directory: Path, now: float | None = None) -> tuple[int, int]:
@@ -100,7 +115,7 @@ def prune_stale(directory: Path, now: float | None = None) -> tuple[int, int]:
     current, now = source_digest(), time.time() if now is None else now
     removed = freed = 0
     for entry in directory.iterdir() if directory.is_dir() else ():
-        if entry.name.partition("-")[0] not in STEPS or not (entry.is_dir() or entry.suffix == ".pt2"):
+        if entry.name.partition("-")[0] not in steps_of(2) or not (entry.is_dir() or entry.suffix == ".pt2"):
             continue
         stamp = entry / SOURCE
         source = stamp.read_text() if stamp.is_file() else None  # None: a .pt2, or a step before stamps
@@ -172,12 +187,16 @@ def _register_one_row_micro_kernel() -> None:
     )
 
 
-def _example(net: static_llama.StaticLlama, step: str, kv_dtype: torch.dtype) -> tuple[tuple, tuple]:
+def _example(net: static_llama.StaticLlama, step: str, kv_dtype: torch.dtype, slots: int) -> tuple[tuple, tuple]:
     """Example arguments of ``step`` and their dynamic shapes: ``decode`` takes one token at a position > 0,
-    ``prefill`` 2 or more tokens; the attended length is symbolic from 2 to the cache size."""
+    ``prefill`` 2 or more tokens, ``batch`` a token for each of ``slots`` sequences; the attended length is
+    symbolic from 2 to the cache size."""
     length = torch.export.Dim("attended", min=2, max=net.max_len)
-    caches = static_llama.new_kv_caches(net.config, net.max_len, kv_dtype)
+    caches = static_llama.new_kv_caches(net.config, net.max_len, kv_dtype, slots if step == BATCH else 1)
     fixed = [None] * len(caches)  # the caches' shapes do not change
+    if step == BATCH:
+        pos, mask = static_llama.batch_mask(net.max_len, [1] * slots)
+        return (torch.zeros(slots, 1, dtype=torch.long), pos, mask, caches), (None, None, {1: length}, fixed)
     tokens = 1 if step == "decode" else 4
     example = (
         torch.zeros(1, tokens, dtype=torch.long),
@@ -248,10 +267,10 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
         return torch.equal(step(*example), before)
 
 
-def build(net: static_llama.StaticLlama, step: str, path: Path, kv_dtype: torch.dtype) -> None:
-    """Compile ``step``, for KV caches of ``kv_dtype``, into the directory ``path`` (written whole or not at
-    all)."""
-    example, dynamic = _example(net, step, kv_dtype)
+def build(net: static_llama.StaticLlama, step: str, path: Path, kv_dtype: torch.dtype, slots: int = 1) -> None:
+    """Compile ``step``, for KV caches of ``kv_dtype`` (of ``slots`` sequences for ``batch``), into the
+    directory ``path`` (written whole or not at all)."""
+    example, dynamic = _example(net, step, kv_dtype, slots)
     program = export_step(net, example, dynamic)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:

@@ -1,0 +1,73 @@
+"""Many users at once, end to end: a real server on the default INT8 model with ``--max-batch 3`` and a
+small prefill chunk streams several greedy answers together, each the answer its request gets alone, while
+the router gauges show them running; a fourth request waits for a slot, and a client that leaves frees its
+slot."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from bench.concurrency import concurrent_streams
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "List three uses of a paper clip, one per line.",
+    "Explain why the sky is blue to a child, " * 12,  # a longer prompt: prefilled in chunks of 16
+    "What is the capital of France?",
+]
+
+
+@pytest.fixture(scope="module")
+def batched(start_server):
+    return start_server("--max-batch", "3", "--prefill-chunk", "16", "--max-queue", "4")
+
+
+def gauge(server, name: str) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_concurrent_greedy_streams_each_get_their_answer_alone(batched):
+    alone = [concurrent_streams(batched.base_url, MODEL, [p], 24, first=i)[0].text for i, p in enumerate(PROMPTS)]
+    running, stop = [], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            running.append(gauge(batched, "vllm:num_requests_running"))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        together = concurrent_streams(batched.base_url, MODEL, PROMPTS, 24)
+    finally:
+        stop.set()
+        watcher.join()
+    assert [s.text for s in together] == alone
+    assert all(s.tokens == 24 for s in together)
+    assert max(running) == 3  # three decoded together, the fourth waited for a slot
+    assert gauge(batched, "vllm:num_requests_running") == 0
+
+
+def test_a_client_that_leaves_frees_its_slot(batched):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a thousand."}], "stream": True}
+    for _ in range(3):  # every slot taken by a client that reads one chunk and goes away
+        with httpx.stream("POST", batched.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())
+    deadline = time.monotonic() + 30
+    while gauge(batched, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gauge(batched, "vllm:num_requests_running") == 0
+    answer = httpx.post(
+        batched.base_url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=60
+    )
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
