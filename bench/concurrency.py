@@ -1,9 +1,8 @@
 """``q8chat bench --concurrency``: many users at once, ``c`` streams started together for each concurrency
 ``c``, against q8chat served over HTTP (``--max-batch``) and, in process through the same batcher, q8chat's
 and llama.cpp's batched decoders (llama.cpp's parallel sequences in one ``llama_decode``, as its server's
-slots run). Reports the aggregate decode rate (every stream's tokens after its first,
-over the span from the first stream's first token to the last stream's last), each stream's inter-token
-latency (p50, p95 over all gaps) and time to first token, next to the one-stream figures."""
+slots run). Reports the aggregate decode rate (``summarize``), each stream's inter-token latency (p50,
+p95 over all gaps) and time to first token, next to the one-stream figures."""
 
 from __future__ import annotations
 
@@ -61,27 +60,20 @@ def concurrent_streams(
 
 
 def summarize(streams: list[StreamTiming]) -> dict:
-    span = max(s.last_s for s in streams) - min(s.first_s for s in streams)
+    """The aggregate decode rate is counted while every stream decodes (from the last first token to the
+    first last token), so that prompts prefilled meanwhile do not count as decode time; their stalls show in
+    the inter-token latencies and the times to first token."""
+    begin, end = max(s.first_s for s in streams), min(s.last_s for s in streams)
+    decoded = sum(sum(begin < t <= end for t in s.times_s) for s in streams)
     gaps = [gap for s in streams for gap in s.gaps_s]
     return {
         "streams": len(streams),
         "completion_tokens": [s.tokens for s in streams],
-        "aggregate_decode_tok_s": round(sum(s.tokens - 1 for s in streams) / span, 1) if span else 0.0,
+        "aggregate_decode_tok_s": round(decoded / (end - begin), 1) if end > begin else 0.0,
         "itl_p50_ms": round(_percentile(gaps, 0.5) * 1e3, 2),
         "itl_p95_ms": round(_percentile(gaps, 0.95) * 1e3, 2),
         "ttft_mean_s": round(statistics.fmean(s.ttft_s for s in streams), 3),
         "ttft_max_s": round(max(s.ttft_s for s in streams), 3),
-    }
-
-
-def measure(base_url: str, model: str, prompt: str, levels: list[int], max_tokens: int) -> dict[int, dict]:
-    """The figures of each concurrency level, one level after another (after one warm-up stream), every
-    stream a new conversation."""
-    concurrent_streams(base_url, model, [prompt], 4)
-    firsts = [1 + sum(levels[:i]) for i in range(len(levels))]
-    return {
-        c: summarize(concurrent_streams(base_url, model, [prompt] * c, max_tokens, first))
-        for c, first in zip(levels, firsts, strict=True)
     }
 
 
@@ -122,7 +114,7 @@ def batched_streams(engine: Engine, prompts: list[list[int]], max_tokens: int) -
             text="",
             prompt_tokens=s.prompt_tokens,
             cached_tokens=s.cached_tokens,
-            gaps_s=[b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)],
+            times_s=chunk_times,
         )
         for chunk_times, s in zip(times, stats, strict=True)
     ]

@@ -95,7 +95,12 @@ class StreamTiming:
     text: str
     prompt_tokens: int
     cached_tokens: int
-    gaps_s: list[float]  # between consecutive content chunks: the inter-token latencies
+    times_s: list[float]  # perf_counter at each content chunk (a token's text)
+
+    @property
+    def gaps_s(self) -> list[float]:
+        """Between consecutive content chunks: the inter-token latencies."""
+        return [later - earlier for earlier, later in zip(self.times_s, self.times_s[1:], strict=False)]
 
 
 def stream_chat(
@@ -145,7 +150,7 @@ def stream_chat(
         text="".join(text),
         prompt_tokens=usage["prompt_tokens"],
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
-        gaps_s=[later - earlier for earlier, later in zip(chunk_times, chunk_times[1:], strict=False)],
+        times_s=chunk_times,
     )
 
 

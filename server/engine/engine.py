@@ -127,7 +127,7 @@ class Engine:
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
         self.prefix_cache = prefix_cache  # past conversations' caches; None: only the live ones
-        self.slots = getattr(decoder, "slots", 1)
+        self.slots = decoder.slots
         self._cached: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens each slot's cache holds
         self._used = [0] * self.slots  # when each slot last began a sequence (a counter)
 
@@ -150,8 +150,8 @@ class Engine:
             )
 
     def pick_slot(self, prompt_ids: list[int], free: list[int]) -> int:
-        """Of the ``free`` slots, the one whose cache shares the longest prefix with the prompt; the least
-        recently used of those that share none."""
+        """Of the ``free`` slots, the one whose cache shares the longest prefix with the prompt (of those
+        sharing as much, the least recently used)."""
         return max(free, key=lambda slot: (common_prefix_length(self._cached[slot], prompt_ids), -self._used[slot]))
 
     def begin(
