@@ -9,10 +9,12 @@ import jsonschema_rs
 import pytest
 
 from prompts.tools import default_tool_format, with_tools
-from server.engine.engine import Engine
+from server.engine.engine import Engine, StepOutput
 from server.engine.grammar import GrammarError, Grammars
 from server.engine.sampling import SamplingParams
 from server.runtime.decoders import HFDecoder
+from server.service.chunks import ChatChoiceStream, ChoiceAnswer, TokenTexts
+from server.service.generation import ToolCalling
 from server.service.tools import ToolCallStream, split_calls
 from tests.harness import tiny_llama
 
@@ -105,6 +107,22 @@ def test_tool_calls_are_cut_out_of_streamed_text_in_any_pieces():
     content, calls = split_calls(FMT.call("get_weather", '{"city": "Oslo"}'), FMT, names)  # arguments as text
     assert content == "" and json.loads(calls[0].arguments) == {"city": "Oslo"}
     assert len({c.id for c in stream.calls}) == 2
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_an_answer_with_calls_ends_with_tool_calls_unless_max_tokens_cut_it(tokenizer, finish):
+    """OpenAI's finish reasons: calls make it ``tool_calls``, but an answer that max_tokens cut short (a
+    second call half written) says ``length``, streamed or whole."""
+    tools = ToolCalling(FMT, frozenset({"get_weather"}))
+    pieces = [FMT.call("get_weather", {"city": "Oslo"}), FMT.call("get_weather", {"city": "Ber"})[:20]]
+    steps = [StepOutput(pieces[0]), StepOutput(pieces[1], finish)]
+    expected = "tool_calls" if finish == "stop" else "length"
+    stream = ChatChoiceStream(0, TokenTexts(tokenizer), tools, False)
+    assert [stream.step(step)[2] for step in steps] == [None, expected]
+    answer = ChoiceAnswer(0)
+    for step in steps:
+        answer.add(step)
+    assert answer.chat(TokenTexts(tokenizer), tools, False).finish_reason == expected
 
 
 def test_tools_and_calls_become_plain_turns_for_templates_without_tools():

@@ -93,7 +93,7 @@ class ChatChoiceStream:
         finish = step.finish_reason
         if finish is not None and self._calls is not None:
             text += self._calls.finish()
-            if self._calls.calls:
+            if self._calls.calls and finish != "length":  # an answer cut short says so, calls or not
                 finish = "tool_calls"
         deltas = [
             ToolCallDelta(
@@ -129,7 +129,7 @@ class ChoiceAnswer:
         content, calls, finish = "".join(self.parts), [], self.finish
         if tools is not None:
             content, calls = split_calls(content, tools.format, set(tools.names))
-            finish = "tool_calls" if calls else finish
+            finish = "tool_calls" if calls and finish != "length" else finish
         message = ResponseMessage(
             content=content or (None if calls else ""), tool_calls=[_tool_call(c) for c in calls] or None
         )
