@@ -104,8 +104,8 @@ class StaticDecoder:
         """Logits after ``ids`` at positions ``start...`` of slot ``slot``."""
         step = self._steps.get("decode" if len(ids) == 1 else "prefill")
         mask = attention_mask(self.max_len, start, len(ids), compiled=step is not None)
-        ids_, pos = torch.tensor([ids]), torch.arange(start, start + len(ids))
-        return (step or self._net)(ids_, pos, mask, self._slot_caches[slot])[0]
+        tokens, pos = torch.tensor([ids]), torch.arange(start, start + len(ids))
+        return (step or self._net)(tokens, pos, mask, self._slot_caches[slot])[0]
 
     def decode(self, tokens: list[int], starts: list[int], slots: list[int]) -> torch.Tensor:
         """Logits ``[len(tokens), vocab]`` after token ``tokens[i]`` at position ``starts[i]`` of slot
