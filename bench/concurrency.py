@@ -106,15 +106,11 @@ def batched_streams(engine: Engine, prompts: list[list[int]], max_tokens: int) -
     return [
         StreamTiming(
             start_s=start,
-            first_s=chunk_times[0],
-            last_s=chunk_times[-1],
+            times_s=chunk_times,
             tokens=len(chunk_times),
-            ttft_s=chunk_times[0] - start,
-            decode_tok_s=(len(chunk_times) - 1) / (chunk_times[-1] - chunk_times[0]),
             text="",
             prompt_tokens=s.prompt_tokens,
             cached_tokens=s.cached_tokens,
-            times_s=chunk_times,
         )
         for chunk_times, s in zip(times, stats, strict=True)
     ]

@@ -87,15 +87,29 @@ class ServerProcess:
 @dataclass
 class StreamTiming:
     start_s: float  # perf_counter when the request was sent
-    first_s: float  # ... when its first token came
-    last_s: float  # ... when its last token came
+    times_s: list[float]  # ... at each content chunk (a token's text; the last chunk if none has text)
     tokens: int  # completion tokens
-    ttft_s: float  # request sent -> first chunk with text (or the last chunk, if none has text)
-    decode_tok_s: float  # completion tokens after the first / time from first to last content chunk
     text: str
     prompt_tokens: int
     cached_tokens: int
-    times_s: list[float]  # perf_counter at each content chunk (a token's text)
+
+    @property
+    def first_s(self) -> float:
+        return self.times_s[0]
+
+    @property
+    def last_s(self) -> float:
+        return self.times_s[-1]
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_s - self.start_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Completion tokens after the first over the time from the first content chunk to the last."""
+        span = self.last_s - self.first_s
+        return (self.tokens - 1) / span if span else 0.0
 
     @property
     def gaps_s(self) -> list[float]:
@@ -138,19 +152,13 @@ def stream_chat(
             if choice.get("delta", {}).get("content") or (choice.get("finish_reason") and not chunk_times):
                 chunk_times.append(time.perf_counter())  # a token's text, or the end of a reply without any
                 text.append(choice["delta"].get("content") or "")
-    tokens = usage["completion_tokens"]
-    span = chunk_times[-1] - chunk_times[0]
     return StreamTiming(
         start_s=start,
-        first_s=chunk_times[0],
-        last_s=chunk_times[-1],
-        tokens=tokens,
-        ttft_s=chunk_times[0] - start,
-        decode_tok_s=(tokens - 1) / span if span else 0.0,
+        times_s=chunk_times,
+        tokens=usage["completion_tokens"],
         text="".join(text),
         prompt_tokens=usage["prompt_tokens"],
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
-        times_s=chunk_times,
     )
 
 
