@@ -6,6 +6,7 @@ p95 over all gaps) and time to first token, next to the one-stream figures."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench import llamacpp
+from bench import llamacpp, llamaserver
 from bench.served import SERVED_NAME, ServerProcess, StreamTiming, served_args, stream_chat
 from prompts import heldout_text
 from quant.checkpoint import load_checkpoint, read_checkpoint_info
@@ -31,7 +32,11 @@ from server.runtime.aoti.steps import package_paths
 from server.runtime.decoders import make_decoder
 from server.runtime.static_llama import DEFAULT_KV_DTYPE
 
+log = logging.getLogger(__name__)
+
 PREFILL_CHUNK = 512  # serve's default
+# What each q8chat competitor is compared with: in process with in process, served with served.
+RIVALS = {"q8chat": llamacpp.VARIANT, "q8chat-served": llamaserver.NAME}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -57,6 +62,45 @@ def concurrent_streams(
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(one, range(len(prompts))))
+
+
+def alternating_chats(
+    base_url: str, model: str, system: str, questions: list[str], turns: int, max_tokens: int, users: int = 2
+) -> list[list[dict]]:
+    """``users`` conversations of ``turns`` turns each, taken in turn (user 0's first turn, user 1's first
+    turn, ..., user 0's second turn, ...), each resending its whole history, answers as the model ended
+    them, as a chat client does. For each user, each turn's prompt tokens, how many of them the server had
+    cached, and the answer's tokens. Each conversation's system message is ``system`` after the user's
+    number."""
+    histories = [[{"role": "system", "content": f"User {user}. {system}"}] for user in range(users)]
+    asked = iter(questions)
+    usage: list[list[dict]] = [[] for _ in range(users)]
+    with httpx.Client() as client:
+        for _ in range(turns):
+            for user, history in enumerate(histories):
+                history.append({"role": "user", "content": next(asked)})
+                reply = stream_chat(client, base_url, model, history, max_tokens, ignore_eos=False)
+                history.append({"role": "assistant", "content": reply.text})
+                usage[user].append(
+                    {
+                        "prompt_tokens": reply.prompt_tokens,
+                        "cached_tokens": reply.cached_tokens,
+                        "completion_tokens": reply.tokens,
+                    }
+                )
+    return usage
+
+
+def cached_share(usage: list[list[dict]]) -> dict:
+    """Of every prompt after each conversation's first, the share the server had cached: the smallest, and
+    over all of them."""
+    later = [turn for conversation in usage for turn in conversation[1:]]
+    shares = [turn["cached_tokens"] / turn["prompt_tokens"] for turn in later]
+    return {
+        "turns": usage,
+        "min_cached_share": round(min(shares), 3),
+        "cached_share": round(sum(t["cached_tokens"] for t in later) / sum(t["prompt_tokens"] for t in later), 3),
+    }
 
 
 def summarize(streams: list[StreamTiming]) -> dict:
@@ -116,56 +160,109 @@ def batched_streams(engine: Engine, prompts: list[list[int]], max_tokens: int) -
     ]
 
 
-def _engines(checkpoint, model_spec: str, cache_dir: Path, context: int, slots: int, converter: Path | None):
-    """(name, engine) of each in-process competitor: q8chat's compiled decoder and llama.cpp's (Q8_0, the same
-    weights) where llama-cpp-python is installed, each with ``slots`` sequences."""
+# A chat as the alternating users hold it: a system prompt, short questions (a sentence or two) and answers.
+CHAT_SYSTEM = (
+    "You are a helpful and knowledgeable assistant. The user quotes passages from encyclopedia articles and asks "
+    "about them: answer accurately and briefly, in plain sentences, and say so when the passage does not tell."
+)
+CHAT_TURNS, CHAT_QUESTION_CHARS, CHAT_ANSWER_TOKENS = 5, 120, 64
+
+
+def _alternating_served(flags: list[str], log_path: Path) -> dict:
+    """Two users alternating ``CHAT_TURNS``-turn chats with a server started with ``flags``: how much of
+    their prompts came from its caches (``cached_share``)."""
+    text, size = heldout_text(), CHAT_QUESTION_CHARS
+    questions = [text[i : i + size] for i in range(0, 2 * CHAT_TURNS * size, size)]
+    server = ServerProcess(flags, {}, log_path)
+    try:
+        server.wait_ready(3600)
+        usage = alternating_chats(server.base_url, SERVED_NAME, CHAT_SYSTEM, questions, CHAT_TURNS, CHAT_ANSWER_TOKENS)
+        return cached_share(usage)
+    finally:
+        server.stop()
+
+
+def _gguf(args, checkpoint_path: Path) -> Path | None:
+    """The llama.cpp competitors' Q8_0 GGUF of the model (None without llama-cpp-python)."""
+    if not llamacpp.available():
+        return None
+    threads = torch.get_num_threads()
+    return llamacpp.q8_0_gguf(resolve_model_path(args.model), args.cache_dir, threads, args.llama_cpp_converter)
+
+
+def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path | None):
+    """(name, engine) of each in-process competitor: q8chat's compiled decoder and llama.cpp's on ``gguf`` (the
+    same weights as Q8_0), each with ``slots`` sequences."""
     kernels = kernels_by_step()
     packages = package_paths(cache_dir, checkpoint.path, context, kernels, DEFAULT_KV_DTYPE, slots)
     decoder = make_decoder(
         lambda: load_checkpoint(checkpoint.path).model, checkpoint.config, context, packages, kernels, slots=slots
     )
     yield "q8chat", Engine(decoder, checkpoint.tokenizer, context, set())
-    if llamacpp.available():
-        threads = torch.get_num_threads()
-        gguf = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, threads, converter)
-        decoder = llamacpp.LlamaCppDecoder(gguf, context, threads, slots)
+    if gguf is not None:
+        decoder = llamacpp.LlamaCppDecoder(gguf, context, torch.get_num_threads(), slots)
         yield llamacpp.VARIANT, Engine(decoder, checkpoint.tokenizer, context, set())
+
+
+def _servers(args, checkpoint, context: int, slots: int, gguf: Path | None, log_dir: Path) -> dict:
+    """The served competitors, started: ``q8chat serve --max-batch slots``, and llama.cpp's server with as
+    many parallel slots on ``gguf`` where it can be built."""
+    flags = served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(slots)]
+    servers = {"q8chat-served": ServerProcess(flags, {}, log_dir / "serve.log")}
+    if gguf is not None:
+        try:
+            command = [str(llamaserver.binary(args.cache_dir))]
+        except llamacpp.LlamaCppUnavailable as exc:
+            log.warning("no %s competitor: %s", llamaserver.NAME, exc)
+            return servers
+        flags = llamaserver.server_args(gguf, context, slots, torch.get_num_threads(), SERVED_NAME)
+        servers[llamaserver.NAME] = ServerProcess(flags, {}, log_dir / "llama-server.log", command=command)
+    return servers
 
 
 def run(args) -> dict:
     """``q8chat bench --concurrency``: each concurrency level, in process for q8chat and llama.cpp (the same
     engine loop and batcher; only the batched forward differs) and over HTTP for ``q8chat serve
-    --max-batch``, levels interleaved across competitors."""
+    --max-batch`` and llama.cpp's server, levels interleaved across competitors; then two users alternating
+    chats with ``q8chat serve``."""
     levels = sorted({int(level) for level in args.concurrency.split(",")})
     slots, context = max(levels), args.prompt_tokens + args.decode_tokens + 64
     checkpoint = read_checkpoint_info(
         int8_checkpoint(args.model, Recipe(calib_samples=args.calib_samples), args.cache_dir)
     )
     base = checkpoint.tokenizer(heldout_text(), add_special_tokens=False).input_ids[: args.prompt_tokens - 1]
-    engines = dict(_engines(checkpoint, args.model, args.cache_dir, context, slots, args.llama_cpp_converter))
-    log_path = Path(tempfile.mkdtemp(prefix="q8chat-bench-")) / "serve.log"
-    served_flags = served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(slots)]
-    server = ServerProcess(served_flags, {}, log_path)
+    gguf = _gguf(args, checkpoint.path)
+    engines = dict(_engines(checkpoint, args.cache_dir, context, slots, gguf))
+    log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
+    servers = _servers(args, checkpoint, context, slots, gguf, log_dir)
     conversations = iter(range(10**6))  # every stream a prompt of its own: nothing comes from a cache
-    results: dict[str, dict[int, dict]] = {name: {} for name in [*engines, "q8chat-served"]}
+    results: dict[str, dict[int, dict]] = {name: {} for name in [*engines, *servers]}
     try:
-        server.wait_ready(3600)
         text = checkpoint.tokenizer.decode(base)
         for name, engine in engines.items():  # warm-up
             batched_streams(engine, [[next(conversations)] + base[:32]], 4)
-        concurrent_streams(server.base_url, SERVED_NAME, [text[:200]], 4, next(conversations))
+        for server in servers.values():
+            server.wait_ready(3600)
+            concurrent_streams(server.base_url, SERVED_NAME, [text[:200]], 4, next(conversations))
         for level in levels:
             for name, engine in engines.items():
                 prompts = [[next(conversations)] + base for _ in range(level)]
                 results[name][level] = summarize(batched_streams(engine, prompts, args.decode_tokens))
-            first = next(conversations)
-            [next(conversations) for _ in range(level)]
-            streams = concurrent_streams(server.base_url, SERVED_NAME, [text] * level, args.decode_tokens, first)
-            results["q8chat-served"][level] = summarize(streams)
+            for name, server in servers.items():
+                first = next(conversations)
+                [next(conversations) for _ in range(level)]
+                streams = concurrent_streams(server.base_url, SERVED_NAME, [text] * level, args.decode_tokens, first)
+                results[name][level] = summarize(streams)
             for name, rows in results.items():
                 print(f"{name} at {level}: {rows[level]}", flush=True)
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+    chats = {}
+    for max_batch in sorted({1, slots}):
+        flags = served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(max_batch)]
+        chats[f"--max-batch {max_batch}"] = _alternating_served(flags, log_dir / f"chats-{max_batch}.log")
+        print(f"two users alternating with --max-batch {max_batch}: {chats[f'--max-batch {max_batch}']}", flush=True)
     return {
         "machine": {"threads": torch.get_num_threads(), **cpu_class()},
         "workload": {
@@ -173,15 +270,17 @@ def run(args) -> dict:
             "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens,
             "max_batch": slots,
-            "server_log": str(log_path),
+            "server_logs": str(log_dir),
         },
         "concurrency": results,
+        "alternating_chats": chats,
     }
 
 
 def markdown(report: dict) -> str:
     """One row per competitor and level: aggregate decode against the competitor's own single stream, and
-    against llama.cpp's at the same level."""
+    q8chat's against llama.cpp's at the same level (in process against in process, served against
+    served)."""
     results = report["concurrency"]
     lines = [
         f"CPU: {report['machine']['model_name']} ({' '.join(report['machine']['flags'])}), "
@@ -190,9 +289,9 @@ def markdown(report: dict) -> str:
         "| competitor | streams | aggregate tok/s | vs 1 stream | vs llama.cpp | ITL p50 / p95 ms | TTFT mean s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rival = results.get(llamacpp.VARIANT, {})
     for name, rows in results.items():
         one = rows[min(rows)]["aggregate_decode_tok_s"]
+        rival = results.get(RIVALS.get(name), {})
         for level, row in rows.items():
             rate = row["aggregate_decode_tok_s"]
             versus = f"{rate / rival[level]['aggregate_decode_tok_s']:.2f}x" if level in rival else "-"
@@ -200,4 +299,7 @@ def markdown(report: dict) -> str:
                 f"| {name} | {level} | {rate} | {rate / one:.2f}x | {versus} | "
                 f"{row['itl_p50_ms']} / {row['itl_p95_ms']} | {row['ttft_mean_s']} |"
             )
+    lines += ["", f"Two users alternating {CHAT_TURNS}-turn chats, prompts after each user's first from the cache:"]
+    for flags, share in report.get("alternating_chats", {}).items():
+        lines.append(f"- `{flags}`: {share['cached_share']:.0%} over all, {share['min_cached_share']:.0%} at least")
     return "\n".join(lines)

@@ -124,17 +124,18 @@ def stream_chat(
     messages: list[dict],
     max_tokens: int,
     response_format: dict | None = None,
+    ignore_eos: bool = True,
 ) -> StreamTiming:
-    """One greedy streamed chat completion (EOS ignored, so exactly ``max_tokens`` tokens), timed per chunk.
-    ``client`` is made once: a new httpx client costs 15-25 ms (it builds an SSL context), which is not the
-    server's time. ``response_format``: the answer is held to it (its grammar must not end before
-    ``max_tokens``: a grammar's end stops the answer)."""
+    """One greedy streamed chat completion, timed per chunk: exactly ``max_tokens`` tokens, EOS ignored, unless
+    ``ignore_eos`` is false. ``client`` is made once: a new httpx client costs 15-25 ms (it builds an SSL
+    context), which is not the server's time. ``response_format``: the answer is held to it (its grammar must
+    not end before ``max_tokens``: a grammar's end stops the answer)."""
     body = {
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": True,
+        "ignore_eos": ignore_eos,
         "stream": True,
         "stream_options": {"include_usage": True},
         **({"response_format": response_format} if response_format else {}),

@@ -308,7 +308,8 @@ def configure_bench(p) -> None:
         default=None,
         help="comma-separated stream counts (1,2,4,8): measure many users at once instead of the variants "
         "(aggregate decode, inter-token latency, time to first token; q8chat served with --max-batch the "
-        "largest, and in process beside llama.cpp)",
+        "largest beside llama.cpp's server with as many slots, built here with cmake, and both in process), "
+        "then how much of two users' alternating chats the server finds cached",
     )
     p.add_argument("--json", type=Path, default=Path("bench-results.json"))
     p.set_defaults(run=run_bench)

@@ -116,6 +116,7 @@ def build(shape: Shape, out: Path, cache_dir: Path, shard_bytes: int = SHARD_BYT
     _write_shard(shards, partial)
     _write_index(shards, partial)
     config.dtype = "bfloat16"
+    config.architectures = [type(model).__name__]  # what converters (llama.cpp's) read the family from
     config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(out)

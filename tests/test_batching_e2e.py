@@ -1,7 +1,7 @@
 """Many users at once, end to end: a real server on the default INT8 model with ``--max-batch 3`` and a
 small prefill chunk streams several greedy answers together, each the answer its request gets alone, while
 the router gauges show them running; a fourth request waits for a slot, and a client that leaves frees its
-slot."""
+slot; two users taking turns each find their conversation in a slot of their own."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import time
 import httpx
 import pytest
 
-from bench.concurrency import concurrent_streams
+from bench.concurrency import alternating_chats, cached_share, concurrent_streams
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "SmolLM2-135M-Instruct"
+PLACES = ["the sea", "the desert", "the mountains", "a forest", "the arctic", "a river", "a city", "a cave"]
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "List three uses of a paper clip, one per line.",
@@ -71,3 +72,15 @@ def test_a_client_that_leaves_frees_its_slot(batched):
         batched.base_url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=60
     )
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+
+
+def test_two_users_taking_turns_each_find_their_conversation_in_a_slot(batched):
+    """From each user's second turn on, the whole history but the new question comes from the cache: the last
+    prompt, and the answer to it but its last token (which was sampled, not run)."""
+    questions = [f"Question {i}: name one animal that lives in {place}." for i, place in enumerate(PLACES)]
+    usage = alternating_chats(batched.base_url, MODEL, "Answer in one short sentence.", questions, 4, 16)
+    assert [len(turns) for turns in usage] == [4, 4]
+    for turns in usage:
+        for earlier, later in zip(turns, turns[1:], strict=False):
+            assert later["cached_tokens"] >= earlier["prompt_tokens"] + earlier["completion_tokens"] - 1, usage
+    assert 0.5 < cached_share(usage)["min_cached_share"] <= cached_share(usage)["cached_share"] < 1

@@ -103,6 +103,8 @@ def test_a_random_model_is_written_in_bf16_shards_and_quantizes(shape, tmp_path)
             assert {stored.get_slice(name).get_dtype() for name in stored.keys()} == {"BF16"}
     loaded = load_float_model(out)
     assert loaded.model.config.model_type == shape.family
+    # the class is named as published checkpoints name it: llama.cpp's converter reads the family from it
+    assert json.loads((out / "config.json").read_text())["architectures"] == [type(loaded.model).__name__]
     if shape.family == "mpt":  # MPT-7B-chat's: ChatML's tokens, <|endoftext|> ends a turn's text, a tied head
         assert {"<|im_start|>", "<|im_end|>"} <= set(loaded.tokenizer.get_vocab())
         assert loaded.tokenizer.eos_token == "<|endoftext|>" and "lm_head.weight" not in index["weight_map"]
