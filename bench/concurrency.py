@@ -206,15 +206,17 @@ def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path |
 
 def _servers(args, checkpoint, context: int, slots: int, gguf: Path | None, log_dir: Path) -> dict:
     """The served competitors, started: ``q8chat serve --max-batch slots``, and llama.cpp's server with as
-    many parallel slots on ``gguf`` where it can be built."""
-    flags = served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(slots)]
-    servers = {"q8chat-served": ServerProcess(flags, {}, log_dir / "serve.log")}
+    many parallel slots on ``gguf`` where it can be built (first, so that its build does not share the cores
+    with q8chat's first start)."""
+    command = None
     if gguf is not None:
         try:
             command = [str(llamaserver.binary(args.cache_dir))]
         except llamacpp.LlamaCppUnavailable as exc:
             log.warning("no %s competitor: %s", llamaserver.NAME, exc)
-            return servers
+    flags = served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(slots)]
+    servers = {"q8chat-served": ServerProcess(flags, {}, log_dir / "serve.log")}
+    if command is not None:
         flags = llamaserver.server_args(gguf, context, slots, torch.get_num_threads(), SERVED_NAME)
         servers[llamaserver.NAME] = ServerProcess(flags, {}, log_dir / "llama-server.log", command=command)
     return servers
