@@ -18,6 +18,7 @@ import httpx
 import torch
 
 from bench import llamacpp, llamaserver
+from bench.chats import CHAT_TURNS, chats_served
 from bench.served import SERVED_NAME, ServerProcess, StreamTiming, served_args, stream_chat
 from prompts import heldout_text
 from quant.checkpoint import load_checkpoint, read_checkpoint_info
@@ -62,45 +63,6 @@ def concurrent_streams(
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(one, range(len(prompts))))
-
-
-def alternating_chats(
-    base_url: str, model: str, system: str, questions: list[str], turns: int, max_tokens: int, users: int = 2
-) -> list[list[dict]]:
-    """``users`` conversations of ``turns`` turns each, taken in turn (user 0's first turn, user 1's first
-    turn, ..., user 0's second turn, ...), each resending its whole history, answers as the model ended
-    them, as a chat client does. For each user, each turn's prompt tokens, how many of them the server had
-    cached, and the answer's tokens. Each conversation's system message is ``system`` after the user's
-    number."""
-    histories = [[{"role": "system", "content": f"User {user}. {system}"}] for user in range(users)]
-    asked = iter(questions)
-    usage: list[list[dict]] = [[] for _ in range(users)]
-    with httpx.Client() as client:
-        for _ in range(turns):
-            for user, history in enumerate(histories):
-                history.append({"role": "user", "content": next(asked)})
-                reply = stream_chat(client, base_url, model, history, max_tokens, ignore_eos=False)
-                history.append({"role": "assistant", "content": reply.text})
-                usage[user].append(
-                    {
-                        "prompt_tokens": reply.prompt_tokens,
-                        "cached_tokens": reply.cached_tokens,
-                        "completion_tokens": reply.tokens,
-                    }
-                )
-    return usage
-
-
-def cached_share(usage: list[list[dict]]) -> dict:
-    """Of every prompt after each conversation's first, the share the server had cached: the smallest, and
-    over all of them."""
-    later = [turn for conversation in usage for turn in conversation[1:]]
-    shares = [turn["cached_tokens"] / turn["prompt_tokens"] for turn in later]
-    return {
-        "turns": usage,
-        "min_cached_share": round(min(shares), 3),
-        "cached_share": round(sum(t["cached_tokens"] for t in later) / sum(t["prompt_tokens"] for t in later), 3),
-    }
 
 
 def summarize(streams: list[StreamTiming]) -> dict:
@@ -160,28 +122,6 @@ def batched_streams(engine: Engine, prompts: list[list[int]], max_tokens: int) -
     ]
 
 
-# A chat as the alternating users hold it: a system prompt, short questions (a sentence or two) and answers.
-CHAT_SYSTEM = (
-    "You are a helpful and knowledgeable assistant. The user quotes passages from encyclopedia articles and asks "
-    "about them: answer accurately and briefly, in plain sentences, and say so when the passage does not tell."
-)
-CHAT_TURNS, CHAT_QUESTION_CHARS, CHAT_ANSWER_TOKENS = 5, 120, 64
-
-
-def _alternating_served(flags: list[str], log_path: Path) -> dict:
-    """Two users alternating ``CHAT_TURNS``-turn chats with a server started with ``flags``: how much of
-    their prompts came from its caches (``cached_share``)."""
-    text, size = heldout_text(), CHAT_QUESTION_CHARS
-    questions = [text[i : i + size] for i in range(0, 2 * CHAT_TURNS * size, size)]
-    server = ServerProcess(flags, {}, log_path)
-    try:
-        server.wait_ready(3600)
-        usage = alternating_chats(server.base_url, SERVED_NAME, CHAT_SYSTEM, questions, CHAT_TURNS, CHAT_ANSWER_TOKENS)
-        return cached_share(usage)
-    finally:
-        server.stop()
-
-
 def _gguf(args, checkpoint_path: Path) -> Path | None:
     """The llama.cpp competitors' Q8_0 GGUF of the model (None without llama-cpp-python)."""
     if not llamacpp.available():
@@ -204,6 +144,10 @@ def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path |
         yield llamacpp.VARIANT, Engine(decoder, checkpoint.tokenizer, context, set())
 
 
+def _q8chat_flags(args, checkpoint, context: int, max_batch: int) -> list[str]:
+    return served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(max_batch)]
+
+
 def _servers(args, checkpoint, context: int, slots: int, gguf: Path | None, log_dir: Path) -> dict:
     """The served competitors, started: ``q8chat serve --max-batch slots``, and llama.cpp's server with as
     many parallel slots on ``gguf`` where it can be built (first, so that its build does not share the cores
@@ -214,8 +158,9 @@ def _servers(args, checkpoint, context: int, slots: int, gguf: Path | None, log_
             command = [str(llamaserver.binary(args.cache_dir))]
         except llamacpp.LlamaCppUnavailable as exc:
             log.warning("no %s competitor: %s", llamaserver.NAME, exc)
-    flags = served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(slots)]
-    servers = {"q8chat-served": ServerProcess(flags, {}, log_dir / "serve.log")}
+    servers = {
+        "q8chat-served": ServerProcess(_q8chat_flags(args, checkpoint, context, slots), {}, log_dir / "serve.log")
+    }
     if command is not None:
         flags = llamaserver.server_args(gguf, context, slots, torch.get_num_threads(), SERVED_NAME)
         servers[llamaserver.NAME] = ServerProcess(flags, {}, log_dir / "llama-server.log", command=command)
@@ -262,8 +207,8 @@ def run(args) -> dict:
             server.stop()
     chats = {}
     for max_batch in sorted({1, slots}):
-        flags = served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(max_batch)]
-        chats[f"--max-batch {max_batch}"] = _alternating_served(flags, log_dir / f"chats-{max_batch}.log")
+        flags = _q8chat_flags(args, checkpoint, context, max_batch)
+        chats[f"--max-batch {max_batch}"] = chats_served(flags, log_dir / f"chats-{max_batch}.log")
         print(f"two users alternating with --max-batch {max_batch}: {chats[f'--max-batch {max_batch}']}", flush=True)
     return {
         "machine": {"threads": torch.get_num_threads(), **cpu_class()},

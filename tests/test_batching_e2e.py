@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from bench.concurrency import alternating_chats, cached_share, concurrent_streams
+from bench.chats import alternating_chats, cached_share
+from bench.concurrency import concurrent_streams
 
 pytestmark = pytest.mark.e2e
 
