@@ -30,8 +30,8 @@ from server.engine.batching import DONE, Batcher, Job
 from server.engine.engine import Engine, GenerationStats
 from server.engine.sampling import SamplingParams
 from server.runtime.aoti.steps import package_paths
+from server.runtime.compact import DEFAULT_KV_DTYPE
 from server.runtime.decoders import make_decoder
-from server.runtime.static_llama import DEFAULT_KV_DTYPE
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from quant.store import int8_checkpoint, load_int8_model
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.runtime.aoti.steps import package_paths
+from server.runtime.compact import DEFAULT_KV_DTYPE, KV_DTYPES, kv_cache_bytes
 from server.runtime.decoders import HFDecoder, make_decoder
-from server.runtime.static_llama import DEFAULT_KV_DTYPE, KV_DTYPES, kv_cache_bytes
 
 
 def memory_bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 7) -> float:

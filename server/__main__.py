@@ -30,9 +30,9 @@ def build_service(settings: Settings, metrics, placement):
     from server.engine.grammar import Grammars
     from server.engine.prefix_cache import PrefixCache
     from server.runtime.aoti.steps import package_paths
+    from server.runtime.compact import KV_DTYPES
     from server.runtime.decoders import make_decoder
     from server.runtime.placement import cpu_isa
-    from server.runtime.static_llama import KV_DTYPES
     from server.service.prompter import Prompter
     from server.service.serving import ChatService
 

@@ -12,8 +12,9 @@ import torch
 from quant.smoothquant import Recipe
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.steps import package_paths, prune_stale, source_digest
+from server.runtime.compact import new_kv_caches
 from server.runtime.decoders import StaticDecoder, make_decoder
-from server.runtime.static_llama import StaticLlama, new_kv_caches
+from server.runtime.static_llama import StaticLlama
 from tests.harness import quantized_tiny, tiny_checkpoint, tiny_llama
 
 

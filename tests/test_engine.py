@@ -6,8 +6,8 @@ import torch
 from server.engine.engine import ContextLengthExceeded, Engine, GenerationStats
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import SamplingParams
-from server.runtime.decoders import HFDecoder, StaticDecoder, make_decoder
-from server.runtime.static_llama import UnsupportedForCompile, check_supported
+from server.runtime.compact import UnsupportedForCompile
+from server.runtime.decoders import HFDecoder, StaticDecoder, compact_model_class, make_decoder
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -19,7 +19,7 @@ def make_engine(request, tiny_model, tokenizer):
             decoder = HFDecoder(tiny_model)
         else:
             try:
-                check_supported(tiny_model.config)
+                compact_model_class(tiny_model.config)
             except UnsupportedForCompile:
                 pytest.skip("no compact decoder for this family")
             decoder = make_decoder(lambda: tiny_model, tiny_model.config, context)

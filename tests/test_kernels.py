@@ -11,7 +11,8 @@ from quant.smoothquant import Recipe
 from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.container import Container
-from server.runtime.static_llama import DEFAULT_KV_DTYPE, StaticLlama, attention_mask, new_kv_caches
+from server.runtime.compact import DEFAULT_KV_DTYPE, attention_mask, new_kv_caches
+from server.runtime.static_llama import StaticLlama
 from tests.harness import quantized_tiny, tiny_llama
 from tests.kernel_audit import onednn_implementations, reference_kernels
 

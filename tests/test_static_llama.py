@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from quant.smoothquant import Recipe
-from server.runtime.static_llama import (
-    StaticLlama,
-    UnsupportedForCompile,
-    attention_mask,
-    batch_mask,
-    new_kv_caches,
-)
+from server.runtime.compact import UnsupportedForCompile, attention_mask, batch_mask, new_kv_caches
+from server.runtime.static_llama import StaticLlama
 from tests.harness import quantized_tiny, tiny_llama, tiny_mpt
 
 

@@ -5,7 +5,7 @@ prefilling, then one decode step for every request that has a token to run, all 
 weights are read once for all of them, which on a CPU (bound by memory bandwidth when decoding) makes the
 extra sequences nearly free. A long prompt therefore delays the running streams by one chunk per token
 at most. A prompt is prefilled in the same chunks when it runs alone, and a decode step computes the same
-for a token whatever it runs with (``static_llama.ATTENTION_BLOCK``): so what a request gets does not
+for a token whatever it runs with (``compact.ATTENTION_BLOCK``): so what a request gets does not
 depend on the others.
 
 A request's ``choices`` run one after another on its slot (the prompt stays in the slot's cache). A request

@@ -1,7 +1,7 @@
 """Decoders: run new tokens through the model on top of the cached ones and return the last logits.
 
 The engine owns the token bookkeeping (which tokens the cache holds); a decoder owns the cache itself.
-``StaticDecoder`` is the fast path for the Llama family: a compact model with a preallocated cache, its
+``StaticDecoder`` is the fast path for the Llama and MPT families: a compact model with a preallocated cache, its
 prefill and one-token decode steps compiled ahead of time (``compiled_step``: frozen INT8 weights
 prepacked for oneDNN, GEMMs from inductor's CPU templates: VNNI here, AMX where the CPU has it).
 ``HFDecoder`` runs the Hugging Face model eagerly and serves every other family.
@@ -26,18 +26,33 @@ from quant.kernels import default_kernels, eager_kernel
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.constants import share_constants
-from server.runtime.static_llama import (
+from server.runtime.compact import (
     DEFAULT_KV_DTYPE,
-    StaticLlama,
     UnsupportedForCompile,
     attention_mask,
     batch_mask,
-    check_supported,
     new_kv_caches,
     slot_views,
 )
+from server.runtime.static_llama import StaticLlama, check_llama
+from server.runtime.static_mpt import StaticMPT, check_mpt
 
 log = logging.getLogger(__name__)
+
+# The compact model of each family that has one, with the check that a config's model is what it computes.
+COMPACT_MODELS: dict[str, tuple[type[nn.Module], Callable]] = {
+    "llama": (StaticLlama, check_llama),
+    "mpt": (StaticMPT, check_mpt),
+}
+
+
+def compact_model_class(config) -> type[nn.Module]:
+    """The compact model for this config's model; ``UnsupportedForCompile`` if none computes what it does."""
+    if config.model_type not in COMPACT_MODELS:
+        raise UnsupportedForCompile(f"no compact decoder for model type {config.model_type!r}")
+    compact, check = COMPACT_MODELS[config.model_type]
+    check(config)
+    return compact
 
 
 class HFDecoder:
@@ -84,7 +99,7 @@ class StaticDecoder:
     itself, eagerly (None when all are compiled)."""
 
     def __init__(
-        self, max_len: int, caches: list[torch.Tensor], steps: dict | None = None, net: StaticLlama | None = None
+        self, max_len: int, caches: list[torch.Tensor], steps: dict | None = None, net: nn.Module | None = None
     ) -> None:
         self.max_len, self.caches, self.slots = max_len, caches, caches[0].shape[0]
         self._slot_caches = [slot_views(caches, slot) for slot in range(self.slots)]
@@ -177,7 +192,7 @@ def _inputs(step: str, max_len: int, caches: list[torch.Tensor], compiled: bool)
     return torch.zeros(1, count, dtype=torch.long), torch.arange(start, start + count), mask, slot_views(caches, 0)
 
 
-def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, caches: list[torch.Tensor]) -> str:
+def _timed_against_eager(compiled: Callable, eager: nn.Module, step: str, caches: list[torch.Tensor]) -> str:
     """Seconds per call of the compiled step and of the eager one it replaces, on the same input
     (``_inputs``). Raises if the compiled step is slower, with both figures."""
     runs = (("compiled", compiled, True), ("eager", eager, False), ("compiled again", compiled, True))
@@ -196,8 +211,8 @@ def _timed_against_eager(compiled: Callable, eager: StaticLlama, step: str, cach
 
 
 def _compiled_step(
-    compact: Callable[[], StaticLlama],
-    eager: Callable[[], StaticLlama],
+    compact: Callable[[], nn.Module],
+    eager: Callable[[], nn.Module],
     step: str,
     package: Path,
     caches: list[torch.Tensor],
@@ -264,13 +279,13 @@ def make_decoder(
     ``eager_kernel()``. ``kv_dtype``: the static KV cache's element type (``KV_DTYPES``), which the packages
     must have been keyed by, as by ``slots`` (more than one: a ``batch`` package)."""
     try:
-        check_supported(config)
+        compact_class = compact_model_class(config)
     except UnsupportedForCompile as exc:
         log.info("%s; decoding eagerly with the Hugging Face model", exc)
         return HFDecoder(load_model(), slots)
     kernels = kernels or default_kernels()
     model = functools.cache(load_model)
-    compact = functools.cache(lambda kernel: StaticLlama(model(), max_len, kernel).eval())
+    compact = functools.cache(lambda kernel: compact_class(model(), max_len, kernel).eval())
     eager = functools.partial(compact, eager_kernel())
     caches = new_kv_caches(config, max_len, kv_dtype, slots)
     steps = {}

@@ -39,7 +39,7 @@ import torch
 
 from quant import int8, kernels
 from quant.load import fingerprint
-from server.runtime import static_llama
+from server.runtime import compact, static_llama, static_mpt
 from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import constants as step_constants
 from server.runtime.aoti import kernels as step_kernels
@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 _SOURCES = (
     int8.__file__,
     kernels.__file__,
+    compact.__file__,
     static_llama.__file__,
+    static_mpt.__file__,
     step_constants.__file__,
     step_kernels.__file__,
     avx2_int8_gemm.__file__,
@@ -85,7 +87,7 @@ def package_paths(
     checkpoint: Path,
     max_len: int,
     kernels: dict[str, str],
-    kv_dtype: torch.dtype = static_llama.DEFAULT_KV_DTYPE,
+    kv_dtype: torch.dtype = compact.DEFAULT_KV_DTYPE,
     slots: int = 1,
 ) -> dict[str, Path]:
     """The directories of the compiled steps of this checkpoint, context length, KV cache type and W8A8 kernel
@@ -187,21 +189,21 @@ def _register_one_row_micro_kernel() -> None:
     )
 
 
-def _example(net: static_llama.StaticLlama, step: str, kv_dtype: torch.dtype, slots: int) -> tuple[tuple, tuple]:
+def _example(net: torch.nn.Module, step: str, kv_dtype: torch.dtype, slots: int) -> tuple[tuple, tuple]:
     """Example arguments of ``step`` and their dynamic shapes: ``decode`` takes one token at a position > 0,
     ``prefill`` 2 or more tokens, ``batch`` a token for each of ``slots`` sequences; the attended length is
     symbolic from 2 to the cache size."""
     length = torch.export.Dim("attended", min=2, max=net.max_len)
-    caches = static_llama.new_kv_caches(net.config, net.max_len, kv_dtype, slots if step == BATCH else 1)
+    caches = compact.new_kv_caches(net.config, net.max_len, kv_dtype, slots if step == BATCH else 1)
     fixed = [None] * len(caches)  # the caches' shapes do not change
     if step == BATCH:
-        pos, mask = static_llama.batch_mask(net.max_len, [1] * slots)
+        pos, mask = compact.batch_mask(net.max_len, [1] * slots)
         return (torch.zeros(slots, 1, dtype=torch.long), pos, mask, caches), (None, None, {1: length}, fixed)
     tokens = 1 if step == "decode" else 4
     example = (
         torch.zeros(1, tokens, dtype=torch.long),
         torch.arange(1, 1 + tokens),
-        static_llama.attention_mask(net.max_len, 1, tokens, compiled=True),
+        compact.attention_mask(net.max_len, 1, tokens, compiled=True),
         caches,
     )
     if step == "decode":
@@ -210,7 +212,7 @@ def _example(net: static_llama.StaticLlama, step: str, kv_dtype: torch.dtype, sl
     return example, ({1: count}, {0: count}, {0: count, 1: length}, fixed)
 
 
-def export_step(net: static_llama.StaticLlama, example: tuple, dynamic: tuple) -> torch.export.ExportedProgram:
+def export_step(net: torch.nn.Module, example: tuple, dynamic: tuple) -> torch.export.ExportedProgram:
     with torch.no_grad():
         program = torch.export.export(net, example, dynamic_shapes=dynamic)
     # Export checks the dtype of every ``.to()`` result with an assert node. Such a node is a second user of
@@ -267,7 +269,7 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
         return torch.equal(step(*example), before)
 
 
-def build(net: static_llama.StaticLlama, step: str, path: Path, kv_dtype: torch.dtype, slots: int = 1) -> None:
+def build(net: torch.nn.Module, step: str, path: Path, kv_dtype: torch.dtype, slots: int = 1) -> None:
     """Compile ``step``, for KV caches of ``kv_dtype`` (of ``slots`` sequences for ``batch``), into the
     directory ``path`` (written whole or not at all)."""
     example, dynamic = _example(net, step, kv_dtype, slots)

@@ -1,0 +1,131 @@
+"""What the compact decoders (``static_llama``, ``static_mpt``) share: their INT8 layers, and the static KV
+cache with the masks that address it.
+
+Positions beyond the current one are masked, so the cache needs no cropping: reusing a prefix is just
+writing the new tokens at their positions. The caches are arguments of a step, written in place: the
+eager module and the compiled steps share them, and no compiled package carries a copy of them.
+
+The caches have one region (a *slot*) per sequence that may run at once. A prompt or a lone token runs
+on one slot (a ``[1, ...]`` view of it); a batched decode step runs one token of every slot together,
+each at its own position, so the weights are read once for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from quant.int8 import Int8Linear, fuse_linears
+
+
+class UnsupportedForCompile(ValueError):
+    pass
+
+
+def fused_layer(linears: list[nn.Module], kernel: str | None) -> nn.Module:
+    """One layer for linears reading the same input: INT8 ones (the served model) or float ones."""
+    if all(isinstance(m, Int8Linear) for m in linears):
+        return own_layer(fuse_linears(linears), kernel)
+    if all(type(m) is nn.Linear and m.bias is None for m in linears):
+        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
+        fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+        return fused
+    raise UnsupportedForCompile(f"cannot fuse {sorted({type(m).__name__ for m in linears})}")
+
+
+def own_layer(linear: nn.Module, kernel: str | None) -> nn.Module:
+    """The compact model's copy of an INT8 layer (same tensors), computed by ``kernel``, with scales in the
+    form inductor's INT8 lowerings take. The weight-only kernel takes a BF16 scale, which eager converts at
+    every call: converted once, the frozen graph holds a BF16 constant (inductor cannot lower that
+    conversion). A static input scale becomes a 1-element tensor: frozen as a 0-d tensor it folds into a
+    scalar constant, which the oneDNN qlinear lowering rejects (it takes a tensor or a Python float)."""
+    if not isinstance(linear, Int8Linear):
+        return linear
+    linear = linear.with_kernel(kernel)
+    if linear.scheme == "weight_only":
+        linear.weight_scale = linear.weight_scale.to(torch.bfloat16)
+    if linear.input_scale is not None:
+        linear.input_scale = linear.input_scale.reshape(1)
+    return linear
+
+
+def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
+    """One layer's key (or value) cache: one spare position keeps every attended slice shorter than the
+    cache, so the compiler keeps its length symbolic."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 1, heads, max_len + 1, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store new keys and values ``[B, heads, T, head_dim]`` at positions ``pos``: a prompt's or a token's on
+    a one-slot cache (B = 1), or a batched step's one token per slot, each at its own position."""
+    if k.shape[0] == 1:
+        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+    else:
+        slots = torch.arange(k.shape[0])
+        k_cache[slots, :, pos] = k[:, :, 0].to(k_cache.dtype)
+        v_cache[slots, :, pos] = v[:, :, 0].to(v_cache.dtype)
+
+
+# The KV cache's element types by name (``--kv-cache-dtype``). BF16 halves the bytes a decode step reads
+# from the cache (and the memory a long context takes); attention then runs in BF16 with FP32 sums.
+KV_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_KV_DTYPE = torch.bfloat16
+
+
+def new_kv_caches(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> list[torch.Tensor]:
+    """Each layer's key cache, then its value cache, zeroed, with ``slots`` sequences' regions: the ``caches``
+    argument of a step."""
+    shape = (slots, *kv_cache_shape(config, max_len)[1:])
+    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
+
+
+def slot_views(caches: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
+    """One slot's region of each cache, shaped as a one-slot cache (a contiguous view)."""
+    return [cache[slot : slot + 1] for cache in caches]
+
+
+def kv_cache_bytes(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> int:
+    """Bytes of all layers' key and value caches for ``max_len`` positions of ``slots`` sequences."""
+    return slots * 2 * config.num_hidden_layers * dtype.itemsize * math.prod(kv_cache_shape(config, max_len))
+
+
+# A decode step attends a whole number of these blocks of cache positions, the rest masked. SDPA's CPU
+# kernel sums a partial last block of keys in another order than a whole one, so a token's attention would
+# change in its last bits with the width its batch attends (the farthest sequence's); it does not change
+# with whole masked blocks added. So a decode step computes the same for a token whatever it runs with.
+ATTENTION_BLOCK = 16
+
+
+def decode_width(max_len: int, start: int) -> int:
+    """The attended width of a decode step for a token at ``start``: its whole blocks (at least 2 positions,
+    what the compiled steps take), within the cache."""
+    return min(max_len, max(2, -(-(start + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK))
+
+
+def batch_mask(max_len: int, starts: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and mask of a batched decode step: slot ``i`` adds one token at ``starts[i]`` and attends
+    to the cache up to it. An idle slot (None) writes to the spare position, which no mask reaches, and
+    attends to position 0 alone (its output is discarded; a row with nothing to attend would be NaN)."""
+    live = [start for start in starts if start is not None]
+    if any(start >= max_len for start in live):
+        raise ValueError(f"positions up to {max(live) + 1} do not fit a cache of {max_len}")
+    width = max(decode_width(max_len, start) for start in [0, *live])
+    pos = torch.tensor([max_len if start is None else start for start in starts])
+    reach = torch.tensor([0 if start is None else start for start in starts])
+    return pos, torch.arange(width)[None, :] <= reach[:, None]
+
+
+def attention_mask(max_len: int, start: int, count: int, compiled: bool = False) -> torch.Tensor | None:
+    """The mask for ``count`` new tokens at positions ``start...``: each sees the cache up to itself.
+    None for several tokens from position 0 (SDPA's causal attention, with no mask tensor to build), unless
+    ``compiled``: the compiled steps take a tensor. A single token's mask is ``decode_width`` wide."""
+    if start + count > max_len:
+        raise ValueError(f"positions up to {start + count} do not fit a cache of {max_len}")
+    if start == 0 and count > 1 and not compiled:
+        return None
+    width = decode_width(max_len, start) if count == 1 else start + count
+    return torch.arange(width)[None, :] <= torch.arange(start, start + count)[:, None]

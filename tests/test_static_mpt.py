@@ -1,0 +1,80 @@
+"""The compact MPT decoder computes what the Hugging Face MPT computes (ALiBi, fused clipped Wqkv, bias-free
+LayerNorms, GELU MLP), eagerly and compiled."""
+
+import pytest
+import torch
+
+from quant.smoothquant import Recipe
+from server.runtime.aoti import steps as compiled_step
+from server.runtime.compact import new_kv_caches
+from server.runtime.decoders import HFDecoder, StaticDecoder, make_decoder
+from server.runtime.static_mpt import StaticMPT, alibi_slopes
+from tests.harness import quantized_tiny, tiny_mpt
+from tests.test_static_llama import compact_logits
+
+
+def test_alibi_slopes_are_mpts_for_any_head_count():
+    assert torch.allclose(alibi_slopes(8), 2.0 ** -torch.arange(1.0, 9.0))
+    # not a power of two: MPT interleaves the slopes of the next power of two
+    assert torch.allclose(alibi_slopes(3), torch.tensor([2.0**-4, 2.0**-8, 2.0**-2]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-kv", "bf16-kv"])
+@pytest.mark.parametrize(
+    "recipe", [None, Recipe(alpha=None), Recipe(alpha=None, scheme="static")], ids=["float", "dynamic", "static"]
+)
+@pytest.mark.parametrize("clip_qkv", [None, 0.05], ids=["unclipped", "clipped"])
+def test_compact_mpt_matches_hugging_face_prefill_and_decode(tokenizer, recipe, kv_dtype, clip_qkv):
+    model = tiny_mpt(len(tokenizer))
+    for block in model.transformer.blocks:
+        block.attn.clip_qkv = clip_qkv  # small enough to clip some of the random model's q, k and v
+    if recipe is not None:
+        quantized_tiny(model, recipe)
+    ids = torch.randint(0, 2000, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = model(input_ids=torch.tensor([ids])).logits[0]
+    net = StaticMPT(model, 64).eval()
+    chunks = [10, 6] + [1] * 8  # a prompt in two chunks (the second attends the first), then token by token
+    ends = [sum(chunks[: i + 1]) - 1 for i in range(len(chunks))]
+    atol = 2e-3 if kv_dtype == torch.float32 else 2e-2  # BF16 rounds keys, values and the ALiBi bias
+    for logits, end in zip(compact_logits(net, ids, chunks, kv_dtype), ends, strict=True):
+        assert torch.allclose(logits, expected[end], atol=atol, rtol=1e-3), end
+
+
+def greedy(decoder, prompt: list[int], count: int, slot: int = 0) -> list[int]:
+    """``count`` greedy tokens after ``prompt``, decoded one by one as the engine does."""
+    tokens = [int(decoder.forward(prompt, 0, slot).argmax())]
+    for i in range(count - 1):
+        tokens.append(int(decoder.forward(tokens[-1:], len(prompt) + i, slot).argmax()))
+    return tokens
+
+
+@torch.no_grad()
+def test_the_compiled_mpt_decodes_the_eager_mpts_tokens(tmp_path, tokenizer):
+    """The three steps compiled for a quantized MPT: greedy tokens on fixed prompts are the Hugging Face
+    model's, token for token, and the batched step gives each sequence what it computes alone."""
+    model = tiny_mpt(len(tokenizer), seed=3)
+    quantized_tiny(model)
+    packages = compiled_step.package_paths(tmp_path, tmp_path, 64, dict.fromkeys(compiled_step.STEPS, "s8s8"), slots=2)
+    compiled = make_decoder(lambda: model, model.config, 64, packages, slots=2)
+    assert compiled.description.startswith("compiled decode step and prefill step and batch step")
+    prompts = [torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 19)]
+    for slot, prompt in enumerate(prompts):
+        assert greedy(compiled, prompt, 12, slot) == greedy(HFDecoder(model), prompt, 12), slot
+    alone = [compiled.forward([5 + slot], len(prompt) + 11, slot) for slot, prompt in enumerate(prompts)]
+    batched = compiled.decode([5, 6], [len(prompt) + 11 for prompt in prompts], [0, 1])
+    for row, expected in zip(batched, alone, strict=True):
+        assert (row - expected).abs().max() < 0.05 * expected.std()
+
+
+@torch.no_grad()
+def test_the_eager_batched_mpt_step_is_each_sequence_alone(tokenizer):
+    model = tiny_mpt(len(tokenizer))
+    quantized_tiny(model)
+    decoder = StaticDecoder(64, new_kv_caches(model.config, 64, slots=3), net=StaticMPT(model, 64).eval())
+    prompts = {0: [3, 4, 5, 6], 2: list(range(10, 31))}
+    for slot, prompt in prompts.items():
+        decoder.forward(prompt, 0, slot)
+    batched = decoder.decode([7, 8], [len(prompts[0]), len(prompts[2])], [0, 2])
+    for row, (slot, prompt) in zip(batched, prompts.items(), strict=True):
+        assert torch.allclose(row, decoder.forward([7 if slot == 0 else 8], len(prompt), slot), atol=1e-5)
