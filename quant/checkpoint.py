@@ -13,13 +13,15 @@ import json
 import logging
 import os
 import shutil
+import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from quant.families import set_submodule
@@ -181,23 +183,52 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """safetensors hands out views at arbitrary offsets of one buffer; torch's weight-only INT8 kernel
-    (``_weight_int8pack_mm``) crashes on a weight that is not 64-byte aligned, so copy those."""
-    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+_SAFETENSORS_DTYPES = {
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "BOOL": torch.bool,
+}
 
 
-def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    for name, tensor in tensors.items():
-        tensor = _aligned(tensor)
-        parent, _, leaf = name.rpartition(".")
-        module = model.get_submodule(parent) if parent else model
-        if leaf in module._parameters:
-            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-        elif leaf in module._buffers:
-            module._buffers[leaf] = tensor
-        else:
-            raise CheckpointError(f"{path}: tensor {name} does not belong to the model")
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file, each read from the file straight into its own (aligned) memory.
+    safetensors' own loaders map the whole file: its pages count as resident until the file is closed,
+    beside the tensors copied out of it, twice the weights at a 7B model's start."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        for name, spec in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = spec["data_offsets"]
+            tensor = torch.empty(spec["shape"], dtype=_SAFETENSORS_DTYPES[spec["dtype"]])
+            if tensor.nbytes != end - begin:
+                raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {spec['shape']}")
+            f.seek(8 + length + begin)
+            if tensor.nbytes and f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
+                raise CheckpointError(f"{path}: truncated at tensor {name}")
+            yield name, tensor
+
+
+def _assign(model: nn.Module, weights: Path) -> None:
+    """Put the stored tensors into the model one at a time (``read_safetensors``)."""
+    for name, tensor in read_safetensors(weights):
+        _assign_one(model, name, tensor, weights.parent)
+
+
+def _assign_one(model: nn.Module, name: str, tensor: torch.Tensor, path: Path) -> None:
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        raise CheckpointError(f"{path}: tensor {name} does not belong to the model")
 
 
 def load_tokenizer(path: Path):
@@ -274,7 +305,7 @@ def load_checkpoint(path: str | Path) -> QuantizedModel:
             model = AutoModelForCausalLM.from_config(config)
         for name, spec in manifest["modules"].items():
             set_submodule(model, name, _build_module(spec))
-        _assign(model, load_file(path / WEIGHTS), path)
+        _assign(model, path / WEIGHTS)
         for head, embedding in manifest["tied"].items():
             source = model.get_submodule(embedding)
             target = model.get_submodule(head)

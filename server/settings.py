@@ -35,7 +35,7 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="generations decoded together in one step, each with its own KV cache region (the "
-        "Llama family's compiled batched step; others decode them one after another); raise it for "
+        "compiled batched step of Llama and MPT; others decode them one after another); raise it for "
         "concurrent users: each slot costs a KV cache",
     )
     prefill_chunk: int = Field(
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
     kv_cache_dtype: Literal["bf16", "fp32"] = Field(
         "bf16",
-        description="element type of the static KV cache (Llama family): bf16 takes half the memory and half "
+        description="element type of the static KV cache (Llama and MPT): bf16 takes half the memory and half "
         "the bytes a decode step reads from it; fp32 computes attention as the float model does",
     )
     kv_cache_mb: float = Field(
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         True,
-        description="compile the prefill and decode steps (Llama family; about 2.5 "
+        description="compile the prefill and decode steps (Llama and MPT; about 2.5 "
         "minutes on 2 cores at the first start, then loaded from the cache "
         "dir in seconds); --no-compile runs them eagerly, slower",
     )

@@ -20,8 +20,8 @@ def random_ids(count: int, seed: int) -> list[int]:
 
 @pytest.fixture
 def make_engine(tiny_model, tokenizer):
-    """An engine on the tiny INT8 model with ``slots`` slots: the compact model's batched step for Llama, the
-    Hugging Face model one sequence after another for MPT."""
+    """An engine on the tiny INT8 model (Llama or MPT) with ``slots`` slots: the compact model's eager
+    batched step."""
     quantized_tiny(tiny_model)
 
     def make(slots: int, kept_mb: float = 0.0) -> Engine:

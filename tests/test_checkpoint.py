@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from quant.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
+from quant.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, read_safetensors, save_checkpoint
 from quant.int8 import Int8Embedding, Int8Linear
 from quant.smoothquant import Recipe, linear_names
 from server.engine.engine import Engine
@@ -86,3 +86,26 @@ def test_load_rejects_a_damaged_checkpoint(tiny_model, tokenizer, tmp_path):
     (out / "manifest.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a q8chat-int8"):
         load_checkpoint(out)
+
+
+def test_safetensors_are_read_tensor_by_tensor_as_stored(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    stored = {
+        "int8": torch.randint(-128, 127, (33, 7), dtype=torch.int8),
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+        "scale": torch.tensor(0.25),
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(stored, tmp_path / "w.safetensors")
+    read = dict(read_safetensors(tmp_path / "w.safetensors"))
+    expected = load_file(tmp_path / "w.safetensors")
+    assert read.keys() == expected.keys()
+    for name, tensor in read.items():
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+        assert tensor.data_ptr() % 64 == 0 or tensor.numel() == 0  # the weight-only INT8 kernel needs it
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="truncated at tensor"):
+        dict(read_safetensors(tmp_path / "cut.safetensors"))

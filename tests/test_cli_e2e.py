@@ -34,7 +34,7 @@ def float_model():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "smollm2-int8"
-    args = ["--alpha", "0.5", "--scheme", "static", "--calib-samples", "8", "--calib-length", "256"]
+    args = ["--alpha", "0.5", "--scheme", "static", "--calib-samples", "8", "--calib-length", "256", "--no-gptq"]
     result = q8chat("quantize", "--model", "default", "--out", str(out), *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "quantizing: 100%" in result.stderr and " 30/30 [" in result.stderr  # progress by layer, with an ETA
@@ -44,6 +44,7 @@ def checkpoint(tmp_path_factory):
 def test_quantize_writes_a_small_complete_checkpoint(checkpoint, float_model):
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     assert manifest["recipe"]["scheme"] == "static" and manifest["recipe"]["alpha"] == 0.5
+    assert manifest["recipe"]["gptq"] is False
     assert len(manifest["alphas"]) == float_model["linears"] and manifest["source"]["fingerprint"]
     assert set(manifest["fallback"]) <= set(manifest["alphas"])
     assert {"torch", "transformers"} <= set(manifest["versions"])

@@ -180,3 +180,20 @@ def test_a_step_that_builds_but_does_not_load_is_marked_failed(tiny_int8, tmp_pa
     make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages)
     assert "it failed before (RuntimeError: AOTInductor create: no such symbol)" in caplog.text
     assert "compiling the" not in caplog.text
+
+
+def test_a_step_too_big_to_build_in_memory_is_served_eagerly_and_retried_later(
+    tiny_int8, tmp_path, monkeypatch, caplog
+):
+    """Building a 7B step needs several times its weights: with too little memory the server says so and
+    decodes eagerly instead of being killed mid-build; a later start with memory to spare builds it."""
+    from server.runtime import decoders
+
+    weights = sum(t.nbytes for t in tiny_int8.state_dict().values())
+    monkeypatch.setattr(decoders, "available_memory", lambda: decoders.BUILD_MEMORY_SPARE + weights)
+    packages = {"decode": tmp_path / "compiled" / "decode"}
+    assert make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages).description.startswith("eager")
+    assert re.search(r"not using a compiled decode step \(MemoryError: building it needs about [\d.]+ GB", caplog.text)
+    assert "compiling the" not in caplog.text and not list((tmp_path / "compiled").glob("decode*"))
+    monkeypatch.setattr(decoders, "available_memory", lambda: None)  # unknown: the build is tried
+    assert make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages).description.startswith("compiled")

@@ -6,8 +6,7 @@ import torch
 
 from quant.smoothquant import Recipe
 from server.runtime.aoti import steps as compiled_step
-from server.runtime.compact import new_kv_caches
-from server.runtime.decoders import HFDecoder, StaticDecoder, make_decoder
+from server.runtime.decoders import HFDecoder, make_decoder
 from server.runtime.static_mpt import StaticMPT, alibi_slopes
 from tests.harness import quantized_tiny, tiny_mpt
 from tests.test_static_llama import compact_logits
@@ -65,16 +64,3 @@ def test_the_compiled_mpt_decodes_the_eager_mpts_tokens(tmp_path, tokenizer):
     batched = compiled.decode([5, 6], [len(prompt) + 11 for prompt in prompts], [0, 1])
     for row, expected in zip(batched, alone, strict=True):
         assert (row - expected).abs().max() < 0.05 * expected.std()
-
-
-@torch.no_grad()
-def test_the_eager_batched_mpt_step_is_each_sequence_alone(tokenizer):
-    model = tiny_mpt(len(tokenizer))
-    quantized_tiny(model)
-    decoder = StaticDecoder(64, new_kv_caches(model.config, 64, slots=3), net=StaticMPT(model, 64).eval())
-    prompts = {0: [3, 4, 5, 6], 2: list(range(10, 31))}
-    for slot, prompt in prompts.items():
-        decoder.forward(prompt, 0, slot)
-    batched = decoder.decode([7, 8], [len(prompts[0]), len(prompts[2])], [0, 2])
-    for row, (slot, prompt) in zip(batched, prompts.items(), strict=True):
-        assert torch.allclose(row, decoder.forward([7 if slot == 0 else 8], len(prompt), slot), atol=1e-5)
