@@ -205,6 +205,8 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         header.pop("__metadata__", None)
         for name, spec in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             begin, end = spec["data_offsets"]
+            if spec["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has an unsupported type {spec['dtype']}")
             tensor = torch.empty(spec["shape"], dtype=_SAFETENSORS_DTYPES[spec["dtype"]])
             if tensor.nbytes != end - begin:
                 raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {spec['shape']}")

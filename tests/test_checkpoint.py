@@ -109,3 +109,6 @@ def test_safetensors_are_read_tensor_by_tensor_as_stored(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
     with pytest.raises(CheckpointError, match="truncated at tensor"):
         dict(read_safetensors(tmp_path / "cut.safetensors"))
+    save_file({"f64": torch.zeros(2, dtype=torch.float64)}, tmp_path / "f64.safetensors")
+    with pytest.raises(CheckpointError, match="tensor f64 has an unsupported type F64"):
+        dict(read_safetensors(tmp_path / "f64.safetensors"))
