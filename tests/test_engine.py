@@ -6,8 +6,7 @@ import torch
 from server.engine.engine import ContextLengthExceeded, Engine, GenerationStats
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import SamplingParams
-from server.runtime.compact import UnsupportedForCompile
-from server.runtime.decoders import HFDecoder, StaticDecoder, compact_model_class, make_decoder
+from server.runtime.decoders import HFDecoder, StaticDecoder, make_decoder
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -18,10 +17,6 @@ def make_engine(request, tiny_model, tokenizer):
         if request.param == "hf":
             decoder = HFDecoder(tiny_model)
         else:
-            try:
-                compact_model_class(tiny_model.config)
-            except UnsupportedForCompile:
-                pytest.skip("no compact decoder for this family")
             decoder = make_decoder(lambda: tiny_model, tiny_model.config, context)
             assert isinstance(decoder, StaticDecoder)
         return Engine(decoder, tokenizer, context, set(eos), PrefixCache(int(kept_mb * 2**20)) if kept_mb else None)
