@@ -148,7 +148,7 @@ class Int8Linear(nn.Module):
         """This layer on the same tensors, computed by ``kernel``: what a compiled step changes of a layer
         (kernel, scale dtypes) stays off the model it came from."""
         clone = copy.copy(self)
-        clone._buffers = dict(self._buffers)
+        clone._buffers, clone._parameters = dict(self._buffers), dict(self._parameters)
         clone.kernel = None if kernel is None else check_kernel(kernel)
         return clone
 
@@ -191,12 +191,25 @@ def fuse_linears(linears: list[Int8Linear]) -> Int8Linear:
         scheme=first.scheme,
         smooth=first.smooth is not None,
     )
-    fused.weight = torch.cat([m.weight for m in linears])
+    fused.weight = stack_rows([m.weight for m in linears])
     fused.weight_scale = torch.cat([m.weight_scale for m in linears])
     if first.bias is not None:
         fused.bias = torch.cat([m.bias for m in linears])
     fused.input_scale, fused.smooth = first.input_scale, first.smooth
     return fused
+
+
+def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)`` of contiguous 2-d blocks, as a view where they already lie one after another in
+    one storage (layers an earlier fusion left as views of its result): no second copy of the weights."""
+    first = tensors[0]
+    adjacent = all(
+        t.is_contiguous() and t.dim() == 2 and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        for t in tensors
+    ) and all(b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(tensors, tensors[1:]))
+    if not adjacent:
+        return torch.cat(tensors)
+    return first.as_strided((sum(t.shape[0] for t in tensors), first.shape[1]), (first.shape[1], 1))
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

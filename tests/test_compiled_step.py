@@ -197,3 +197,25 @@ def test_a_step_too_big_to_build_in_memory_is_served_eagerly_and_retried_later(
     assert "compiling the" not in caplog.text and not list((tmp_path / "compiled").glob("decode*"))
     monkeypatch.setattr(decoders, "available_memory", lambda: None)  # unknown: the build is tried
     assert make_decoder(lambda: tiny_int8, tiny_int8.config, 64, packages).description.startswith("compiled")
+
+
+def test_compact_models_share_the_models_int8_weights_and_export_them_as_parameters(tiny_int8):
+    """Inductor clones every buffer of an exported step, and fusing q/k/v and gate/up copied their weights:
+    at 7B each was another copy of the weights during a build. Now the model's layers become views of the
+    fused weights, compact models of several kernels hold one copy, and the weights are parameters."""
+
+    def storages(*modules) -> dict[int, int]:  # of the INT8 weights (scales are fused by copying: small)
+        return {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for module in modules
+            for t in module.state_dict().values()
+            if t.dtype == torch.int8
+        }
+
+    nets = [StaticLlama(tiny_int8, 64, kernel) for kernel in ("s8s8", "bf16")]
+    assert storages(tiny_int8, *nets) == storages(tiny_int8)
+    example, dynamic = compiled_step._example(nets[0], "decode", torch.bfloat16, 1)
+    program = compiled_step.export_step(nets[0], example, dynamic)
+    assert not program.graph_signature.buffers
+    weights = [p for p in program.parameters() if p.dtype == torch.int8]
+    assert weights and {p.untyped_storage().data_ptr() for p in weights} <= set(storages(tiny_int8))

@@ -25,9 +25,13 @@ class UnsupportedForCompile(ValueError):
 
 
 def fused_layer(linears: list[nn.Module], kernel: str | None) -> nn.Module:
-    """One layer for linears reading the same input: INT8 ones (the served model) or float ones."""
+    """One layer for linears reading the same input: INT8 ones (the served model) or float ones. INT8 layers
+    become views of the fused weight: the model and its compact forms (one per kernel) hold one copy."""
     if all(isinstance(m, Int8Linear) for m in linears):
-        return own_layer(fuse_linears(linears), kernel)
+        fused = fuse_linears(linears)
+        for linear, part in zip(linears, fused.weight.split([m.out_features for m in linears])):
+            linear.weight = part
+        return own_layer(fused, kernel)
     if all(type(m) is nn.Linear and m.bias is None for m in linears):
         fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
         fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)

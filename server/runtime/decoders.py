@@ -163,11 +163,11 @@ def _mark(package: Path, kind: str, reason: str) -> None:
     _marker(package, kind).write_text(reason + "\n")
 
 
-# A build holds the model, inductor's packed copy of its weights, and AOTInductor's constants (packed and raw
-# weights) serialized into one buffer: about this many times the weights on top of the loaded model (a 1.1B
-# Llama's decode build peaked 6.2 GB above its 1.2 GB of weights; a 7B MPT's, 6.6 GB of weights, was killed
-# for memory at 24 GB).
-BUILD_MEMORY_FACTOR = 5
+# A build holds, beside the loaded model, inductor's copies of the INT8 weights: transposed and contiguous,
+# prepacked for oneDNN, packed for its own GEMM template, and serialized into one buffer. A 1.1B Llama's
+# decode build peaked 3.1 times its 1.2 GB of weights above the loaded model (AMX); a 7B MPT's, 6.6 GB of
+# weights, was killed for memory at 24 GB.
+BUILD_MEMORY_FACTOR = 4
 BUILD_MEMORY_SPARE = 1 << 30
 
 

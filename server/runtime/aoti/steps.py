@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ import torch
 
 from quant import int8, kernels
 from quant.load import fingerprint
-from server.runtime import compact, static_llama, static_mpt
+from server.runtime import compact, heap, static_llama, static_mpt
 from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import constants as step_constants
 from server.runtime.aoti import kernels as step_kernels
@@ -212,7 +213,20 @@ def _example(net: torch.nn.Module, step: str, kv_dtype: torch.dtype, slots: int)
     return example, ({1: count}, {0: count}, {0: count, 1: length}, fixed)
 
 
+def buffers_as_parameters(net: torch.nn.Module) -> None:
+    """Register ``net``'s buffers (the INT8 layers' weights and scales) as parameters without gradients, in
+    place. AOTInductor clones every buffer before freezing, as a step might write to it: a second copy of the
+    weights for the whole build. No step writes to one (the KV caches are arguments)."""
+    for module in net.modules():
+        for name, tensor in list(module._buffers.items()):
+            if tensor is not None:
+                del module._buffers[name]
+                module._non_persistent_buffers_set.discard(name)
+                module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
 def export_step(net: torch.nn.Module, example: tuple, dynamic: tuple) -> torch.export.ExportedProgram:
+    buffers_as_parameters(net)
     with torch.no_grad():
         program = torch.export.export(net, example, dynamic_shapes=dynamic)
     # Export checks the dtype of every ``.to()`` result with an assert node. Such a node is a second user of
@@ -278,6 +292,9 @@ def build(net: torch.nn.Module, step: str, path: Path, kv_dtype: torch.dtype, sl
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
         built = Path(scratch) / path.name
         unused, gemms = compile_program(program, built)
+        del program
+        gc.collect()  # inductor's copies of the weights, before a container loads the step's own
+        heap.trim()
         (built / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
         if unused and not _really_unused(built, unused, example):
             log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
