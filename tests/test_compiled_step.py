@@ -47,7 +47,8 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
     packages = {step: tmp_path / "compiled" / step for step in ("decode", "prefill")}
     compiled = make_decoder(lambda: model, model.config, 64, packages)
     assert compiled.description.startswith("compiled decode step and prefill step")
-    eager = StaticDecoder(64, new_kv_caches(model.config, 64), net=StaticLlama(model, 64).eval())
+    net = StaticLlama(model, 64).eval()
+    eager = StaticDecoder(64, new_kv_caches(model.config, 64), eager={"decode": net, "prefill": net})
     prompt = torch.randint(0, 2000, (20,), generator=torch.Generator().manual_seed(7)).tolist()
 
     def logits(decoder):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quant.int8 import Int8Linear
-from quant.kernels import REFERENCE, STEPS, cpu_flags, default_kernels, eager_kernel, w8a8_matmul
+from quant.kernels import REFERENCE, STEPS, cpu_flags, default_kernels, eager_kernel, eager_kernels, w8a8_matmul
 from quant.smoothquant import Recipe
 from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import steps as compiled_step
@@ -35,6 +35,9 @@ def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
     assert default_kernels(AMX, "AVX512_CORE_VNNI") == vnni
     assert default_kernels(AMX, "avx2") == dict.fromkeys(STEPS, "bf16")
     assert default_kernels(ZEN4, "AVX512_CORE_AMX") == vnni
+    # eager steps: a prompt gets the eager kernel, one row (decode) the faster weight read of bf16
+    assert eager_kernels(AMX, "") == eager_kernels(ZEN4, "") == {"prefill": "s8s8", "decode": "bf16"}
+    assert eager_kernels(ZEN3, "") == dict.fromkeys(STEPS, "bf16")
 
 
 def exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant.kernels import default_kernels, eager_kernel
+from quant.kernels import default_kernels, eager_kernels
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.constants import share_constants
@@ -95,18 +95,23 @@ class HFDecoder:
 
 class StaticDecoder:
     """The compact model. Prompts run the ``prefill`` step, single tokens the ``decode`` step and a token of
-    each of several slots the ``batch`` step: compiled where ``steps`` has them, else ``net``, the module
-    itself, eagerly (None when all are compiled)."""
+    each of several slots the ``batch`` step: compiled where ``steps`` has them, else the module of ``eager``
+    for that step (by name) run eagerly."""
 
     def __init__(
-        self, max_len: int, caches: list[torch.Tensor], steps: dict | None = None, net: nn.Module | None = None
+        self,
+        max_len: int,
+        caches: list[torch.Tensor],
+        steps: dict | None = None,
+        eager: dict[str, nn.Module] | None = None,
     ) -> None:
         self.max_len, self.caches, self.slots = max_len, caches, caches[0].shape[0]
         self._slot_caches = [slot_views(caches, slot) for slot in range(self.slots)]
-        self._steps, self._net = steps or {}, net
-        compiled = " and ".join(f"{name} step" for name in self._steps)
-        kernels = [f"{net.kernel} eagerly"] if net is not None and net.kernel else []
-        kernels += [f"{step.kernel} compiled {name}" for name, step in self._steps.items()]
+        self._steps = {**(eager or {}), **(steps or {})}
+        compiled = " and ".join(f"{name} step" for name in steps or {})
+        kernels = [f"{net.kernel} eager {name}" for name, net in (eager or {}).items() if net.kernel]
+        kernels += [f"{step.kernel} compiled {name}" for name, step in (steps or {}).items()]
+        self._compiled = set(steps or {})
         self.description = (
             (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled else "eager compact model")
             + f", static {str(caches[0].dtype).removeprefix('torch.')} KV cache of "
@@ -117,10 +122,10 @@ class StaticDecoder:
 
     def forward(self, ids: list[int], start: int, slot: int = 0) -> torch.Tensor:
         """Logits after ``ids`` at positions ``start...`` of slot ``slot``."""
-        step = self._steps.get("decode" if len(ids) == 1 else "prefill")
-        mask = attention_mask(self.max_len, start, len(ids), compiled=step is not None)
+        name = "decode" if len(ids) == 1 else "prefill"
+        mask = attention_mask(self.max_len, start, len(ids), compiled=name in self._compiled)
         tokens, pos = torch.tensor([ids]), torch.arange(start, start + len(ids))
-        return (step or self._net)(tokens, pos, mask, self._slot_caches[slot])[0]
+        return self._steps[name](tokens, pos, mask, self._slot_caches[slot])[0]
 
     def decode(self, tokens: list[int], starts: list[int], slots: list[int]) -> torch.Tensor:
         """Logits ``[len(tokens), vocab]`` after token ``tokens[i]`` at position ``starts[i]`` of slot
@@ -130,7 +135,7 @@ class StaticDecoder:
         for token, start, slot in zip(tokens, starts, slots, strict=True):
             at[slot], ids[slot, 0] = start, token
         pos, mask = batch_mask(self.max_len, at)
-        return (self._steps.get("batch") or self._net)(ids, pos, mask, self.caches)[slots]
+        return self._steps["batch"](ids, pos, mask, self.caches)[slots]
 
     def reset(self, slot: int = 0) -> None:
         pass  # positions are overwritten before they are attended to: nothing to forget
@@ -306,7 +311,7 @@ def make_decoder(
     reads the checkpoint's weights. ``packages``: the compiled steps' directories by step name (see
     ``compiled_step.package_paths``), built when absent; None decodes eagerly. ``kernels``: the W8A8
     kernel of each compiled step (``quant.kernels``; None: this CPU's); eager steps get this CPU's
-    ``eager_kernel()``. ``kv_dtype``: the static KV cache's element type (``KV_DTYPES``), which the packages
+    ``eager_kernels()``. ``kv_dtype``: the static KV cache's element type (``KV_DTYPES``), which the packages
     must have been keyed by, as by ``slots`` (more than one: a ``batch`` package)."""
     try:
         compact_class = compact_model_class(config)
@@ -316,13 +321,16 @@ def make_decoder(
     kernels = kernels or default_kernels()
     model = functools.cache(load_model)
     compact = functools.cache(lambda kernel: compact_class(model(), max_len, kernel).eval())
-    eager = functools.partial(compact, eager_kernel())
+    by_step = eager_kernels()
+    eager = lambda step: compact(compiled_step.kernel_of(by_step, step))  # noqa: E731
     caches = new_kv_caches(config, max_len, kv_dtype, slots)
     steps = {}
     for step, package in (packages or {}).items():
         try:
             kernel = compiled_step.kernel_of(kernels, step)
-            steps[step] = _compiled_step(functools.partial(compact, kernel), eager, step, package, caches)
+            steps[step] = _compiled_step(
+                functools.partial(compact, kernel), functools.partial(eager, step), step, package, caches
+            )
         except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
             log.warning(
                 "not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__, _first_line(exc)
@@ -344,6 +352,6 @@ def make_decoder(
             released / 1e6,
             unused / 1e6,
         )
-    net = None if set(steps) == set(compiled_step.steps_of(slots)) else eager()
+    eager_steps = {step: eager(step) for step in compiled_step.steps_of(slots) if step not in steps}
     compact.cache_clear()  # the compiled steps' own copy of the model is no longer needed
-    return StaticDecoder(max_len, caches, steps, net)
+    return StaticDecoder(max_len, caches, steps, eager_steps)
