@@ -322,7 +322,10 @@ def make_decoder(
     model = functools.cache(load_model)
     compact = functools.cache(lambda kernel: compact_class(model(), max_len, kernel).eval())
     by_step = eager_kernels()
-    eager = lambda step: compact(compiled_step.kernel_of(by_step, step))  # noqa: E731
+
+    def eager(step: str) -> nn.Module:
+        return compact(compiled_step.kernel_of(by_step, step))
+
     caches = new_kv_caches(config, max_len, kv_dtype, slots)
     steps = {}
     for step, package in (packages or {}).items():
