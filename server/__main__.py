@@ -96,12 +96,9 @@ def return_freed_memory() -> None:
     """Hand the heap freed by loading back to the OS. With both steps compiled, the eager model's weights
     (copies of what the compiled steps hold) are garbage once the service is built, but glibc keeps freed heap
     mapped: 180 MB of the default model's resident memory until ``malloc_trim``."""
-    import gc
-
     from server.runtime import heap
 
-    gc.collect()
-    heap.trim()
+    heap.release_garbage()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,11 +107,11 @@ class StaticDecoder:
     ) -> None:
         self.max_len, self.caches, self.slots = max_len, caches, caches[0].shape[0]
         self._slot_caches = [slot_views(caches, slot) for slot in range(self.slots)]
-        self._steps = {**(eager or {}), **(steps or {})}
-        compiled = " and ".join(f"{name} step" for name in steps or {})
-        kernels = [f"{net.kernel} eager {name}" for name, net in (eager or {}).items() if net.kernel]
-        kernels += [f"{step.kernel} compiled {name}" for name, step in (steps or {}).items()]
-        self._compiled = set(steps or {})
+        steps, eager = steps or {}, eager or {}
+        self._steps, self._compiled = {**eager, **steps}, set(steps)
+        compiled = " and ".join(f"{name} step" for name in steps)
+        kernels = [f"{net.kernel} eager {name}" for name, net in eager.items() if net.kernel]
+        kernels += [f"{step.kernel} compiled {name}" for name, step in steps.items()]
         self.description = (
             (f"compiled {compiled} (AOTInductor, frozen INT8 weights)" if compiled else "eager compact model")
             + f", static {str(caches[0].dtype).removeprefix('torch.')} KV cache of "

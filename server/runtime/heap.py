@@ -9,6 +9,7 @@ again, a few milliseconds against its hundreds.
 from __future__ import annotations
 
 import ctypes
+import gc
 
 _libc = ctypes.CDLL(None)
 
@@ -19,3 +20,9 @@ def trim() -> None:
         _libc.malloc_trim(0)
     except AttributeError:  # not glibc
         pass
+
+
+def release_garbage() -> None:
+    """Collect unreachable objects (torch tensors in reference cycles among them), then ``trim``."""
+    gc.collect()
+    trim()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import hashlib
 import json
 import logging
@@ -293,8 +292,7 @@ def build(net: torch.nn.Module, step: str, path: Path, kv_dtype: torch.dtype, sl
         built = Path(scratch) / path.name
         unused, gemms = compile_program(program, built)
         del program
-        gc.collect()  # inductor's copies of the weights, before a container loads the step's own
-        heap.trim()
+        heap.release_garbage()  # inductor's copies of the weights, before a container loads the step's own
         (built / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
         if unused and not _really_unused(built, unused, example):
             log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
