@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quant.smoothquant import Recipe
-from server.runtime.compact import UnsupportedForCompile, attention_mask, batch_mask, new_kv_caches
+from server.runtime.compact import UnsupportedForCompile, attention, attention_mask, batch_mask, new_kv_caches
 from server.runtime.static_llama import StaticLlama
 from tests.harness import quantized_tiny, tiny_llama, tiny_mpt
 
@@ -68,6 +68,28 @@ def test_compiled_steps_get_a_mask_at_least_two_positions_wide():
         [True, True, True],
     ]
     assert torch.equal(attention_mask(8, 3, 2, compiled=True), attention_mask(8, 3, 2))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "heads, kv_heads, slots, bias", [(6, 2, 1, False), (6, 2, 3, False), (4, 4, 3, True)], ids=["gqa", "batch", "alibi"]
+)
+def test_compiled_one_query_attention_is_sdpas(heads, kv_heads, slots, bias):
+    """A decode step's attention, written out for inductor to fuse, against SDPA's on the same BF16 cache:
+    grouped queries, a batched step's slots each with its own reach, and MPT's additive ALiBi bias (-inf masked)."""
+    torch.manual_seed(0)
+    width = 48
+    q = torch.randn(slots, heads, 1, 16)
+    k, v = torch.randn(2, slots, kv_heads, width, 16).to(torch.bfloat16).unbind(0)
+    mask = torch.arange(width)[None, :] <= torch.tensor([40, 3, 20][:slots])[:, None]
+    mask = mask[:, None, None]  # [B, 1, 1, L]
+    if bias:
+        slopes = torch.rand(heads)[None, :, None, None]
+        mask = (slopes * (torch.arange(width) - 40.0)).masked_fill(~mask, float("-inf")).to(torch.bfloat16)
+    expected = attention(q, k, v, mask, 0.3)  # eagerly: SDPA
+    compiled = torch.compile(attention, fullgraph=True, dynamic=False)(q, k, v, mask, 0.3)
+    assert compiled.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_other_families_are_refused():

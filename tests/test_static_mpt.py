@@ -40,26 +40,39 @@ def test_compact_mpt_matches_hugging_face_prefill_and_decode(tokenizer, recipe, 
         assert torch.allclose(logits, expected[end], atol=atol, rtol=1e-3), end
 
 
-def greedy(decoder, prompt: list[int], count: int, slot: int = 0) -> list[int]:
-    """``count`` greedy tokens after ``prompt``, decoded one by one as the engine does."""
-    tokens = [int(decoder.forward(prompt, 0, slot).argmax())]
+def greedy_logits(decoder, prompt: list[int], count: int, slot: int = 0, tokens: list[int] | None = None) -> list:
+    """The logits of ``count`` steps after ``prompt``, decoded one by one as the engine does: each step feeds the
+    greedy token of the last, or ``tokens``' (another decoder's choices, to compare the two step by step)."""
+    logits = [decoder.forward(prompt, 0, slot)]
     for i in range(count - 1):
-        tokens.append(int(decoder.forward(tokens[-1:], len(prompt) + i, slot).argmax()))
-    return tokens
+        token = int(logits[-1].argmax()) if tokens is None else tokens[i]
+        logits.append(decoder.forward([token], len(prompt) + i, slot))
+    return logits
 
 
 @torch.no_grad()
 def test_the_compiled_mpt_decodes_the_eager_mpts_tokens(tmp_path, tokenizer):
-    """The three steps compiled for a quantized MPT: greedy tokens on fixed prompts are the Hugging Face
-    model's, token for token, and the batched step gives each sequence what it computes alone."""
+    """The three steps compiled for a quantized MPT: on fixed prompts, greedy decoding by the Hugging Face model
+    gives logits that the compiled steps' follow closely, and the same token at every step that HF's own
+    logits decide by more than the two differ (this random model's logits tie now and then); the batched
+    step gives each sequence what it computes alone."""
     model = tiny_mpt(len(tokenizer), seed=3)
     quantized_tiny(model)
     packages = compiled_step.package_paths(tmp_path, tmp_path, 64, dict.fromkeys(compiled_step.STEPS, "s8s8"), slots=2)
     compiled = make_decoder(lambda: model, model.config, 64, packages, slots=2)
     assert compiled.description.startswith("compiled decode step and prefill step and batch step")
     prompts = [torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 19)]
+    decided = 0
     for slot, prompt in enumerate(prompts):
-        assert greedy(compiled, prompt, 12, slot) == greedy(HFDecoder(model), prompt, 12), slot
+        expected = greedy_logits(HFDecoder(model), prompt, 12)
+        tokens = [int(logits.argmax()) for logits in expected]
+        for step, (got, want) in enumerate(zip(greedy_logits(compiled, prompt, 12, slot, tokens), expected)):
+            difference, (first, second) = (got - want).abs().max(), want.topk(2).values
+            assert difference < 0.1 * want.std(), (slot, step)
+            if first - second > 2 * difference:
+                decided += 1
+                assert int(got.argmax()) == tokens[step], (slot, step)
+    assert decided >= 16  # of 24 steps
     alone = [compiled.forward([5 + slot], len(prompt) + 11, slot) for slot, prompt in enumerate(prompts)]
     batched = compiled.decode([5, 6], [len(prompt) + 11 for prompt in prompts], [0, 1])
     for row, expected in zip(batched, alone, strict=True):

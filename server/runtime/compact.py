@@ -16,6 +16,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from quant.int8 import Int8Linear, fuse_linears
 
@@ -95,6 +96,37 @@ def slot_views(caches: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
 def kv_cache_bytes(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> int:
     """Bytes of all layers' key and value caches for ``max_len`` positions of ``slots`` sequences."""
     return slots * 2 * config.num_hidden_layers * dtype.itemsize * math.prod(kv_cache_shape(config, max_len))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+) -> torch.Tensor:
+    """Attention of queries ``q [B, H, T, D]`` to the cached keys and values ``[B, KV, L, D]`` (``H`` a multiple
+    of ``KV``), with ``mask`` (True: attend) or an additive float bias, broadcast to ``[B, H, T, L]``, or None
+    (causal); in the cache's type, with FP32 sums.
+
+    Compiled, one query per sequence (a decode step) is written out as products and sums, which inductor
+    fuses into one loop over the cache: SDPA's flash kernel took several times longer for a lone query (its
+    blocking and buffers are made for many), and attention was the largest part of a small model's decode
+    step. Eagerly, and for prompts, SDPA, whose kernel materializes no score tensor."""
+    if q.shape[2] > 1 or mask is None or not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(
+            q.to(k.dtype),
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+    b, heads, _, dim = q.shape
+    kv, length = k.shape[1], k.shape[2]
+    group = q.reshape(b, kv, heads // kv, 1, dim).float()  # the queries of each key head
+    scores = (group * k[:, :, None].float()).sum(-1) * (dim**-0.5 if scale is None else scale)  # [B, KV, G, L]
+    mask = mask.reshape(mask.shape[0], kv if mask.shape[1] > 1 else 1, -1, length)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = (scores.softmax(-1)[..., None] * v[:, :, None].float()).sum(-2)  # [B, KV, G, D]
+    return out.reshape(b, heads, 1, dim).to(k.dtype)
 
 
 # A decode step attends a whole number of these blocks of cache positions, the rest masked. SDPA's CPU

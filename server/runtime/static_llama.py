@@ -14,7 +14,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.runtime.compact import UnsupportedForCompile, fused_layer, kv_cache_shape, own_layer, write_kv
+from server.runtime.compact import (
+    UnsupportedForCompile,
+    attention,
+    fused_layer,
+    kv_cache_shape,
+    own_layer,
+    write_kv,
+)
 
 
 def check_llama(config) -> None:
@@ -72,14 +79,7 @@ class StaticBlock(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         write_kv(k_cache, v_cache, pos, k, v)
         length = t if mask is None else mask.shape[-1]
-        att = F.scaled_dot_product_attention(
-            q.to(k_cache.dtype),  # in the cache's type: converting the cache instead would read it twice
-            k_cache[:, :, :length],
-            v_cache[:, :, :length],
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.heads != self.kv_heads,
-        ).to(x.dtype)
+        att = attention(q, k_cache[:, :, :length], v_cache[:, :, :length], mask).to(x.dtype)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         gate, up = self.gate_up(_rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.runtime.compact import UnsupportedForCompile, own_layer, write_kv
+from server.runtime.compact import UnsupportedForCompile, attention, own_layer, write_kv
 
 
 def check_mpt(config) -> None:
@@ -55,9 +55,7 @@ class MptBlock(nn.Module):
         q, k, v = (part.view(b, t, self.heads, self.head_dim).transpose(1, 2) for part in qkv.chunk(3, dim=-1))
         write_kv(k_cache, v_cache, pos, k, v)
         length = bias.shape[-1]
-        att = F.scaled_dot_product_attention(
-            q.to(k_cache.dtype), k_cache[:, :, :length], v_cache[:, :, :length], attn_mask=bias, scale=self.scale
-        ).to(x.dtype)
+        att = attention(q, k_cache[:, :, :length], v_cache[:, :, :length], bias, self.scale).to(x.dtype)
         x = x + self.out_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         h = self.up_proj(self.norm_2(x))
         return x + self.down_proj(F.gelu(h))
