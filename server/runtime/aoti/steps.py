@@ -149,6 +149,13 @@ INDUCTOR_SETTINGS = {
 }
 
 
+# What the GEMMs of steps that multiply a few rows (decode, batch) are chosen from: inductor's templates only.
+# Max-autotune times each GEMM alone, its weights in cache, where ATen's one-row weight-only kernel often
+# looked fastest; inside a step, reading its weights from memory, the template was faster (a Zen 5 EPYC's
+# decode step: 5.1-5.3 ms with templates alone against 5.6-5.8 with half of them ATen's).
+FEW_ROWS_GEMM_BACKENDS = "CPP"
+
+
 def configure_inductor() -> None:
     """Apply ``INDUCTOR_SETTINGS``: process-wide, as freezing is not honoured as a per-compile option."""
     import torch._inductor.config as inductor
@@ -260,15 +267,20 @@ def _unpack(package: Path, directory: Path) -> tuple[list[str], dict[str, int]]:
     return unused_constants(wrapper), step_kernels.gemm_kernels(kernel, wrapper)
 
 
-def compile_program(program: torch.export.ExportedProgram, directory: Path) -> tuple[list[str], dict[str, int]]:
-    """AOT-compile ``program`` (inductor configured by ``configure_inductor``) into ``directory``: the library
-    and constants a ``Container`` loads. Returns the constants its wrapper does not use, and what its GEMMs
-    run (``step_kernels``)."""
+def compile_program(
+    program: torch.export.ExportedProgram, directory: Path, few_rows: bool = False
+) -> tuple[list[str], dict[str, int]]:
+    """AOT-compile ``program`` (inductor configured by ``configure_inductor``; ``few_rows``: a decode step's,
+    its GEMMs from ``FEW_ROWS_GEMM_BACKENDS``) into ``directory``: the library and constants a ``Container``
+    loads. Returns the constants its wrapper does not use, and what its GEMMs run (``step_kernels``)."""
+    import torch._inductor.config as inductor
+
     configure_inductor()
     directory.parent.mkdir(parents=True, exist_ok=True)
+    backends = FEW_ROWS_GEMM_BACKENDS if few_rows else INDUCTOR_SETTINGS["max_autotune_gemm_backends"]
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".compiling-") as scratch:
         package = Path(scratch) / "step.pt2"
-        with torch.no_grad():  # freezing applies to inference graphs only
+        with torch.no_grad(), inductor.patch(max_autotune_gemm_backends=backends):  # freezing: inference only
             torch._inductor.aoti_compile_and_package(program, package_path=str(package))
         return _unpack(package, directory)
 
@@ -290,7 +302,7 @@ def build(net: torch.nn.Module, step: str, path: Path, kv_dtype: torch.dtype, sl
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
         built = Path(scratch) / path.name
-        unused, gemms = compile_program(program, built)
+        unused, gemms = compile_program(program, built, few_rows=step != "prefill")
         del program
         heap.release_garbage()  # inductor's copies of the weights, before a container loads the step's own
         (built / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
