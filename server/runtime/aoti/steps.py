@@ -196,21 +196,29 @@ def _register_one_row_micro_kernel() -> None:
     )
 
 
+# The size of the example a step is exported with, in tokens: a prompt's length, or how far into the cache a
+# decode step attends. Inductor sizes its loops' threads by the example's shapes and times the GEMMs it
+# chooses from at them: with a 4-token prompt and 16 attended positions, it chose GEMMs for 4 rows and ran
+# a decode step's softmax on one thread.
+EXAMPLE_TOKENS = 512
+
+
 def _example(net: torch.nn.Module, step: str, kv_dtype: torch.dtype, slots: int) -> tuple[tuple, tuple]:
     """Example arguments of ``step`` and their dynamic shapes: ``decode`` takes one token at a position > 0,
     ``prefill`` 2 or more tokens, ``batch`` a token for each of ``slots`` sequences; the attended length is
-    symbolic from 2 to the cache size."""
+    symbolic from 2 to the cache size. The example is ``EXAMPLE_TOKENS`` long, as far as the cache allows."""
     length = torch.export.Dim("attended", min=2, max=net.max_len)
     caches = compact.new_kv_caches(net.config, net.max_len, kv_dtype, slots if step == BATCH else 1)
     fixed = [None] * len(caches)  # the caches' shapes do not change
+    size = max(2, min(EXAMPLE_TOKENS, net.max_len - 2))
     if step == BATCH:
-        pos, mask = compact.batch_mask(net.max_len, [1] * slots)
+        pos, mask = compact.batch_mask(net.max_len, [size] * slots)
         return (torch.zeros(slots, 1, dtype=torch.long), pos, mask, caches), (None, None, {1: length}, fixed)
-    tokens = 1 if step == "decode" else 4
+    start, tokens = (size, 1) if step == "decode" else (1, size)
     example = (
         torch.zeros(1, tokens, dtype=torch.long),
-        torch.arange(1, 1 + tokens),
-        compact.attention_mask(net.max_len, 1, tokens, compiled=True),
+        torch.arange(start, start + tokens),
+        compact.attention_mask(net.max_len, start, tokens, compiled=True),
         caches,
     )
     if step == "decode":
