@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from quant.smoothquant import Recipe
-from server.runtime.compact import UnsupportedForCompile, attention, attention_mask, batch_mask, new_kv_caches
+from server.runtime.compact import (
+    ATTENTION_BLOCK,
+    UnsupportedForCompile,
+    attention,
+    attention_mask,
+    batch_mask,
+    new_kv_caches,
+)
 from server.runtime.static_llama import StaticLlama
 from tests.harness import quantized_tiny, tiny_llama, tiny_mpt
 
@@ -52,16 +59,28 @@ def test_attention_mask_sees_each_position_up_to_itself():
 
 
 def test_a_decode_step_attends_whole_blocks_and_a_batched_one_the_widest_slots():
-    assert attention_mask(64, 0, 1).tolist() == [[True] + [False] * 15]
-    assert attention_mask(64, 16, 1).tolist() == [[True] * 17 + [False] * 15]
-    assert attention_mask(20, 18, 1).tolist() == [[True] * 19 + [False]]  # within the cache
-    pos, mask = batch_mask(64, [3, None, 20])
-    assert pos.tolist() == [3, 64, 20]  # the idle slot writes to the spare position
-    assert mask.tolist() == [[True] * 4 + [False] * 28, [True] + [False] * 31, [True] * 21 + [False] * 11]
+    block = ATTENTION_BLOCK
+    assert attention_mask(64, 0, 1).tolist() == [[True] + [False] * (block - 1)]
+    assert attention_mask(64, block, 1).tolist() == [[True] * (block + 1) + [False] * (block - 1)]
+    pos, mask = batch_mask(64, [3, None, block + 4])
+    assert pos.tolist() == [3, 64, block + 4]  # the idle slot writes to the spare position
+    assert mask.tolist() == [
+        [True] * 4 + [False] * (2 * block - 4),
+        [True] + [False] * (2 * block - 1),
+        [True] * (block + 5) + [False] * (block - 5),
+    ]
 
 
-def test_compiled_steps_get_a_mask_at_least_two_positions_wide():
-    assert attention_mask(2, 0, 1, compiled=True).tolist() == [[True, False]]  # the extra position is masked
+def test_a_cache_holds_whole_blocks_and_a_spare_position():
+    """The last position of a context that is not a whole number of blocks still gets a whole block."""
+    block, config = ATTENTION_BLOCK, tiny_llama(100).config
+    assert new_kv_caches(config, block + 2)[0].shape[2] == 2 * block + 1
+    assert attention_mask(block + 2, block + 1, 1).tolist() == [[True] * (block + 2) + [False] * (block - 2)]
+    assert new_kv_caches(config, 2 * block)[0].shape[2] == 2 * block + 1
+
+
+def test_compiled_steps_get_a_mask_tensor():
+    assert attention_mask(2, 0, 1, compiled=True).tolist() == [[True] + [False] * (ATTENTION_BLOCK - 1)]
     assert attention_mask(8, 0, 3, compiled=True).tolist() == [
         [True, False, False],
         [True, True, False],
@@ -78,14 +97,14 @@ def test_compiled_one_query_attention_is_sdpas(heads, kv_heads, slots, bias):
     """A decode step's attention, written out for inductor to fuse, against SDPA's on the same BF16 cache:
     grouped queries, a batched step's slots each with its own reach, and MPT's additive ALiBi bias (-inf masked)."""
     torch.manual_seed(0)
-    width = 48
+    width = 3 * ATTENTION_BLOCK  # the second slot's last two blocks have nothing to attend
     q = torch.randn(slots, heads, 1, 16)
     k, v = torch.randn(2, slots, kv_heads, width, 16).to(torch.bfloat16).unbind(0)
-    mask = torch.arange(width)[None, :] <= torch.tensor([40, 3, 20][:slots])[:, None]
-    mask = mask[:, None, None]  # [B, 1, 1, L]
+    reach = [width - 8, 3, ATTENTION_BLOCK + 5][:slots]
+    mask = (torch.arange(width)[None, :] <= torch.tensor(reach)[:, None])[:, None, None]  # [B, 1, 1, L]
     if bias:
         slopes = torch.rand(heads)[None, :, None, None]
-        mask = (slopes * (torch.arange(width) - 40.0)).masked_fill(~mask, float("-inf")).to(torch.bfloat16)
+        mask = (slopes * (torch.arange(width) - reach[0])).masked_fill(~mask, float("-inf")).to(torch.bfloat16)
     expected = attention(q, k, v, mask, 0.3)  # eagerly: SDPA
     compiled = torch.compile(attention, fullgraph=True, dynamic=False)(q, k, v, mask, 0.3)
     assert compiled.dtype == expected.dtype == torch.bfloat16

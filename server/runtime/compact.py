@@ -57,10 +57,12 @@ def own_layer(linear: nn.Module, kernel: str | None) -> nn.Module:
 
 
 def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
-    """One layer's key (or value) cache: one spare position keeps every attended slice shorter than the
-    cache, so the compiler keeps its length symbolic."""
+    """One layer's key (or value) cache: whole attention blocks (``decode_width``) for ``max_len`` positions,
+    and one spare position, which keeps every attended slice shorter than the cache, so the compiler keeps
+    its length symbolic."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 1, heads, max_len + 1, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    positions = decode_width(max_len - 1) + 1
+    return 1, heads, positions, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -105,10 +107,10 @@ def attention(
     of ``KV``), with ``mask`` (True: attend) or an additive float bias, broadcast to ``[B, H, T, L]``, or None
     (causal); in the cache's type, with FP32 sums.
 
-    Compiled, one query per sequence (a decode step) is written out as products and sums, which inductor
-    fuses into one loop over the cache: SDPA's flash kernel took several times longer for a lone query (its
-    blocking and buffers are made for many), and attention was the largest part of a small model's decode
-    step. Eagerly, and for prompts, SDPA, whose kernel materializes no score tensor."""
+    Compiled, one query per sequence (a decode step) is written out as products and sums that inductor fuses,
+    block by block of ``ATTENTION_BLOCK`` positions (``blockwise_attention``): SDPA's flash kernel took several
+    times longer for a lone query (its blocking and buffers are made for many). Eagerly, and for prompts,
+    SDPA, whose kernel materializes no score tensor."""
     if q.shape[2] > 1 or mask is None or not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
             q.to(k.dtype),
@@ -119,13 +121,34 @@ def attention(
             scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],
         )
+    return blockwise_attention(q, k, v, mask, scale)
+
+
+def blockwise_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """``attention`` of one query per sequence over a whole number of ``ATTENTION_BLOCK`` cache positions, in
+    FP32: each block's scores, their maximum, weights and weighted values, then the blocks combined, each
+    rescaled by its maximum's distance from the largest (a block with nothing to attend adds zeros).
+
+    Inductor spreads the blocks over the threads and computes each block's scores, maximum and weights in one
+    loop nest. Written as one softmax over the whole width, each of those was a pass over every cached
+    position, a thread's share of a head at a time, and a long conversation's decode steps slowed the more
+    for it."""
     b, heads, _, dim = q.shape
     kv, length = k.shape[1], k.shape[2]
-    group = q.reshape(b, kv, heads // kv, 1, dim).float()  # the queries of each key head
-    scores = (group * k[:, :, None].float()).sum(-1) * (dim**-0.5 if scale is None else scale)  # [B, KV, G, L]
-    mask = mask.reshape(mask.shape[0], kv if mask.shape[1] > 1 else 1, -1, length)
+    blocks, size = length // ATTENTION_BLOCK, ATTENTION_BLOCK
+    group = q.reshape(b, kv, 1, heads // kv, 1, dim).float() * (dim**-0.5 if scale is None else scale)
+    keys = k.reshape(b, kv, blocks, 1, size, dim).float()
+    values = v.reshape(b, kv, blocks, 1, size, dim).float()
+    mask = mask.reshape(mask.shape[0], kv if mask.shape[1] > 1 else 1, -1, blocks, size).transpose(2, 3)
+    scores = (group * keys).sum(-1)  # [B, KV, blocks, G, size]
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    out = (scores.softmax(-1)[..., None] * v[:, :, None].float()).sum(-2)  # [B, KV, G, D]
+    peak = scores.amax(-1, keepdim=True)  # each block's; -inf where the block has nothing to attend
+    weights = (scores - peak.clamp_min(torch.finfo(torch.float32).min)).exp()
+    rescale = (peak - peak.amax(2, keepdim=True)).exp()  # [B, KV, blocks, G, 1]
+    summed = ((weights[..., None] * values).sum(-2) * rescale).sum(2)  # [B, KV, G, D]
+    out = summed / (weights.sum(-1, keepdim=True) * rescale).sum(2)
     return out.reshape(b, heads, 1, dim).to(k.dtype)
 
 
@@ -133,13 +156,14 @@ def attention(
 # kernel sums a partial last block of keys in another order than a whole one, so a token's attention would
 # change in its last bits with the width its batch attends (the farthest sequence's); it does not change
 # with whole masked blocks added. So a decode step computes the same for a token whatever it runs with.
-ATTENTION_BLOCK = 16
+# The compiled decode steps attend block by block (``blockwise_attention``).
+ATTENTION_BLOCK = 32
 
 
-def decode_width(max_len: int, start: int) -> int:
-    """The attended width of a decode step for a token at ``start``: its whole blocks (at least 2 positions,
-    what the compiled steps take), within the cache."""
-    return min(max_len, max(2, -(-(start + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK))
+def decode_width(start: int) -> int:
+    """The attended width of a decode step for a token at ``start``: its whole blocks (the caches hold whole
+    blocks)."""
+    return (start // ATTENTION_BLOCK + 1) * ATTENTION_BLOCK
 
 
 def batch_mask(max_len: int, starts: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +173,7 @@ def batch_mask(max_len: int, starts: list[int | None]) -> tuple[torch.Tensor, to
     live = [start for start in starts if start is not None]
     if any(start >= max_len for start in live):
         raise ValueError(f"positions up to {max(live) + 1} do not fit a cache of {max_len}")
-    width = max(decode_width(max_len, start) for start in [0, *live])
+    width = max(decode_width(start) for start in [0, *live])
     pos = torch.tensor([max_len if start is None else start for start in starts])
     reach = torch.tensor([0 if start is None else start for start in starts])
     return pos, torch.arange(width)[None, :] <= reach[:, None]
@@ -163,5 +187,5 @@ def attention_mask(max_len: int, start: int, count: int, compiled: bool = False)
         raise ValueError(f"positions up to {start + count} do not fit a cache of {max_len}")
     if start == 0 and count > 1 and not compiled:
         return None
-    width = decode_width(max_len, start) if count == 1 else start + count
+    width = decode_width(start) if count == 1 else start + count
     return torch.arange(width)[None, :] <= torch.arange(start, start + count)[:, None]

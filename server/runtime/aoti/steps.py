@@ -206,14 +206,16 @@ EXAMPLE_TOKENS = 512
 def _example(net: torch.nn.Module, step: str, kv_dtype: torch.dtype, slots: int) -> tuple[tuple, tuple]:
     """Example arguments of ``step`` and their dynamic shapes: ``decode`` takes one token at a position > 0,
     ``prefill`` 2 or more tokens, ``batch`` a token for each of ``slots`` sequences; the attended length is
-    symbolic from 2 to the cache size. The example is ``EXAMPLE_TOKENS`` long, as far as the cache allows."""
-    length = torch.export.Dim("attended", min=2, max=net.max_len)
+    symbolic up to the cache size (a whole number of attention blocks for one token a sequence). The example
+    is ``EXAMPLE_TOKENS`` long, as far as the cache allows."""
+    blocks = torch.export.Dim("blocks", min=1, max=compact.decode_width(net.max_len - 1) // compact.ATTENTION_BLOCK)
+    width = compact.ATTENTION_BLOCK * blocks
     caches = compact.new_kv_caches(net.config, net.max_len, kv_dtype, slots if step == BATCH else 1)
     fixed = [None] * len(caches)  # the caches' shapes do not change
     size = max(2, min(EXAMPLE_TOKENS, net.max_len - 2))
     if step == BATCH:
         pos, mask = compact.batch_mask(net.max_len, [size] * slots)
-        return (torch.zeros(slots, 1, dtype=torch.long), pos, mask, caches), (None, None, {1: length}, fixed)
+        return (torch.zeros(slots, 1, dtype=torch.long), pos, mask, caches), (None, None, {1: width}, fixed)
     start, tokens = (size, 1) if step == "decode" else (1, size)
     example = (
         torch.zeros(1, tokens, dtype=torch.long),
@@ -222,8 +224,9 @@ def _example(net: torch.nn.Module, step: str, kv_dtype: torch.dtype, slots: int)
         caches,
     )
     if step == "decode":
-        return example, (None, None, {1: length}, fixed)
+        return example, (None, None, {1: width}, fixed)
     count = torch.export.Dim("tokens", min=2, max=net.max_len)
+    length = torch.export.Dim("attended", min=2, max=net.max_len)
     return example, ({1: count}, {0: count}, {0: count, 1: length}, fixed)
 
 
