@@ -11,8 +11,10 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import torch
@@ -36,6 +38,7 @@ from server.runtime.decoders import make_decoder
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # serve's default
+T = TypeVar("T")
 # What each q8chat competitor is compared with: in process with in process, served with served.
 RIVALS = {"q8chat": llamacpp.VARIANT, "q8chat-served": llamaserver.NAME}
 
@@ -144,6 +147,26 @@ def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path |
         yield llamacpp.VARIANT, Engine(decoder, checkpoint.tokenizer, context, set())
 
 
+def _prepare(args, context: int, slots: int):
+    """The INT8 checkpoint, the competitors' GGUF (or None) and the in-process engines, built."""
+    checkpoint = read_checkpoint_info(
+        int8_checkpoint(args.model, Recipe(calib_samples=args.calib_samples), args.cache_dir)
+    )
+    gguf = _gguf(args, checkpoint.path)
+    return checkpoint, gguf, dict(_engines(checkpoint, args.cache_dir, context, slots, gguf))
+
+
+def on_a_passing_thread(make: Callable[[], T]) -> T:
+    """``make()``, computed on a thread that then ends, so that the main thread runs no parallel region.
+    libgomp (torch's OpenMP runtime, and llama.cpp's) spins at a barrier only while it manages no more threads
+    than there are CPUs, and a thread that has run a parallel region keeps its team until it ends: the
+    batcher's thread would get a second team, whose barriers sleep and wake (on 2 cores the compiled steps ran
+    three times slower, and llama.cpp twice). ``q8chat serve`` is built the same way: it loads on a thread
+    that ends, and computes on the batcher's alone."""
+    with ThreadPoolExecutor(1, thread_name_prefix="q8chat-prepare") as pool:
+        return pool.submit(make).result()
+
+
 def _q8chat_flags(args, checkpoint, context: int, max_batch: int) -> list[str]:
     return served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(max_batch)]
 
@@ -174,12 +197,8 @@ def run(args) -> dict:
     chats with ``q8chat serve``."""
     levels = sorted({int(level) for level in args.concurrency.split(",")})
     slots, context = max(levels), args.prompt_tokens + args.decode_tokens + 64
-    checkpoint = read_checkpoint_info(
-        int8_checkpoint(args.model, Recipe(calib_samples=args.calib_samples), args.cache_dir)
-    )
+    checkpoint, gguf, engines = on_a_passing_thread(lambda: _prepare(args, context, slots))
     base = checkpoint.tokenizer(heldout_text(), add_special_tokens=False).input_ids[: args.prompt_tokens - 1]
-    gguf = _gguf(args, checkpoint.path)
-    engines = dict(_engines(checkpoint, args.cache_dir, context, slots, gguf))
     log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
     servers = _servers(args, checkpoint, context, slots, gguf, log_dir)
     conversations = iter(range(10**6))  # every stream a prompt of its own: nothing comes from a cache
