@@ -71,12 +71,13 @@ def test_a_decode_step_attends_whole_blocks_and_a_batched_one_the_widest_slots()
     ]
 
 
-def test_a_cache_holds_whole_blocks_and_a_spare_position():
+def test_a_cache_holds_whole_blocks_a_spare_position_and_the_queries_of_a_key_head():
     """The last position of a context that is not a whole number of blocks still gets a whole block."""
     block, config = ATTENTION_BLOCK, tiny_llama(100).config
-    assert new_kv_caches(config, block + 2)[0].shape[2] == 2 * block + 1
+    end = 1 + config.num_attention_heads // config.num_key_value_heads
+    assert new_kv_caches(config, block + 2)[0].shape[2] == 2 * block + end
     assert attention_mask(block + 2, block + 1, 1).tolist() == [[True] * (block + 2) + [False] * (block - 2)]
-    assert new_kv_caches(config, 2 * block)[0].shape[2] == 2 * block + 1
+    assert new_kv_caches(config, 2 * block)[0].shape[2] == 2 * block + end
 
 
 def test_compiled_steps_get_a_mask_tensor():

@@ -57,12 +57,26 @@ def own_layer(linear: nn.Module, kernel: str | None) -> nn.Module:
 
 
 def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
-    """One layer's key (or value) cache: whole attention blocks (``decode_width``) for ``max_len`` positions,
-    and one spare position, which keeps every attended slice shorter than the cache, so the compiler keeps
-    its length symbolic."""
+    """One layer's key (or value) cache: whole attention blocks (``decode_width``) for ``max_len`` positions;
+    one spare position, which keeps every attended slice shorter than the cache, so the compiler keeps its
+    length symbolic; and, last, a position for each query of a key head (``stored_queries``)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    positions = decode_width(max_len - 1) + 1
+    positions = decode_width(max_len - 1) + 1 + config.num_attention_heads // heads
     return 1, heads, positions, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def stored_queries(q: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
+    """A compiled decode step's queries ``[B, H, 1, D]``, written to the key cache's last positions and read
+    back from there, in the cache's type (as SDPA takes them eagerly): inductor otherwise computes each query
+    again (its dequantization, its rotation) for every cached key it is compared with. Prompts, and eager
+    steps, keep ``q``."""
+    if q.shape[2] > 1 or not torch.compiler.is_compiling():
+        return q
+    b, heads, _, dim = q.shape
+    kv, end = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv
+    k_cache.index_copy_(2, torch.arange(end - group, end), q.reshape(b, kv, group, dim).to(k_cache.dtype))
+    return k_cache[:, :, end - group :].reshape(b, heads, 1, dim)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

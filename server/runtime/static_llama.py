@@ -20,6 +20,7 @@ from server.runtime.compact import (
     fused_layer,
     kv_cache_shape,
     own_layer,
+    stored_queries,
     write_kv,
 )
 
@@ -78,6 +79,7 @@ class StaticBlock(nn.Module):
         k = _rotate(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         write_kv(k_cache, v_cache, pos, k, v)
+        q = stored_queries(q, k_cache)
         length = t if mask is None else mask.shape[-1]
         att = attention(q, k_cache[:, :, :length], v_cache[:, :, :length], mask).to(x.dtype)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
