@@ -260,7 +260,7 @@ def _compiled_step(
                 f"{'it failed before' if kind == 'failed' else 'it ran slower than eager before'} "
                 f"({marker.read_text().strip()}); delete {marker} to retry"
             )
-    max_len = caches[0].shape[2] - 1  # the positions of kv_cache_shape but its spare one
+    max_len = caches[0].shape[2] - 1  # within the cache (one_call runs position 0 alone)
 
     def one_call(loaded) -> None:
         decoder = StaticDecoder(max_len, caches, {step: loaded})
