@@ -115,8 +115,11 @@ def _build_module(spec: dict) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, a shared (tied) tensor once: what a decode step reads."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes of every parameter and buffer, a shared (tied) tensor once: what a decode step reads. Shared by
+    address too: a compiled step's build registers a module's buffers as parameters (``buffers_as_parameters``),
+    so a tied tensor can be a buffer of one module and a parameter of another."""
+    tensors = {id(t) if t.is_meta else (t.data_ptr(), t.numel()): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,10 +6,11 @@ x86 CPUs differ in which INT8 instruction they have, and each kernel family is e
 - ``s8s8``: ``torch._int_mm``. AMX multiplies s8 by s8 natively, and oneDNN's s8s8 kernels (inductor's AMX
   template when compiled) are fast there. Without AMX, oneDNN's prepacked s8s8 matmul runs its reference
   kernel (``ref_int8``, about 12 ms for a 576x1536 GEMV on AVX-512 VNNI), and without VNNI ``_int_mm`` is a
-  scalar loop (338 us for a 576x960 GEMV on an AVX2 EPYC, against 47 us for ``bf16``). Compiled on an AVX2
-  CPU (no AVX-512, no VNNI), it runs q8chat's own micro-kernel for inductor's GEMM template
-  (``server/avx2_int8_gemm.py``: s8 times s8 through ``vpmaddubsw`` with the signs moved onto one operand,
-  exact for +-127 operands).
+  scalar loop (338 us for a 576x960 GEMV on an AVX2 EPYC, against 47 us for ``bf16``). Compiled without AMX,
+  it runs q8chat's own micro-kernels for inductor's GEMM template (``server/runtime/aoti/int8_gemm.py``): on
+  AVX2, s8 times s8 through ``vpmaddubsw`` with the signs moved onto one operand (exact for +-127 operands); on
+  AVX-512 VNNI, ``vpdpbusd`` on the activations shifted to u8, less 128 times the weights' column sums. The
+  compiled decode and batch steps of AVX-512 VNNI CPUs multiply so.
 - ``u8s8``: AVX-512 VNNI and AVX-VNNI multiply u8 by s8 (``vpdpbusd``). Activations are shifted by 128 to
   u8 and the product is written as the dequantize-linear pattern that inductor rewrites into oneDNN's u8s8
   ``qlinear`` (or its own VNNI template): what x86's PT2E quantization compiles to on these CPUs. Compiled
@@ -18,7 +19,7 @@ x86 CPUs differ in which INT8 instruction they have, and each kernel family is e
 - ``bf16``: the INT8 values travel in BF16, which holds every one of them exactly, through the weight-only
   INT8 kernel (``_weight_int8pack_mm``), which multiplies and accumulates in FP32: products are exact, and
   sums too while they stay below 2**24 in magnitude; the result is rounded to BF16. The eager kernel of
-  CPUs without VNNI, the compiled decode step's of VNNI CPUs without AMX, and both compiled steps' of
+  CPUs without VNNI, the compiled decode step's of AVX-VNNI CPUs without AVX-512, and both compiled steps' of
   AVX-512 CPUs without VNNI. (oneDNN's own
   u8s8 GEMM on AVX2 saturates ``vpmaddubsw``'s 16-bit pair sums: it lost up to 20 % of a 512-row product.)
 
@@ -125,13 +126,14 @@ def default_kernels(flags: frozenset[str] | None = None, onednn_cap: str | None 
     """The kernel of KERNELS that each compiled step computes W8A8 products with on this CPU: exact, and the
     fastest measured (see the module). A prompt's many rows make the prefill compute-bound: it gets the INT8
     instruction. The decode step multiplies one row, bound by reading the weights and by each GEMM's fixed
-    cost: on VNNI CPUs without AMX, oneDNN's u8s8 ``qlinear`` is an extern call per GEMM that reads weights at
-    about half the bandwidth inductor's own one-row template reaches with ``bf16`` (the same exact products)."""
+    cost: on VNNI CPUs without AMX, oneDNN's u8s8 ``qlinear`` is an extern call per GEMM, slower than inductor's
+    own template, which multiplies s8 by s8 with q8chat's VNNI micro-kernel where AVX-512 has one, and the
+    INT8 values in BF16 elsewhere (the same exact products)."""
     flags = cpu_flags() if flags is None else flags
     if _has("AMX", flags, onednn_cap):
         return dict.fromkeys(STEPS, "s8s8")
-    if _has("VNNI", flags, onednn_cap):
-        return {"prefill": "u8s8", "decode": "bf16"}
+    if _has("VNNI", flags, onednn_cap):  # q8chat's s8s8 micro-kernel (int8_gemm) needs AVX-512's VNNI
+        return {"prefill": "u8s8", "decode": "s8s8" if "avx512_vnni" in flags else "bf16"}
     return dict.fromkeys(STEPS, "s8s8" if "avx2" in flags and "avx512f" not in flags else "bf16")  # AVX2: ours
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from quant.int8 import Int8Linear
 from quant.kernels import REFERENCE, STEPS, cpu_flags, default_kernels, eager_kernel, eager_kernels, w8a8_matmul
 from quant.smoothquant import Recipe
-from server.runtime.aoti import avx2_int8_gemm
+from server.runtime.aoti import int8_gemm
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.container import Container
 from server.runtime.compact import DEFAULT_KV_DTYPE, attention_mask, new_kv_caches
@@ -24,10 +24,12 @@ ZEN3 = frozenset({"avx2", "fma"})
 
 def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
     assert default_kernels(AMX, "") == dict.fromkeys(STEPS, "s8s8") and eager_kernel(AMX, "") == "s8s8"
-    # VNNI: the prompt's rows get u8s8 (vpdpbusd); one row is bound by reading weights, which inductor's
-    # template does faster with the INT8 values in BF16. Eager layers multiply s8 by s8 (u8s8 needs prepacking).
-    vnni = {"decode": "bf16", "prefill": "u8s8"}
-    assert default_kernels(ZEN4, "") == default_kernels(ALDER_LAKE, "") == vnni
+    # VNNI: the prompt's rows get u8s8 (vpdpbusd, oneDNN); decoding, s8s8 through q8chat's AVX-512 VNNI
+    # micro-kernel, or without AVX-512 the INT8 values in BF16 through inductor's template. Eager layers
+    # multiply s8 by s8 (u8s8 needs prepacking).
+    vnni = {"decode": "s8s8", "prefill": "u8s8"}
+    assert default_kernels(ZEN4, "") == vnni
+    assert default_kernels(ALDER_LAKE, "") == {"decode": "bf16", "prefill": "u8s8"}
     assert eager_kernel(ZEN4, "") == eager_kernel(ALDER_LAKE, "") == "s8s8"
     # AVX2 alone: compiled s8s8 through q8chat's micro-kernel; eagerly, _int_mm is a scalar loop there
     assert default_kernels(ZEN3, "") == dict.fromkeys(STEPS, "s8s8") and eager_kernel(ZEN3, "") == "bf16"
@@ -85,20 +87,21 @@ class IntegerProduct(nn.Module):
         return self.linear(x)
 
 
-def compiled(kernel: str, w: torch.Tensor, rows: int, directory) -> tuple[Container, dict]:
-    """The product compiled as the steps are: one token (decode) or a symbolic count of tokens (prefill)."""
-    example = (torch.zeros(1, 1 if rows == 1 else 4, w.shape[1]),)
-    dynamic = None if rows == 1 else ({1: torch.export.Dim("tokens", min=2, max=4096)},)
+def compiled(kernel: str, w: torch.Tensor, rows: int, directory, few_rows: bool) -> tuple[Container, dict]:
+    """The product compiled as the steps are: a fixed count of token rows (``few_rows``: decode, batch) or a
+    symbolic count (prefill)."""
+    example = (torch.zeros(1, rows if few_rows else 4, w.shape[1]),)
+    dynamic = None if few_rows else ({1: torch.export.Dim("tokens", min=2, max=4096)},)
     program = compiled_step.export_step(IntegerProduct(w, kernel), example, dynamic)  # as the steps are exported
-    _, gemms = compiled_step.compile_program(program, directory, few_rows=rows == 1)
+    _, gemms = compiled_step.compile_program(program, directory, few_rows=few_rows)
     return Container(directory / "step.so", directory / "constants.blob"), gemms
 
 
-def audit(kernel: str, rows: int, tmp_path) -> list[str]:
+def audit(kernel: str, rows: int, tmp_path, few_rows: bool) -> list[str]:
     """What is wrong with ``kernel`` compiled on this CPU: reference kernels, or a product that is not exact."""
     x, w = operands(rows, seed=rows)
     x[:, 0] = 127  # every row's max |x| is 127: its per-token scale is exactly 1
-    container, gemms = compiled(kernel, w, rows, tmp_path / f"{kernel}-{rows}")
+    container, gemms = compiled(kernel, w, rows, tmp_path / f"{kernel}-{rows}", few_rows)
     got = []
     implementations = onednn_implementations(lambda: got.append(2 * container.run([x[None].float()])[0][0]))
     problems = reference_kernels(gemms, implementations)
@@ -109,9 +112,13 @@ def audit(kernel: str, rows: int, tmp_path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize(("rows", "step"), [(1, "decode"), (64, "prefill")], ids=["one-row", "rows"])
+@pytest.mark.parametrize(
+    ("rows", "step"), [(1, "decode"), (3, "batch"), (64, "prefill")], ids=["one-row", "batch-rows", "rows"]
+)
 def test_this_cpus_compiled_product_is_exact_and_runs_no_reference_kernel(rows, step, tmp_path):
-    assert audit(default_kernels()[step], rows, tmp_path) == []
+    """A batch step multiplies a fixed few rows with the decode step's kernel (3: a micro-kernel's row tail)."""
+    kernel = compiled_step.kernel_of(default_kernels(), step)
+    assert audit(kernel, rows, tmp_path, few_rows=step != "prefill") == []
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +161,15 @@ def test_this_cpus_compiled_steps_run_no_reference_kernel_and_give_the_eager_log
 def test_the_audit_catches_the_reference_kernel_s8s8_ran_on_this_cpu_before_kernels_were_chosen(
     tiny_w8a8, tmp_path, monkeypatch
 ):
-    """On AVX-512 VNNI, oneDNN's reference int8 matmul (``ref_int8``); on AVX2, without q8chat's own micro-kernel
-    (``avx2_int8_gemm``), inductor's reference micro-kernel."""
+    """Without q8chat's own micro-kernels (``int8_gemm``), inductor's reference micro-kernel on AVX2 and AVX-512
+    VNNI; oneDNN's reference int8 matmul (``ref_int8``) where its s8s8 lowering is an extern call."""
     from torch._inductor import config
 
-    if default_kernels()["prefill"] == "s8s8":  # AVX2 alone (AMX skips)
-        ours = avx2_int8_gemm.register()  # first: it imports inductor's template machinery in its order
-        from torch._inductor.codegen import cpp_micro_gemm
+    ours = int8_gemm.register()  # first: it imports inductor's template machinery in its order
+    from torch._inductor.codegen import cpp_micro_gemm
 
-        monkeypatch.delitem(cpp_micro_gemm.micro_gemm_configs, ours)
+    for kernel in ours.values():
+        monkeypatch.delitem(cpp_micro_gemm.micro_gemm_configs, kernel)
     with config.patch(fx_graph_cache=False):  # no code generated with q8chat's kernel
         references, _, _ = step_audit(tiny_w8a8, "s8s8", "decode", tmp_path / "decode")
     assert references, "the s8s8 decode step ran no reference kernel"

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import container as aoti_container
+from server.runtime.aoti import int8_gemm
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.container import PROTOTYPES, Container, ContainerError
 
@@ -75,17 +75,22 @@ def test_the_one_row_micro_kernel_is_registered_once_beside_inductors_own():
     assert ours[0].extra_check(ours[0], 1, 3072, 576, 1, 2) and not ours[0].extra_check(ours[0], 2, 3072, 576, 1, 2)
 
 
-def test_the_avx2_int8_micro_kernel_is_registered_once_for_s8s8_on_avx2_in_the_vnni4_layout():
+@pytest.mark.parametrize(
+    ("isa", "blockings"), [("avx2", int8_gemm.AVX2_BLOCKINGS), ("avx512_vnni", int8_gemm.AVX512_VNNI_BLOCKINGS)]
+)
+def test_each_int8_micro_kernel_is_registered_once_for_s8s8_on_its_isa_in_the_vnni4_layout(isa, blockings):
     compiled_step.configure_inductor()
     from torch._inductor.codegen import cpp_micro_gemm as micro
-    from torch._inductor.cpu_vec_isa import VecAVX2
+    from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512VNNI
 
-    ours = avx2_int8_gemm.register()
+    ours = int8_gemm.register()[isa]
+    assert int8_gemm.register()[isa] is ours
     configs = micro.micro_gemm_configs[ours]
+    vec_isa = {"avx2": VecAVX2, "avx512_vnni": VecAVX512VNNI}[isa]
     assert {(c.vec_isa_cls, c.input_dtype, c.input2_dtype, c.output_dtype) for c in configs} == {
-        (VecAVX2, torch.int8, torch.int8, torch.int32)
+        (vec_isa, torch.int8, torch.int8, torch.int32)
     }
-    assert {tuple(c.register_blocking) for c in configs} == set(avx2_int8_gemm.BLOCKINGS)
+    assert {tuple(c.register_blocking) for c in configs} == set(blockings)
     one_row = [c for c in configs if c.register_blocking.block_m == 1]
     assert [c.extra_check(c, 1, 960, 576, 1, 2) for c in one_row] == [True]
     assert not one_row[0].extra_check(one_row[0], 1, 960, 576, 1, 2, dynamic_M=True)  # a prefill's M

@@ -18,7 +18,7 @@ _MICRO_KERNELS = (  # the first whose mark a template's code holds names it
     ("template:amx", re.compile(r"_tile_dp\w+")),
     ("template:avx512-vnni", re.compile(r"_mm512_dpbusds?_epi32")),
     ("template:avx-vnni", re.compile(r"_mm256_dpbusds?_(avx_)?epi32")),
-    ("template:avx2-int8", re.compile(r"_mm256_maddubs_epi16")),  # q8chat's (server/avx2_int8_gemm.py)
+    ("template:avx2-int8", re.compile(r"_mm256_maddubs_epi16")),  # q8chat's (int8_gemm)
     ("template:vector-fma", re.compile(r"at::vec::fmadd")),
     (REFERENCE, re.compile(r"result \+= \(\w+\)A\[m \* lda \+ k\]")),
 )

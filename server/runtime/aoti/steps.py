@@ -40,8 +40,8 @@ import torch
 from quant import int8, kernels
 from quant.load import fingerprint
 from server.runtime import compact, heap, static_llama, static_mpt
-from server.runtime.aoti import avx2_int8_gemm
 from server.runtime.aoti import constants as step_constants
+from server.runtime.aoti import int8_gemm
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti.constants import constants_by_name, release_constants, unused_constants
 from server.runtime.aoti.container import Container
@@ -56,7 +56,7 @@ _SOURCES = (
     static_mpt.__file__,
     step_constants.__file__,
     step_kernels.__file__,
-    avx2_int8_gemm.__file__,
+    int8_gemm.__file__,
     __file__,
 )
 STEPS = kernels.STEPS
@@ -164,7 +164,7 @@ def configure_inductor() -> None:
         section, _, leaf = name.rpartition(".")
         setattr(getattr(inductor, section) if section else inductor, leaf, value)
     _register_one_row_micro_kernel()
-    avx2_int8_gemm.register()
+    int8_gemm.register()
 
 
 ONE_ROW_BLOCKING = (1, 64, 64)  # rows, columns, depth of the one-row AVX2 weight-only micro-kernel
