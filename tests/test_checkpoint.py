@@ -6,7 +6,14 @@ import os
 import pytest
 import torch
 
-from quant.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, read_safetensors, save_checkpoint
+from quant.checkpoint import (
+    CheckpointError,
+    is_checkpoint,
+    load_checkpoint,
+    read_safetensors,
+    save_checkpoint,
+    weight_bytes,
+)
 from quant.int8 import Int8Embedding, Int8Linear
 from quant.smoothquant import Recipe, linear_names
 from server.engine.engine import Engine
@@ -112,3 +119,14 @@ def test_safetensors_are_read_tensor_by_tensor_as_stored(tmp_path):
     save_file({"f64": torch.zeros(2, dtype=torch.float64)}, tmp_path / "f64.safetensors")
     with pytest.raises(CheckpointError, match="tensor f64 has an unsupported type F64"):
         dict(read_safetensors(tmp_path / "f64.safetensors"))
+
+
+def test_weight_bytes_counts_a_tensor_once_where_it_is_a_parameter_of_one_module_and_a_buffer_of_another():
+    """As after a compiled step's build (``buffers_as_parameters``) on a model with a tied embedding and head."""
+    shared = torch.zeros(10, 4, dtype=torch.int8)
+    model = torch.nn.Module()
+    model.embed, model.head = torch.nn.Module(), torch.nn.Module()
+    model.embed.register_buffer("weight", shared)
+    model.head.weight = torch.nn.Parameter(shared, requires_grad=False)
+    model.head.register_buffer("scale", torch.zeros(10))
+    assert weight_bytes(model) == 40 + 40

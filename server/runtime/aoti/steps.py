@@ -78,8 +78,8 @@ def steps_of(slots: int) -> tuple[str, ...]:
 
 
 def kernel_of(kernels: dict[str, str], step: str) -> str:
-    """``step``'s W8A8 kernel of ``kernels`` (by step name)."""
-    return kernels["decode" if step == BATCH else step]
+    """``step``'s W8A8 kernel of ``kernels`` (by step name); the batch step's is the decode step's unless named."""
+    return kernels.get(step) or kernels["decode"]
 
 
 def package_paths(
