@@ -119,7 +119,7 @@ def _has(feature: str, flags: frozenset[str] | None, onednn_cap: str | None) -> 
     return bool(flags & set(_CAPS[feature])) and _onednn_allows(feature, cap)
 
 
-STEPS = ("decode", "prefill")  # the compiled steps, each with its own kernel (a batch step: see default_kernels)
+STEPS = ("decode", "prefill")  # the compiled steps, each with its own kernel (a batch step: the decode step's)
 
 
 def default_kernels(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> dict[str, str]:
@@ -128,16 +128,14 @@ def default_kernels(flags: frozenset[str] | None = None, onednn_cap: str | None 
     instruction. The decode step multiplies one row, bound by reading the weights and by each GEMM's fixed
     cost: on VNNI CPUs without AMX, oneDNN's u8s8 ``qlinear`` is an extern call per GEMM, slower than inductor's
     own template, which multiplies s8 by s8 with q8chat's VNNI micro-kernel where AVX-512 has one, and the
-    INT8 values in BF16 elsewhere (the same exact products). The batch step (``batch``; absent: the decode
-    step's kernel) multiplies a few rows, where that micro-kernel was no faster than ``bf16`` (the default
-    model) or slower (11 % at 1.1B, Zen 5)."""
+    INT8 values in BF16 elsewhere (the same exact products). The batch step takes the decode step's kernel,
+    so that a sequence computes the same alone or batched (``bf16`` rounds each product's sum to BF16,
+    ``s8s8`` does not), although at four rows the micro-kernel measured slower than ``bf16`` at 1.1B."""
     flags = cpu_flags() if flags is None else flags
     if _has("AMX", flags, onednn_cap):
         return dict.fromkeys(STEPS, "s8s8")
-    if _has("VNNI", flags, onednn_cap) and "avx512_vnni" in flags:  # q8chat's s8s8 micro-kernel (int8_gemm)
-        return {"prefill": "u8s8", "decode": "s8s8", "batch": "bf16"}
-    if _has("VNNI", flags, onednn_cap):
-        return {"prefill": "u8s8", "decode": "bf16"}
+    if _has("VNNI", flags, onednn_cap):  # q8chat's s8s8 micro-kernel (int8_gemm) needs AVX-512's VNNI
+        return {"prefill": "u8s8", "decode": "s8s8" if "avx512_vnni" in flags else "bf16"}
     return dict.fromkeys(STEPS, "s8s8" if "avx2" in flags and "avx512f" not in flags else "bf16")  # AVX2: ours
 
 

@@ -27,7 +27,7 @@ def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
     # VNNI: the prompt's rows get u8s8 (vpdpbusd, oneDNN); decoding, s8s8 through q8chat's AVX-512 VNNI
     # micro-kernel, or without AVX-512 the INT8 values in BF16 through inductor's template. Eager layers
     # multiply s8 by s8 (u8s8 needs prepacking).
-    vnni = {"decode": "s8s8", "prefill": "u8s8", "batch": "bf16"}  # a few rows: bf16 measured as fast or faster
+    vnni = {"decode": "s8s8", "prefill": "u8s8"}
     assert default_kernels(ZEN4, "") == vnni
     assert default_kernels(ALDER_LAKE, "") == {"decode": "bf16", "prefill": "u8s8"}
     assert eager_kernel(ZEN4, "") == eager_kernel(ALDER_LAKE, "") == "s8s8"
@@ -113,13 +113,10 @@ def audit(kernel: str, rows: int, tmp_path, few_rows: bool) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("rows", "step"),
-    [(1, "decode"), (3, "batch"), (3, "decode"), (64, "prefill")],
-    ids=["one-row", "batch-rows", "decode-kernel-batch-rows", "rows"],
+    ("rows", "step"), [(1, "decode"), (3, "batch"), (64, "prefill")], ids=["one-row", "batch-rows", "rows"]
 )
 def test_this_cpus_compiled_product_is_exact_and_runs_no_reference_kernel(rows, step, tmp_path):
-    """A batch step multiplies a fixed few rows (3: a micro-kernel's row tail), with its own kernel or, as
-    ``--int8-kernel`` makes it, the decode step's."""
+    """A batch step multiplies a fixed few rows with the decode step's kernel (3: a micro-kernel's row tail)."""
     kernel = compiled_step.kernel_of(default_kernels(), step)
     assert audit(kernel, rows, tmp_path, few_rows=step != "prefill") == []
 

@@ -78,8 +78,9 @@ def steps_of(slots: int) -> tuple[str, ...]:
 
 
 def kernel_of(kernels: dict[str, str], step: str) -> str:
-    """``step``'s W8A8 kernel of ``kernels`` (by step name); the batch step's is the decode step's unless named."""
-    return kernels.get(step) or kernels["decode"]
+    """``step``'s W8A8 kernel of ``kernels`` (by step name): the batch step's is the decode step's, so a
+    sequence computes the same alone or batched."""
+    return kernels["decode" if step == BATCH else step]
 
 
 def package_paths(
