@@ -250,6 +250,7 @@ def _compiled_step(
     step: str,
     package: Path,
     caches: list[torch.Tensor],
+    max_len: int,
 ):
     """The package's step, built first from the compact model if it is not there (or cannot be loaded). A
     fresh build is timed against the ``eager`` step; one that fails (to compile, load or run) or runs slower
@@ -260,7 +261,6 @@ def _compiled_step(
                 f"{'it failed before' if kind == 'failed' else 'it ran slower than eager before'} "
                 f"({marker.read_text().strip()}); delete {marker} to retry"
             )
-    max_len = caches[0].shape[2] - 1  # within the cache (one_call runs position 0 alone)
 
     def one_call(loaded) -> None:
         decoder = StaticDecoder(max_len, caches, {step: loaded})
@@ -332,7 +332,7 @@ def make_decoder(
         try:
             kernel = compiled_step.kernel_of(kernels, step)
             steps[step] = _compiled_step(
-                functools.partial(compact, kernel), functools.partial(eager, step), step, package, caches
+                functools.partial(compact, kernel), functools.partial(eager, step), step, package, caches, max_len
             )
         except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
             log.warning(
