@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from tests.harness import tiny_checkpoint, tiny_llama, tiny_mpt
 
 ROOT = Path(__file__).resolve().parent.parent
 Q8CHAT_SERVE = (str(Path(sys.executable).parent / "q8chat"), "serve")  # what `make serve` runs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def inductor_cache(tmp_path_factory) -> Path:
+    """In-process compilations cache under the session's temporary directory, which pytest prunes: inductor's
+    default, /tmp/torchinductor_$USER, grows by gigabytes with each run and is never pruned."""
+    path = tmp_path_factory.mktemp("inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
