@@ -11,9 +11,12 @@ oneDNN call per GEMM) produces. These two take the s8 activations of q8chat's W8
   [-127, 127], which q8chat's quantizers produce (``quant.int8`` clamps to +-127; -128 in both operands could
   saturate a pair by one).
 - **AVX-512 VNNI**: ``vpdpbusd`` multiplies u8 by s8 and sums each four products into s32 without saturating.
-  ``a`` is shifted to u8 (``a ^ 0x80`` is ``a + 128``); the same instruction sums each column of ``b`` against
-  ones, and 128 times that sum is taken off at the end. Exact for every INT8 value. The one extra
-  ``vpdpbusd`` per loaded column vector is shared by all the rows of a block.
+  ``b`` is shifted to u8 as it is loaded (``b ^ 0x80`` is ``b + 128``) and ``a`` stays s8, so each sum is too
+  large by 128 times the sum of ``a``'s row over the depth: one number per row, summed by the same instruction
+  against ones before the loop and taken off at the end. Exact for every INT8 value. The inner loop holds
+  nothing but the rows' accumulators, the loaded column vectors and one broadcast row (a four-row block's 16
+  accumulators fit the 32 registers with room to spare; shifting ``a`` instead needs each column's sum, a
+  ``vpdpbusd`` and a register more per column vector, and the four-row block spilled).
 
 B comes in the VNNI4 layout that the template packs for VNNI and AMX micro-kernels ([K/4, N, 4]): one vector
 load is 8 (AVX2) or 16 (AVX-512) columns by 4 depths, which one multiply-add step reduces into as many s32
@@ -115,26 +118,37 @@ AVX512_VNNI_KERNEL = (
     constexpr const int COLS = N / 16;
     const __m512i shift = _mm512_set1_epi8((char)0x80);
     const __m512i ones = _mm512_set1_epi8(1);
+    // what shifting b adds to each of a row's sums: 128 times the row's sum over this call's depth
+    int32_t surplus[M];
+    c10::ForcedUnroll<M>{}([&](auto row) {
+        __m512i sum = _mm512_setzero_si512();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512((const __m512i*)(A + row * lda + k)));
+        }
+        if (k < K) {
+            const __mmask64 tail = (1ULL << (K - k)) - 1;  // K - k < 64
+            sum = _mm512_dpbusd_epi32(sum, ones, _mm512_maskz_loadu_epi8(tail, A + row * lda + k));
+        }
+        surplus[row] = _mm512_reduce_add_epi32(sum) * 128;
+    });
     __m512i va;
     __m512i vb[COLS];
-    __m512i vsum[COLS];
     __m512i vc[M * COLS];
-    c10::ForcedUnroll<COLS>{}([&](auto i) { vsum[i] = _mm512_setzero_si512(); });
     c10::ForcedUnroll<M * COLS>{}([&](auto i) { vc[i] = _mm512_setzero_si512(); });
 
     auto compute = [&](auto i, int64_t k) {
         constexpr const int row = i / COLS;
         constexpr const int col = i % COLS;
         if constexpr (col == 0) {
-            // 4 depths of this row, in every lane, plus 128: u8
-            va = _mm512_xor_si512(_mm512_set1_epi32(*(const int32_t*)(A + row * lda + k)), shift);
+            // 4 depths of this row, in every lane (s8)
+            va = _mm512_set1_epi32(*(const int32_t*)(A + row * lda + k));
         }
         if constexpr (row == 0) {
-            // VNNI4: [K / 4, N, 4]; the column sums pay for the shift
-            vb[col] = _mm512_loadu_si512((const __m512i*)(B + k * ldb + col * 64));
-            vsum[col] = _mm512_dpbusd_epi32(vsum[col], ones, vb[col]);
+            // VNNI4: [K / 4, N, 4], plus 128: u8
+            vb[col] = _mm512_xor_si512(_mm512_loadu_si512((const __m512i*)(B + k * ldb + col * 64)), shift);
         }
-        vc[i] = _mm512_dpbusd_epi32(vc[i], va, vb[col]);
+        vc[i] = _mm512_dpbusd_epi32(vc[i], vb[col], va);
     };
     for (int64_t k = 0; k < K; k += 4) {
         c10::ForcedUnroll<M * COLS>{}(compute, k);
@@ -143,7 +157,7 @@ AVX512_VNNI_KERNEL = (
     auto store_c = [&](auto i) {
         constexpr const int row = i / COLS;
         constexpr const int col = i % COLS;
-        vc[i] = _mm512_sub_epi32(vc[i], _mm512_slli_epi32(vsum[col], 7));
+        vc[i] = _mm512_sub_epi32(vc[i], _mm512_set1_epi32(surplus[row]));
         if constexpr (accum) {
             vc[i] = _mm512_add_epi32(vc[i], _mm512_loadu_si512((const __m512i*)(C + row * ldc + col * 16)));
         }
