@@ -6,7 +6,16 @@ import torch
 from torch import nn
 
 from quant.int8 import Int8Linear
-from quant.kernels import REFERENCE, STEPS, cpu_flags, default_kernels, eager_kernel, eager_kernels, w8a8_matmul
+from quant.kernels import (
+    REFERENCE,
+    STEPS,
+    cpu_flags,
+    default_kernels,
+    eager_kernel,
+    eager_kernels,
+    native_bf16_gemm,
+    w8a8_matmul,
+)
 from quant.smoothquant import Recipe
 from server.runtime.aoti import int8_gemm
 from server.runtime.aoti import steps as compiled_step
@@ -40,6 +49,14 @@ def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
     # eager steps: a prompt gets the eager kernel, one row (decode) the faster weight read of bf16
     assert eager_kernels(AMX, "") == eager_kernels(ZEN4, "") == {"prefill": "s8s8", "decode": "bf16"}
     assert eager_kernels(ZEN3, "") == dict.fromkeys(STEPS, "bf16")
+
+
+def test_a_prompts_weight_only_layers_take_a_bf16_gemm_only_where_bf16_is_native():
+    """Without AVX512_BF16 or AMX (or with oneDNN capped below them) a BF16 GEMM converts, and is slower than
+    ``_weight_int8pack_mm``."""
+    assert native_bf16_gemm(ZEN4, "") and native_bf16_gemm(AMX | {"amx_bf16"}, "")
+    assert not native_bf16_gemm(AMX, "") and not native_bf16_gemm(ALDER_LAKE, "") and not native_bf16_gemm(ZEN3, "")
+    assert native_bf16_gemm(ZEN4, "AVX512_CORE_AMX") and not native_bf16_gemm(ZEN4, "avx512_core_vnni")
 
 
 def exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
