@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 
+from quant.kernels import native_bf16_gemm
 from quant.smoothquant import Recipe
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.steps import package_paths, prune_stale, source_digest
@@ -36,6 +37,10 @@ def test_a_step_is_keyed_by_context_length_kv_type_kernel_and_thread_count(tmp_p
         assert package_paths(tmp_path, checkpoint, 256, bf16)["decode"] != first["decode"]
     finally:
         torch.set_num_threads(threads)
+    # a prompt step's weight-only layers follow oneDNN's cap (quant.kernels.native_bf16_gemm)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = package_paths(tmp_path, checkpoint, 256, bf16)
+    assert (capped["prefill"] != first["prefill"]) == native_bf16_gemm(onednn_cap="")
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from quant import int8, kernels
+from quant.kernels import native_bf16_gemm
 from quant.load import fingerprint
 from server.runtime import compact, heap, static_llama, static_mpt
 from server.runtime.aoti import constants as step_constants
@@ -101,6 +102,7 @@ def package_paths(
         "torch": torch.__version__,
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
+        "bf16_gemm": native_bf16_gemm(),  # what a prompt step's weight-only layers run (quant.int8)
         "source": source_digest(),
     }
 
