@@ -110,5 +110,7 @@ def test_health_answers_while_a_megabyte_prompt_is_tokenized(tiny_server):
     )
     [response] = responses
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
-    assert took > 0.5 and len(latencies) > 5, (took, latencies)
-    assert max(latencies) < 0.3, (took, max(latencies))
+    # the request must outlast the bound by far (a loop blocked by it would answer in about ``took``): the
+    # body limit holds tokenizing to about half a second on a fast machine
+    assert took > 0.4 and len(latencies) > 5, (took, latencies)
+    assert max(latencies) < 0.2, (took, max(latencies))
