@@ -9,7 +9,7 @@ x86 CPUs differ in which INT8 instruction they have, and each kernel family is e
   scalar loop (338 us for a 576x960 GEMV on an AVX2 EPYC, against 47 us for ``bf16``). Compiled without AMX,
   it runs q8chat's own micro-kernels for inductor's GEMM template (``server/runtime/aoti/int8_gemm.py``): on
   AVX2, s8 times s8 through ``vpmaddubsw`` with the signs moved onto one operand (exact for +-127 operands); on
-  AVX-512 VNNI, ``vpdpbusd`` on the activations shifted to u8, less 128 times the weights' column sums. The
+  AVX-512 VNNI, ``vpdpbusd`` on the weights shifted to u8, less 128 times each activation row's sum. The
   compiled decode and batch steps of AVX-512 VNNI CPUs multiply so.
 - ``u8s8``: AVX-512 VNNI and AVX-VNNI multiply u8 by s8 (``vpdpbusd``). Activations are shifted by 128 to
   u8 and the product is written as the dequantize-linear pattern that inductor rewrites into oneDNN's u8s8
