@@ -42,7 +42,7 @@ KERNELS = ("s8s8", "u8s8", "bf16")
 REFERENCE = "reference"
 EAGER_OPS = {"s8s8": "aten::_int_mm", "bf16": "aten::_weight_int8pack_mm"}  # the ATen op an eager kernel runs
 U8_ZERO_POINT = 128
-_CAPS = {"AMX": ("amx_int8",), "VNNI": ("avx512_vnni", "avx_vnni")}
+_CAPS = {"AMX": ("amx_int8",), "VNNI": ("avx512_vnni", "avx_vnni"), "BF16": ("avx512_bf16", "amx_bf16")}
 # oneDNN's ISA names, weakest first, and what each of them allows of ours
 _ONEDNN_ISAS = (
     "SSE41",
@@ -104,12 +104,14 @@ def cpu_class(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
 
 
 def _onednn_allows(feature: str, cap: str | None) -> bool:
-    """Whether ``ONEDNN_MAX_CPU_ISA=cap`` leaves oneDNN ``feature`` ("AMX" or "VNNI")."""
+    """Whether ``ONEDNN_MAX_CPU_ISA=cap`` leaves oneDNN ``feature`` ("AMX", "VNNI" or "BF16")."""
     if not cap or cap.upper() not in _ONEDNN_ISAS:
         return True
     cap = cap.upper()
     if feature == "AMX":
         return "AMX" in cap
+    if feature == "BF16":
+        return _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_BF16")
     return "VNNI" in cap or _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_VNNI")
 
 
@@ -123,12 +125,7 @@ def native_bf16_gemm(flags: frozenset[str] | None = None, onednn_cap: str | None
     """Whether oneDNN multiplies BF16 natively here (AVX512_BF16 or AMX, not capped below them): there a BF16
     GEMM on INT8 weights outruns ``_weight_int8pack_mm`` at a prompt's rows (1.0 against 2.8 ms for a 576x1536
     weight at 512 rows, Zen 5); elsewhere it converts, and was 3 times slower (oneDNN capped at AVX2)."""
-    flags = cpu_flags() if flags is None else flags
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") if onednn_cap is None else onednn_cap) or ""
-    uncapped = cap.upper() not in _ONEDNN_ISAS or _ONEDNN_ISAS.index(cap.upper()) >= _ONEDNN_ISAS.index(
-        "AVX512_CORE_BF16"
-    )
-    return bool(flags & {"avx512_bf16", "amx_bf16"}) and uncapped
+    return _has("BF16", flags, onednn_cap)
 
 
 STEPS = ("decode", "prefill")  # the compiled steps, each with its own kernel (a batch step: the decode step's)
