@@ -7,7 +7,6 @@ from quant.smoothquant import Recipe
 from server.runtime.compact import (
     ATTENTION_BLOCK,
     UnsupportedForCompile,
-    attention,
     attention_mask,
     batch_mask,
     new_kv_caches,
@@ -71,13 +70,12 @@ def test_a_decode_step_attends_whole_blocks_and_a_batched_one_the_widest_slots()
     ]
 
 
-def test_a_cache_holds_whole_blocks_a_spare_position_and_the_queries_of_a_key_head():
+def test_a_cache_holds_whole_blocks_and_a_spare_position():
     """The last position of a context that is not a whole number of blocks still gets a whole block."""
     block, config = ATTENTION_BLOCK, tiny_llama(100).config
-    end = 1 + config.num_attention_heads // config.num_key_value_heads
-    assert new_kv_caches(config, block + 2)[0].shape[2] == 2 * block + end
+    assert new_kv_caches(config, block + 2)[0].shape[2] == 2 * block + 1
     assert attention_mask(block + 2, block + 1, 1).tolist() == [[True] * (block + 2) + [False] * (block - 2)]
-    assert new_kv_caches(config, 2 * block)[0].shape[2] == 2 * block + end
+    assert new_kv_caches(config, 2 * block)[0].shape[2] == 2 * block + 1
 
 
 def test_compiled_steps_get_a_mask_tensor():
@@ -88,28 +86,6 @@ def test_compiled_steps_get_a_mask_tensor():
         [True, True, True],
     ]
     assert torch.equal(attention_mask(8, 3, 2, compiled=True), attention_mask(8, 3, 2))
-
-
-@torch.no_grad()
-@pytest.mark.parametrize(
-    "heads, kv_heads, slots, bias", [(6, 2, 1, False), (6, 2, 3, False), (4, 4, 3, True)], ids=["gqa", "batch", "alibi"]
-)
-def test_compiled_one_query_attention_is_sdpas(heads, kv_heads, slots, bias):
-    """A decode step's attention, written out for inductor to fuse, against SDPA's on the same BF16 cache:
-    grouped queries, a batched step's slots each with its own reach, and MPT's additive ALiBi bias (-inf masked)."""
-    torch.manual_seed(0)
-    width = 3 * ATTENTION_BLOCK  # the second slot's last two blocks have nothing to attend
-    q = torch.randn(slots, heads, 1, 16)
-    k, v = torch.randn(2, slots, kv_heads, width, 16).to(torch.bfloat16).unbind(0)
-    reach = [width - 8, 3, ATTENTION_BLOCK + 5][:slots]
-    mask = (torch.arange(width)[None, :] <= torch.tensor(reach)[:, None])[:, None, None]  # [B, 1, 1, L]
-    if bias:
-        slopes = torch.rand(heads)[None, :, None, None]
-        mask = (slopes * (torch.arange(width) - reach[0])).masked_fill(~mask, float("-inf")).to(torch.bfloat16)
-    expected = attention(q, k, v, mask, 0.3)  # eagerly: SDPA
-    compiled = torch.compile(attention, fullgraph=True, dynamic=False)(q, k, v, mask, 0.3)
-    assert compiled.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(compiled.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_other_families_are_refused():

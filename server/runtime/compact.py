@@ -19,10 +19,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from quant.int8 import Int8Linear, fuse_linears
+from server.runtime.attention_op import decode_attention
 
 
 class UnsupportedForCompile(ValueError):
     pass
+
+
+HEAD_DIM_MULTIPLE = 16  # the compiled decode attention's vectors (``aoti.attention``): AVX-512's 16 floats
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim % HEAD_DIM_MULTIPLE:
+        raise UnsupportedForCompile(f"no compact decoder for a head dimension of {head_dim} (not a multiple of 16)")
 
 
 def fused_layer(linears: list[nn.Module], kernel: str | None) -> nn.Module:
@@ -57,26 +66,12 @@ def own_layer(linear: nn.Module, kernel: str | None) -> nn.Module:
 
 
 def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
-    """One layer's key (or value) cache: whole attention blocks (``decode_width``) for ``max_len`` positions;
-    one spare position, which keeps every attended slice shorter than the cache, so the compiler keeps its
-    length symbolic; and, last, a position for each query of a key head (``stored_queries``)."""
+    """One layer's key (or value) cache: whole attention blocks (``decode_width``) for ``max_len`` positions,
+    and one spare position, which keeps every attended slice shorter than the cache, so the compiler keeps its
+    length symbolic."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    positions = decode_width(max_len - 1) + 1 + config.num_attention_heads // heads
+    positions = decode_width(max_len - 1) + 1
     return 1, heads, positions, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def stored_queries(q: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
-    """A compiled decode step's queries ``[B, H, 1, D]``, written to the key cache's last positions and read
-    back from there, in the cache's type (as SDPA takes them eagerly): inductor otherwise computes each query
-    again (its dequantization, its rotation) for every cached key it is compared with. Prompts, and eager
-    steps, keep ``q``."""
-    if q.shape[2] > 1 or not torch.compiler.is_compiling():
-        return q
-    b, heads, _, dim = q.shape
-    kv, end = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kv
-    k_cache.index_copy_(2, torch.arange(end - group, end), q.reshape(b, kv, group, dim).to(k_cache.dtype))
-    return k_cache[:, :, end - group :].reshape(b, heads, 1, dim)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -121,56 +116,22 @@ def attention(
     of ``KV``), with ``mask`` (True: attend) or an additive float bias, broadcast to ``[B, H, T, L]``, or None
     (causal); in the cache's type, with FP32 sums.
 
-    Compiled, one query per sequence (a decode step) is written out as products and sums that inductor fuses,
-    block by block of ``ATTENTION_BLOCK`` positions (``blockwise_attention``): SDPA's flash kernel took several
-    times longer for a lone query (its blocking and buffers are made for many). Eagerly, and for prompts,
-    SDPA, whose kernel materializes no score tensor."""
-    if q.shape[2] > 1 or mask is None or not torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(
-            q.to(k.dtype),
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-    return blockwise_attention(q, k, v, mask, scale)
-
-
-def blockwise_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
-    """``attention`` of one query per sequence over a whole number of ``ATTENTION_BLOCK`` cache positions, in
-    FP32: each block's scores, their maximum, weights and weighted values, then the blocks combined, each
-    rescaled by its maximum's distance from the largest (a block with nothing to attend adds zeros).
-
-    Inductor spreads the blocks over the threads and computes each block's scores, maximum and weights in one
-    loop nest. Written as one softmax over the whole width, each of those was a pass over every cached
-    position, a thread's share of a head at a time, and a long conversation's decode steps slowed the more
-    for it."""
-    b, heads, _, dim = q.shape
-    kv, length = k.shape[1], k.shape[2]
-    blocks, size = length // ATTENTION_BLOCK, ATTENTION_BLOCK
-    group = q.reshape(b, kv, 1, heads // kv, 1, dim).float() * (dim**-0.5 if scale is None else scale)
-    keys = k.reshape(b, kv, blocks, 1, size, dim).float()
-    values = v.reshape(b, kv, blocks, 1, size, dim).float()
-    mask = mask.reshape(mask.shape[0], kv if mask.shape[1] > 1 else 1, -1, blocks, size).transpose(2, 3)
-    scores = (group * keys).sum(-1)  # [B, KV, blocks, G, size]
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    peak = scores.amax(-1, keepdim=True)  # each block's; -inf where the block has nothing to attend
-    weights = (scores - peak.clamp_min(torch.finfo(torch.float32).min)).exp()
-    rescale = (peak - peak.amax(2, keepdim=True)).exp()  # [B, KV, blocks, G, 1]
-    summed = ((weights[..., None] * values).sum(-2) * rescale).sum(2)  # [B, KV, G, D]
-    out = summed / (weights.sum(-1, keepdim=True) * rescale).sum(2)
-    return out.reshape(b, heads, 1, dim).to(k.dtype)
+    Compiled, one query per sequence (a decode step) is ``attention_op.decode_attention``, which a step runs
+    as q8chat's kernel: SDPA's flash kernel took several times longer for a lone query (its blocking and
+    buffers are made for many). Eagerly, and for prompts, SDPA, whose kernel materializes no score tensor."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[2] == 1 and mask is not None and torch.compiler.is_compiling():
+        return decode_attention(q.to(k.dtype), k, v, mask, scale)
+    return F.scaled_dot_product_attention(
+        q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 # A decode step attends a whole number of these blocks of cache positions, the rest masked. SDPA's CPU
 # kernel sums a partial last block of keys in another order than a whole one, so a token's attention would
 # change in its last bits with the width its batch attends (the farthest sequence's); it does not change
 # with whole masked blocks added. So a decode step computes the same for a token whatever it runs with.
-# The compiled decode steps attend block by block (``blockwise_attention``).
+# (The compiled steps' kernel sums chunks of whole blocks, and skips masked positions: the same holds.)
 ATTENTION_BLOCK = 32
 
 

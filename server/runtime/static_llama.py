@@ -17,10 +17,10 @@ from torch.nn import functional as F
 from server.runtime.compact import (
     UnsupportedForCompile,
     attention,
+    check_head_dim,
     fused_layer,
     kv_cache_shape,
     own_layer,
-    stored_queries,
     write_kv,
 )
 
@@ -34,6 +34,7 @@ def check_llama(config) -> None:
         or config.hidden_act != "silu"
     ):
         raise UnsupportedForCompile(f"no compact decoder for model type {config.model_type!r}")
+    check_head_dim(kv_cache_shape(config, 1)[3])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,7 +80,6 @@ class StaticBlock(nn.Module):
         k = _rotate(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         write_kv(k_cache, v_cache, pos, k, v)
-        q = stored_queries(q, k_cache)
         length = t if mask is None else mask.shape[-1]
         att = attention(q, k_cache[:, :, :length], v_cache[:, :, :length], mask).to(x.dtype)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

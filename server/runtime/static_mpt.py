@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.runtime.compact import UnsupportedForCompile, attention, own_layer, stored_queries, write_kv
+from server.runtime.compact import UnsupportedForCompile, attention, check_head_dim, own_layer, write_kv
 
 
 def check_mpt(config) -> None:
@@ -23,6 +23,7 @@ def check_mpt(config) -> None:
     Face's MPT, which has no biases and always applies ALiBi)."""
     if config.model_type != "mpt":
         raise UnsupportedForCompile(f"no compact decoder for model type {config.model_type!r}")
+    check_head_dim(config.d_model // config.n_heads)
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
@@ -54,7 +55,6 @@ class MptBlock(nn.Module):
             qkv = qkv.clamp(-self.clip, self.clip)
         q, k, v = (part.view(b, t, self.heads, self.head_dim).transpose(1, 2) for part in qkv.chunk(3, dim=-1))
         write_kv(k_cache, v_cache, pos, k, v)
-        q = stored_queries(q, k_cache)
         length = bias.shape[-1]
         att = attention(q, k_cache[:, :, :length], v_cache[:, :, :length], bias, self.scale).to(x.dtype)
         x = x + self.out_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

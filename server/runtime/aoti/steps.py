@@ -40,9 +40,9 @@ import torch
 from quant import int8, kernels
 from quant.kernels import native_bf16_gemm
 from quant.load import fingerprint
-from server.runtime import compact, heap, static_llama, static_mpt
+from server.runtime import attention_op, compact, heap, static_llama, static_mpt
+from server.runtime.aoti import attention, int8_gemm
 from server.runtime.aoti import constants as step_constants
-from server.runtime.aoti import int8_gemm
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti.constants import constants_by_name, release_constants, unused_constants
 from server.runtime.aoti.container import Container
@@ -53,6 +53,8 @@ _SOURCES = (
     int8.__file__,
     kernels.__file__,
     compact.__file__,
+    attention_op.__file__,
+    attention.__file__,
     static_llama.__file__,
     static_mpt.__file__,
     step_constants.__file__,
@@ -168,6 +170,7 @@ def configure_inductor() -> None:
         setattr(getattr(inductor, section) if section else inductor, leaf, value)
     _register_one_row_micro_kernel()
     int8_gemm.register()
+    attention.register()
 
 
 ONE_ROW_BLOCKING = (1, 64, 64)  # rows, columns, depth of the one-row AVX2 weight-only micro-kernel

@@ -1,0 +1,273 @@
+"""q8chat's C++ kernel for ``q8chat::decode_attention`` in a compiled step: an inductor CPU template, so
+AOTInductor writes it into the step's library like its own kernels (a custom operator left as a call would
+need AOTInductor's proxy executor, which the GIL-free container does not have).
+
+Written as products and sums for inductor to fuse, a decode step's attention ran several loop nests a layer,
+each a pass over the cache and a fork and join of the threads. Here it is one parallel region a layer,
+flash-decoding's way: each task takes ``CHUNK`` cache positions of one sequence's key head, computes the
+scores of the head's queries (one load of each key for all of them), their softmax weights and the weighted
+values; then each query's chunks are combined, each rescaled by its maximum's distance from the largest.
+Chunks start at multiples of ``CHUNK`` from position 0 and masked positions add nothing, so a sequence's
+attention is the same whatever the width its batch attends (the farthest sequence's). The cache arrives from
+memory, the weights having streamed through the caches since the last step: the kernel prefetches the keys a
+few positions ahead and the chunk's values while it scores (without, it waited on memory and was no faster
+than inductor's loops). Vectors are ATen's ``Vectorized``: the same source runs on AVX2 and AVX-512.
+"""
+
+from __future__ import annotations
+
+import functools
+
+CHUNK = 64  # cache positions per task
+
+KERNEL = r"""
+{{template.header().getvalue()}}
+#include <limits>
+#include <memory>
+
+namespace {
+inline float {{name}}_bias(bool attend) { return attend ? 0.0f : -std::numeric_limits<float>::infinity(); }
+inline float {{name}}_bias(float bias) { return bias; }
+inline float {{name}}_bias(c10::BFloat16 bias) { return static_cast<float>(bias); }
+inline at::vec::Vectorized<float> {{name}}_load(const float* p) { return at::vec::Vectorized<float>::loadu(p); }
+inline at::vec::Vectorized<float> {{name}}_load(const c10::BFloat16* p) {
+    return at::vec::convert<float>(at::vec::Vectorized<c10::BFloat16>::loadu(p, at::vec::Vectorized<float>::size()));
+}
+template <typename T>
+inline void {{name}}_prefetch(const T* row) {  // a row of D values
+    for (int64_t byte = 0; byte < {{head_dim}} * int64_t(sizeof(T)); byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(row) + byte, 0, 3);
+    }
+}
+inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
+    using Vec = at::vec::Vectorized<float>;
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
+}
+}  // namespace
+
+extern "C"
+{{signature}}
+{
+    // q8chat::decode_attention
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t VS = Vec::size();
+    constexpr int64_t D = {{head_dim}};
+    constexpr int64_t W = D / VS;
+    constexpr int64_t G = {{group}};
+    constexpr int64_t CHUNK = {{chunk}};
+    constexpr int64_t PREFETCH = 8;  // positions
+    constexpr int64_t PART = G * (D + 2);  // a task's G maxima, G sums of weights, G weighted values
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+    const int64_t B = {{batch}};
+    const int64_t KV = {{kv_heads}};
+    const int64_t L = {{length}};
+    const int64_t chunks = (L + CHUNK - 1) / CHUNK;
+    const float scale = {{scale}};
+    {{local_buffer}}
+    auto partials_owner = std::make_unique<float[]>(B * KV * chunks * PART);
+    float* partials = partials_owner.get();
+    #pragma omp parallel num_threads({{num_threads}})
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * KV * chunks; ++task) {
+            const int64_t b = task / (KV * chunks), kv = task / chunks % KV, start = task % chunks * CHUNK;
+            const int64_t n = std::min(CHUNK, L - start);
+            float* part = partials + task * PART;
+            float scores[G][CHUNK];
+            bool any = false;
+            for (int64_t g = 0; g < G; ++g) {
+                const auto* bias = mask + b * {{mask_b}} + (kv * G + g) * {{mask_h}} + start * {{mask_l}};
+                for (int64_t l = 0; l < n; ++l) {
+                    scores[g][l] = {{name}}_bias(bias[l * {{mask_l}}]);
+                    any = any || scores[g][l] != NEG_INF;
+                }
+            }
+            if (!any) {  // nothing to attend: the combination skips this chunk
+                for (int64_t g = 0; g < G; ++g) {
+                    part[g] = NEG_INF;
+                    part[G + g] = 0.0f;
+                }
+                continue;
+            }
+            Vec query[G][W];
+            for (int64_t g = 0; g < G; ++g) {
+                for (int64_t w = 0; w < W; ++w) {
+                    query[g][w] = {{name}}_load(q + ((b * KV + kv) * G + g) * D + w * VS) * Vec(scale);
+                }
+            }
+            const auto* keys = k + b * {{k_b}} + kv * {{k_h}} + start * {{k_l}};
+            const auto* values = v + b * {{v_b}} + kv * {{v_h}} + start * {{v_l}};
+            for (int64_t l = 0; l < PREFETCH && l < n; ++l) {{name}}_prefetch(keys + l * {{k_l}});
+            for (int64_t l = 0; l < n; ++l) {
+                // the cache comes from memory (the weights streamed through since the last step): ask for the
+                // keys a few positions ahead, and for the values this chunk will weigh next
+                if (l + PREFETCH < n) {{name}}_prefetch(keys + (l + PREFETCH) * {{k_l}});
+                {{name}}_prefetch(values + l * {{v_l}});
+                Vec key[W];
+                for (int64_t w = 0; w < W; ++w) {
+                    key[w] = {{name}}_load(keys + l * {{k_l}} + w * VS);
+                }
+                for (int64_t g = 0; g < G; ++g) {
+                    Vec dot = query[g][0] * key[0];
+                    for (int64_t w = 1; w < W; ++w) {
+                        dot = at::vec::fmadd(query[g][w], key[w], dot);
+                    }
+                    scores[g][l] += {{name}}_sum(dot);
+                }
+            }
+            for (int64_t g = 0; g < G; ++g) {
+                float peak = NEG_INF;
+                for (int64_t l = 0; l < n; ++l) {
+                    peak = std::max(peak, scores[g][l]);
+                }
+                float total = 0.0f;
+                int64_t l = 0;
+                if (peak == NEG_INF) {
+                    for (; l < n; ++l) scores[g][l] = 0.0f;
+                } else {
+                    for (; l + VS <= n; l += VS) {
+                        const Vec weight = (Vec::loadu(scores[g] + l) - Vec(peak)).exp();
+                        weight.store(scores[g] + l);
+                        total += {{name}}_sum(weight);
+                    }
+                    for (; l < n; ++l) {
+                        scores[g][l] = std::exp(scores[g][l] - peak);
+                        total += scores[g][l];
+                    }
+                }
+                part[g] = peak;
+                part[G + g] = total;
+            }
+            Vec acc[G][W];
+            for (int64_t g = 0; g < G; ++g) {
+                for (int64_t w = 0; w < W; ++w) acc[g][w] = Vec(0.0f);
+            }
+            for (int64_t l = 0; l < n; ++l) {
+                Vec value[W];
+                for (int64_t w = 0; w < W; ++w) {
+                    value[w] = {{name}}_load(values + l * {{v_l}} + w * VS);
+                }
+                for (int64_t g = 0; g < G; ++g) {
+                    const Vec weight(scores[g][l]);
+                    for (int64_t w = 0; w < W; ++w) acc[g][w] = at::vec::fmadd(weight, value[w], acc[g][w]);
+                }
+            }
+            for (int64_t g = 0; g < G; ++g) {
+                for (int64_t w = 0; w < W; ++w) acc[g][w].store(part + 2 * G + g * D + w * VS);
+            }
+        }
+        #pragma omp for
+        for (int64_t row = 0; row < B * KV * G; ++row) {
+            const int64_t b = row / (KV * G), kv = row / G % KV, g = row % G;
+            const float* first = partials + (b * KV + kv) * chunks * PART;
+            float peak = NEG_INF;
+            for (int64_t c = 0; c < chunks; ++c) peak = std::max(peak, first[c * PART + g]);
+            float total = 0.0f;
+            Vec out[W];
+            for (int64_t w = 0; w < W; ++w) out[w] = Vec(0.0f);
+            for (int64_t c = 0; c < chunks; ++c) {
+                const float* part = first + c * PART;
+                if (part[g] == NEG_INF) continue;
+                const float rescale = std::exp(part[g] - peak);
+                total += part[G + g] * rescale;
+                for (int64_t w = 0; w < W; ++w) {
+                    out[w] = at::vec::fmadd(Vec(rescale), Vec::loadu(part + 2 * G + g * D + w * VS), out[w]);
+                }
+            }
+            for (int64_t w = 0; w < W; ++w) (out[w] / Vec(total)).store(att_local + row * D + w * VS);
+        }
+    }
+    {{stores}}
+}
+"""
+
+
+@functools.cache
+def register() -> None:
+    """Lower ``q8chat::decode_attention`` to the kernel in every step compiled in this process (once)."""
+    import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
+    from torch._inductor import ir
+    from torch._inductor.codegen.cpp_gemm_template import gen_2d_view_of_epilogue_buf
+    from torch._inductor.codegen.cpp_template import CppTemplate
+    from torch._inductor.lowering import register_lowering
+    from torch._inductor.utils import parallel_num_threads
+    from torch._inductor.virtualized import V
+
+    from server.runtime import attention_op  # noqa: F401  (defines the operator)
+
+    class DecodeAttentionTemplate(CppTemplate):
+        def __init__(self, input_nodes, layout, scale: float) -> None:
+            super().__init__("q8chat_decode_attention", input_nodes, layout, parallel_num_threads())
+            self.scale = scale
+
+        def render(  # type: ignore[override]
+            self,
+            kernel,
+            template_buffer_node=None,
+            flag_template_buffer_has_other_users=None,
+            epilogue_nodes=None,
+            **kwargs,
+        ) -> str:
+            q, k, v, mask = self.input_nodes
+            att = template_buffer_node if template_buffer_node is not None else self.output_node
+            outputs, aliases = {"att": att}, {}
+            if epilogue_nodes:  # pointwise ops on the attention (a smoothing, a quantization) fused in
+                out, reindexers = gen_2d_view_of_epilogue_buf(
+                    epilogue_nodes[-1], att, epilogue_nodes, [], [None] * len(epilogue_nodes)
+                )
+                if flag_template_buffer_has_other_users:
+                    outputs["out"] = out
+                else:
+                    outputs, aliases = {"out": out}, {att.get_name(): "out"}
+            inputs = {"q": q, "k": k, "v": v, "mask": mask}
+            signature = kernel.def_kernel(inputs=inputs, outputs=outputs, aliases=aliases)
+            local_buffer = kernel.define_buffer("att_local", att.get_size(), torch.float)
+            local = kernel.local_buffers["att_local"]
+            stores = []
+            if not epilogue_nodes or flag_template_buffer_has_other_users:
+                stores.append(kernel.store_output(att, local))
+            if epilogue_nodes:
+                stores.append(kernel.store_output(out, local, att, epilogue_nodes, reindexers=reindexers))
+
+            def stride(node, dim: int) -> str:  # 0 along a broadcast dimension
+                broadcast = V.graph.sizevars.statically_known_equals(node.get_size()[dim], 1)
+                return "0" if broadcast else kernel.stride(node, dim)
+
+            batch, heads, _, head_dim = (int(size) for size in q.get_size())
+            kv_heads = int(k.get_size()[1])
+            return self._template_from_string(KERNEL).render(
+                template=self,
+                name=kernel.kernel_name,
+                signature=signature,
+                local_buffer=local_buffer,
+                stores="\n".join(stores),
+                head_dim=head_dim,
+                group=heads // kv_heads,
+                chunk=CHUNK,
+                batch=batch,
+                kv_heads=kv_heads,
+                length=kernel.size(k, 2),
+                scale=repr(float(self.scale)),
+                num_threads=self.num_threads,
+                mask_b=stride(mask, 0),
+                mask_h=stride(mask, 1),
+                mask_l=kernel.stride(mask, 3),
+                k_b=kernel.stride(k, 0),
+                k_h=kernel.stride(k, 1),
+                k_l=kernel.stride(k, 2),
+                v_b=kernel.stride(v, 0),
+                v_h=kernel.stride(v, 1),
+                v_l=kernel.stride(v, 2),
+            )
+
+    @register_lowering(torch.ops.q8chat.decode_attention.default, type_promotion_kind=None)
+    def _lower(q, k, v, mask, scale):
+        q = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(q))
+        k, v, mask = (ir.ExternKernel.require_stride1(ir.ExternKernel.realize_input(x)) for x in (k, v, mask))
+        size = list(q.get_size())
+        layout = ir.FixedLayout(q.get_device(), torch.float32, size, ir.FlexibleLayout.contiguous_strides(size))
+        choices: list = []
+        error = DecodeAttentionTemplate([q, k, v, mask], layout, scale).maybe_append_choice(choices)
+        if error is not None:
+            raise error
+        return choices[0].output_node()

@@ -1,0 +1,28 @@
+"""``q8chat::decode_attention``: one query per sequence and head against its cached keys and values, as one
+operator, so that a compiled step runs it as q8chat's own C++ kernel (``server.runtime.aoti.attention``)
+rather than as the loops inductor writes for its parts.
+
+Eagerly (and where no step is compiled) it is SDPA; the kernel computes the same attention with FP32 sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+@torch.library.custom_op("q8chat::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of queries ``q [B, H, 1, D]`` to keys and values ``[B, KV, L, D]`` (``H`` a multiple of
+    ``KV``), with ``mask`` (True: attend) or an additive bias (-inf: masked), broadcast from ``[B or 1, H or
+    1, 1, L]``; FP32 ``[B, H, 1, D]``. A row attends to at least one position."""
+    return F.scaled_dot_product_attention(
+        q.to(k.dtype), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    ).float()
+
+
+@decode_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=torch.float32)
