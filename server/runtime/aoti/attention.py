@@ -9,9 +9,11 @@ scores of the head's queries (one load of each key for all of them), their softm
 values; then each query's chunks are combined, each rescaled by its maximum's distance from the largest.
 Chunks start at multiples of ``CHUNK`` from position 0 and masked positions add nothing, so a sequence's
 attention is the same whatever the width its batch attends (the farthest sequence's). The cache arrives from
-memory, the weights having streamed through the caches since the last step: the kernel prefetches the keys a
-few positions ahead and the chunk's values while it scores (without, it waited on memory and was no faster
-than inductor's loops). Vectors are ATen's ``Vectorized``: the same source runs on AVX2 and AVX-512.
+memory, the weights having streamed through the caches since the last step: the kernel prefetches the keys
+``PREFETCH`` positions ahead (into the next chunk) and the chunk's values while it scores (without, it waited
+on memory and was no faster than inductor's loops), and each thread takes a contiguous run of tasks, so that
+its reads run on through a head's cache (taken one by one, dynamically, the tasks scattered them and the
+steps were slower). Vectors are ATen's ``Vectorized``: the same source runs on AVX2 and AVX-512.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 
 CHUNK = 64  # cache positions per task
+PREFETCH = 32  # positions of keys read ahead: a DRAM latency's worth of scoring
 
 KERNEL = r"""
 {{template.header().getvalue()}}
@@ -55,7 +58,7 @@ extern "C"
     constexpr int64_t W = D / VS;
     constexpr int64_t G = {{group}};
     constexpr int64_t CHUNK = {{chunk}};
-    constexpr int64_t PREFETCH = 8;  // positions
+    constexpr int64_t PREFETCH = {{prefetch}};  // positions
     constexpr int64_t PART = G * (D + 2);  // a task's G maxima, G sums of weights, G weighted values
     constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
     const int64_t B = {{batch}};
@@ -68,7 +71,7 @@ extern "C"
     float* partials = partials_owner.get();
     #pragma omp parallel num_threads({{num_threads}})
     {
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(static)  // a contiguous run of tasks a thread: its reads run on
         for (int64_t task = 0; task < B * KV * chunks; ++task) {
             const int64_t b = task / (KV * chunks), kv = task / chunks % KV, start = task % chunks * CHUNK;
             const int64_t n = std::min(CHUNK, L - start);
@@ -97,11 +100,12 @@ extern "C"
             }
             const auto* keys = k + b * {{k_b}} + kv * {{k_h}} + start * {{k_l}};
             const auto* values = v + b * {{v_b}} + kv * {{v_h}} + start * {{v_l}};
-            for (int64_t l = 0; l < PREFETCH && l < n; ++l) {{name}}_prefetch(keys + l * {{k_l}});
+            const int64_t ahead = L - start;  // positions of this head from here, the next chunk's included
+            for (int64_t l = 0; l < PREFETCH && l < ahead; ++l) {{name}}_prefetch(keys + l * {{k_l}});
             for (int64_t l = 0; l < n; ++l) {
                 // the cache comes from memory (the weights streamed through since the last step): ask for the
                 // keys a few positions ahead, and for the values this chunk will weigh next
-                if (l + PREFETCH < n) {{name}}_prefetch(keys + (l + PREFETCH) * {{k_l}});
+                if (l + PREFETCH < ahead) {{name}}_prefetch(keys + (l + PREFETCH) * {{k_l}});
                 {{name}}_prefetch(values + l * {{v_l}});
                 Vec key[W];
                 for (int64_t w = 0; w < W; ++w) {
@@ -244,6 +248,7 @@ def register() -> None:
                 head_dim=head_dim,
                 group=heads // kv_heads,
                 chunk=CHUNK,
+                prefetch=PREFETCH,
                 batch=batch,
                 kv_heads=kv_heads,
                 length=kernel.size(k, 2),
