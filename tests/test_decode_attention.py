@@ -2,6 +2,10 @@
 slots each with its own reach, MPT's additive ALiBi bias, fused pointwise consumers, and a sequence's result
 the same whatever its batch attends."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -77,3 +81,24 @@ def test_pointwise_consumers_fused_into_the_kernel_see_its_result():
     counters.clear()
     torch.testing.assert_close(compiled(step, q, k, v, mask), expected, atol=2e-2, rtol=1e-2)
     assert counters["inductor"]["cpp_epilogue_fusion_counter"] == 1
+
+
+def test_the_kernel_is_right_with_avx2_vectors_too():
+    """Inductor writes AVX2 code on AVX2 CPUs (8 floats a vector, not 16): the same tests, in a process that
+    ``ATEN_CPU_CAPABILITY`` sends down to AVX2, on whatever CPU the tests run."""
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        pytest.skip("this process is the AVX2 one")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    isa = "from torch._inductor.cpu_vec_isa import pick_vec_isa; print(pick_vec_isa())"
+    assert subprocess.run([sys.executable, "-c", isa], env=env, capture_output=True, text=True).stdout.strip() == "avx2"
+    tests = [
+        f"{__file__}::test_the_kernel_computes_sdpas_attention",
+        f"{__file__}::test_pointwise_consumers_fused_into_the_kernel_see_its_result",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
