@@ -31,7 +31,9 @@ HEAD_DIM_MULTIPLE = 16  # the compiled decode attention's vectors (``aoti.attent
 
 def check_head_dim(head_dim: int) -> None:
     if head_dim % HEAD_DIM_MULTIPLE:
-        raise UnsupportedForCompile(f"no compact decoder for a head dimension of {head_dim} (not a multiple of 16)")
+        raise UnsupportedForCompile(
+            f"no compact decoder for a head dimension of {head_dim} (not a multiple of {HEAD_DIM_MULTIPLE})"
+        )
 
 
 def fused_layer(linears: list[nn.Module], kernel: str | None) -> nn.Module:
