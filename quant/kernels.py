@@ -42,7 +42,12 @@ KERNELS = ("s8s8", "u8s8", "bf16")
 REFERENCE = "reference"
 EAGER_OPS = {"s8s8": "aten::_int_mm", "bf16": "aten::_weight_int8pack_mm"}  # the ATen op an eager kernel runs
 U8_ZERO_POINT = 128
-_CAPS = {"AMX": ("amx_int8",), "VNNI": ("avx512_vnni", "avx_vnni"), "BF16": ("avx512_bf16", "amx_bf16")}
+_CAPS = {
+    "AMX": ("amx_int8",),
+    "AMX_BF16": ("amx_bf16",),
+    "VNNI": ("avx512_vnni", "avx_vnni"),
+    "BF16": ("avx512_bf16", "amx_bf16"),
+}
 # oneDNN's ISA names, weakest first, and what each of them allows of ours
 _ONEDNN_ISAS = (
     "SSE41",
@@ -108,7 +113,7 @@ def _onednn_allows(feature: str, cap: str | None) -> bool:
     if not cap or cap.upper() not in _ONEDNN_ISAS:
         return True
     cap = cap.upper()
-    if feature == "AMX":
+    if feature.startswith("AMX"):
         return "AMX" in cap
     if feature == "BF16":
         return _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_BF16")
@@ -126,6 +131,13 @@ def native_bf16_gemm(flags: frozenset[str] | None = None, onednn_cap: str | None
     GEMM on INT8 weights outruns ``_weight_int8pack_mm`` at a prompt's rows (1.0 against 2.8 ms for a 576x1536
     weight at 512 rows, Zen 5); elsewhere it converts, and was 3 times slower (oneDNN capped at AVX2)."""
     return _has("BF16", flags, onednn_cap)
+
+
+def packed_bf16_attention(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> bool:
+    """Whether ATen's flash attention multiplies BF16 with oneDNN's AMX kernels here. Elsewhere its products
+    go through a generic BF16 GEMM (MKL's, FP32 inside, on AMD), and q8chat's prompt attention kernel
+    outruns it (``server.runtime.aoti.attention``)."""
+    return _has("AMX_BF16", flags, onednn_cap)
 
 
 STEPS = ("decode", "prefill")  # the compiled steps, each with its own kernel (a batch step: the decode step's)

@@ -1,8 +1,10 @@
-"""``q8chat::decode_attention``: one query per sequence and head against its cached keys and values, as one
-operator, so that a compiled step runs it as q8chat's own C++ kernel (``server.runtime.aoti.attention``)
-rather than as the loops inductor writes for its parts.
+"""q8chat's attention operators, so that a compiled step runs them as q8chat's own C++ kernels
+(``server.runtime.aoti.attention``): ``q8chat::decode_attention``, one query per sequence and head against its
+cached keys and values, rather than the loops inductor writes for its parts; ``q8chat::prompt_attention``, a
+prompt's queries, rather than ATen's flash attention, whose BF16 products go through a generic GEMM on CPUs
+without AMX.
 
-Eagerly (and where no step is compiled) it is SDPA; the kernel computes the same attention with FP32 sums.
+Eagerly (and where no step is compiled) they are SDPA; the kernels compute the same attention with FP32 sums.
 """
 
 from __future__ import annotations
@@ -24,5 +26,23 @@ def decode_attention(
 
 
 @decode_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("q8chat::prompt_attention", mutates_args=())
+def prompt_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of a prompt's FP32 queries ``q [B, H, T, D]`` to keys and values ``[B, KV, L, D]`` (``H`` a
+    multiple of ``KV``), with ``mask`` (True: attend) or an additive bias (-inf: masked), broadcast from
+    ``[B or 1, H or 1, T, L]``; FP32 ``[B, H, T, D]``. A row attends to at least one position."""
+    return F.scaled_dot_product_attention(
+        q, k.float(), v.float(), attn_mask=mask if mask.dtype == torch.bool else mask.float(), scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+@prompt_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.empty(q.shape, dtype=torch.float32)

@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quant.int8 import Int8Linear, fuse_linears
-from server.runtime.attention_op import decode_attention
+from quant.kernels import packed_bf16_attention
+from server.runtime.attention_op import decode_attention, prompt_attention
 
 
 class UnsupportedForCompile(ValueError):
@@ -111,6 +112,11 @@ def kv_cache_bytes(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, 
     return slots * 2 * config.num_hidden_layers * dtype.itemsize * math.prod(kv_cache_shape(config, max_len))
 
 
+# Whether compiled prompts attend with q8chat's kernel: read once, outside the traced code (dynamo does not
+# trace the CPU's flags)
+PROMPT_KERNEL = not packed_bf16_attention()
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
@@ -120,10 +126,15 @@ def attention(
 
     Compiled, one query per sequence (a decode step) is ``attention_op.decode_attention``, which a step runs
     as q8chat's kernel: SDPA's flash kernel took several times longer for a lone query (its blocking and
-    buffers are made for many). Eagerly, and for prompts, SDPA, whose kernel materializes no score tensor."""
+    buffers are made for many). A prompt's queries are ``attention_op.prompt_attention`` where ATen's flash
+    kernel has no AMX to multiply BF16 with (``packed_bf16_attention``). Eagerly, SDPA, whose kernel
+    materializes no score tensor."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.shape[2] == 1 and mask is not None and torch.compiler.is_compiling():
-        return decode_attention(q.to(k.dtype), k, v, mask, scale)
+    if mask is not None and torch.compiler.is_compiling():
+        if q.shape[2] == 1:
+            return decode_attention(q.to(k.dtype), k, v, mask, scale)
+        if PROMPT_KERNEL:
+            return prompt_attention(q, k, v, mask[(None,) * (4 - mask.dim())], scale)
     return F.scaled_dot_product_attention(
         q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

@@ -22,8 +22,9 @@ import functools
 
 CHUNK = 64  # cache positions per task
 PREFETCH = 32  # positions of keys read ahead: a DRAM latency's worth of scoring
+QUERY_BLOCK = 16  # a prompt's query positions per task
 
-KERNEL = r"""
+PRELUDE = r"""
 {{template.header().getvalue()}}
 #include <limits>
 #include <memory>
@@ -47,7 +48,9 @@ inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
     return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
 }
 }  // namespace
+"""
 
+DECODE_KERNEL = r"""
 extern "C"
 {{signature}}
 {
@@ -186,23 +189,223 @@ extern "C"
 """
 
 
+PROMPT_KERNEL = r"""
+namespace {
+constexpr int64_t {{name}}_tile(int64_t vectors) {  // vectors a micro-tile spans: a divisor of ``vectors``, <= 4
+    return vectors % 4 == 0 ? 4 : vectors % 3 == 0 ? 3 : vectors % 2 == 0 ? 2 : 1;
+}
+
+// acc[r][w] += a[r][i] * b[i][w * VS ...] over i < depth: ROWS rows of ``a`` (row stride ``lda``) by NV vectors
+// of ``b`` (row stride ``ldb``), added to ``c`` (row stride ``ldc``). Rows broadcast, ``b``'s vectors loaded once.
+template <int64_t ROWS, int64_t NV>
+inline void {{name}}_micro(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t depth) {
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t VS = Vec::size();
+    Vec acc[ROWS][NV];
+    for (int64_t r = 0; r < ROWS; ++r) {
+        for (int64_t w = 0; w < NV; ++w) acc[r][w] = Vec::loadu(c + r * ldc + w * VS);
+    }
+    for (int64_t i = 0; i < depth; ++i) {
+        Vec col[NV];
+        for (int64_t w = 0; w < NV; ++w) col[w] = Vec::loadu(b + i * ldb + w * VS);
+        for (int64_t r = 0; r < ROWS; ++r) {
+            const Vec x(a[r * lda + i]);
+            for (int64_t w = 0; w < NV; ++w) acc[r][w] = at::vec::fmadd(x, col[w], acc[r][w]);
+        }
+    }
+    for (int64_t r = 0; r < ROWS; ++r) {
+        for (int64_t w = 0; w < NV; ++w) acc[r][w].store(c + r * ldc + w * VS);
+    }
+}
+
+// row[l] = the bias of mask[l * stride] for l < n; whether any of them is not masked. Written for the compiler
+// to vectorize where the mask's positions are contiguous (a conditional assignment, then an OR of the bytes)
+inline bool {{name}}_biases(const bool* mask, int64_t stride, int64_t n, float* row) {
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+    if (stride != 1) {
+        bool any = false;
+        for (int64_t l = 0; l < n; ++l) any |= mask[l * stride];
+        for (int64_t l = 0; l < n; ++l) row[l] = mask[l * stride] ? 0.0f : NEG_INF;
+        return any;
+    }
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mask);
+    uint8_t any = 0;
+    for (int64_t l = 0; l < n; ++l) any |= bytes[l];
+    for (int64_t l = 0; l < n; ++l) row[l] = bytes[l] ? 0.0f : NEG_INF;
+    return any != 0;
+}
+template <typename T>
+inline bool {{name}}_biases(const T* bias, int64_t stride, int64_t n, float* row) {
+    bool any = false;
+    for (int64_t l = 0; l < n; ++l) {
+        row[l] = static_cast<float>(bias[l * stride]);
+        any |= row[l] != -std::numeric_limits<float>::infinity();
+    }
+    return any;
+}
+
+// c[rows, cols] += a[rows, depth] @ b[depth, cols]; rows a multiple of MR, cols of NV vectors
+template <int64_t MR, int64_t NV>
+inline void {{name}}_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                          int64_t rows, int64_t cols, int64_t depth) {
+    constexpr int64_t VS = at::vec::Vectorized<float>::size();
+    for (int64_t r = 0; r < rows; r += MR) {
+        for (int64_t j = 0; j < cols; j += NV * VS) {
+            {{name}}_micro<MR, NV>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, depth);
+        }
+    }
+}
+}  // namespace
+
+extern "C"
+{{signature}}
+{
+    // q8chat::prompt_attention
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t VS = Vec::size();
+    constexpr int64_t D = {{head_dim}};
+    constexpr int64_t G = {{group}};
+    constexpr int64_t QB = {{query_block}};  // query positions a task
+    constexpr int64_t R = G * QB;  // a task's rows: its positions' queries of each of the key head's G heads
+    constexpr int64_t KC = {{chunk}};  // key positions a step
+    constexpr int64_t MR = VS == 16 ? 4 : 2;  // rows a micro-tile: its accumulators fit the vector registers
+    constexpr int64_t NVK = {{name}}_tile(KC / VS);
+    constexpr int64_t NVD = {{name}}_tile(D / VS);
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+    static_assert(R % MR == 0 && KC % VS == 0 && D % VS == 0, "blocking");
+    const int64_t B = {{batch}};
+    const int64_t KV = {{kv_heads}};
+    const int64_t T = {{queries}};
+    const int64_t L = {{length}};
+    const int64_t blocks = (T + QB - 1) / QB;
+    const float scale = {{scale}};
+    {{local_buffer}}
+    const int64_t chunks = (L + KC - 1) / KC;
+    // every key head's keys (each step's transposed, [D, KC]) and values ([KC, D]) in FP32, zero past the
+    // cache's end (weighed by zero, they add nothing): converted once, read by all of the head's tasks
+    auto converted = std::make_unique<float[]>(B * KV * chunks * 2 * D * KC);
+    #pragma omp parallel num_threads({{num_threads}})
+    {
+        #pragma omp for
+        for (int64_t step = 0; step < B * KV * chunks; ++step) {
+            const int64_t b = step / (KV * chunks), kv = step / chunks % KV, c0 = step % chunks * KC;
+            const int64_t n = std::min(KC, L - c0);
+            float* kt = converted.get() + step * 2 * D * KC;
+            float* vals = kt + D * KC;
+            const auto* keys = k + b * {{k_b}} + kv * {{k_h}} + c0 * {{k_l}};
+            const auto* values = v + b * {{v_b}} + kv * {{v_h}} + c0 * {{v_l}};
+            for (int64_t l = 0; l < KC; ++l) {
+                for (int64_t d = 0; d < D; d += VS) {
+                    const Vec key = l < n ? {{name}}_load(keys + l * {{k_l}} + d) : Vec(0.0f);
+                    const Vec value = l < n ? {{name}}_load(values + l * {{v_l}} + d) : Vec(0.0f);
+                    value.store(vals + l * D + d);
+                    float lanes[VS];
+                    key.store(lanes);
+                    for (int64_t i = 0; i < VS; ++i) kt[(d + i) * KC + l] = lanes[i];
+                }
+            }
+        }
+        // a thread's scratch: scaled queries, scores, the rows' running output, maximum and sum of weights
+        auto scratch = std::make_unique<float[]>(R * D + R * KC + R * D + 2 * R);
+        float* qs = scratch.get();
+        float* s = qs + R * D;
+        float* o = s + R * KC;
+        float* peak = o + R * D;
+        float* total = peak + R;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = B * KV * blocks - 1; task >= 0; --task) {  // the longest (last positions) first
+            const int64_t b = task / (KV * blocks), kv = task / blocks % KV, t0 = task % blocks * QB;
+            const int64_t n_t = std::min(QB, T - t0);
+            for (int64_t r = 0; r < R; ++r) {
+                const int64_t g = r / QB, t = r % QB;
+                for (int64_t d = 0; d < D; d += VS) {
+                    const Vec x = t < n_t ? {{name}}_load(q + ((b * KV + kv) * G + g) * {{q_h}} + (t0 + t) * D + d) * Vec(scale) : Vec(0.0f);
+                    x.store(qs + r * D + d);
+                    Vec(0.0f).store(o + r * D + d);
+                }
+                peak[r] = NEG_INF;
+                total[r] = 0.0f;
+            }
+            for (int64_t c0 = 0; c0 < L; c0 += KC) {
+                const int64_t n = std::min(KC, L - c0);
+                bool any = false;  // whether any row attends to a position of this step
+                for (int64_t r = 0; r < R; ++r) {
+                    const int64_t g = r / QB, t = r % QB;
+                    float* row = s + r * KC;
+                    int64_t l = 0;
+                    if (g > 0 && {{mask_h}} == 0) {  // the heads share the mask: the first head's row
+                        std::copy(s + t * KC, s + (t + 1) * KC, row);
+                        continue;
+                    }
+                    if (t < n_t) {
+                        const auto* bias = mask + b * {{mask_b}} + (kv * G + g) * {{mask_h}} + (t0 + t) * {{mask_t}} + c0 * {{mask_l}};
+                        any |= {{name}}_biases(bias, {{mask_l}}, n, row);
+                        l = n;
+                    }
+                    for (; l < KC; ++l) row[l] = NEG_INF;
+                }
+                if (!any) continue;
+                const float* kt = converted.get() + ((b * KV + kv) * chunks + c0 / KC) * 2 * D * KC;
+                const float* vals = kt + D * KC;
+                {{name}}_gemm<MR, NVK>(qs, D, kt, KC, s, KC, R, KC, D);  // scores, onto the bias
+                for (int64_t r = 0; r < R; ++r) {
+                    float* row = s + r * KC;
+                    Vec top(NEG_INF);
+                    for (int64_t l = 0; l < KC; l += VS) top = at::vec::maximum(top, Vec::loadu(row + l));
+                    const float here = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, top);
+                    if (here == NEG_INF) {  // this row attends to none of the step's positions
+                        for (int64_t l = 0; l < KC; l += VS) Vec(0.0f).store(row + l);
+                        continue;
+                    }
+                    const float now = std::max(peak[r], here);
+                    const float rescale = std::exp(peak[r] - now);  // 0 at the row's first step
+                    Vec sum(0.0f);
+                    for (int64_t l = 0; l < KC; l += VS) {
+                        const Vec weight = (Vec::loadu(row + l) - Vec(now)).exp();
+                        weight.store(row + l);
+                        sum = sum + weight;
+                    }
+                    total[r] = total[r] * rescale + {{name}}_sum(sum);
+                    peak[r] = now;
+                    if (rescale != 1.0f) {
+                        for (int64_t d = 0; d < D; d += VS) (Vec::loadu(o + r * D + d) * Vec(rescale)).store(o + r * D + d);
+                    }
+                }
+                {{name}}_gemm<MR, NVD>(s, KC, vals, D, o, D, R, D, KC);  // weighted values
+            }
+            for (int64_t r = 0; r < R; ++r) {
+                const int64_t g = r / QB, t = r % QB;
+                if (t >= n_t) continue;
+                const Vec inverse(total[r] > 0.0f ? 1.0f / total[r] : 0.0f);
+                float* out = att_local + ((b * KV + kv) * G + g) * T * D + (t0 + t) * D;
+                for (int64_t d = 0; d < D; d += VS) (Vec::loadu(o + r * D + d) * inverse).store(out + d);
+            }
+        }
+    }
+    {{stores}}
+}
+"""
+
+
 @functools.cache
 def register() -> None:
-    """Lower ``q8chat::decode_attention`` to the kernel in every step compiled in this process (once)."""
+    """Lower ``q8chat::decode_attention`` and ``q8chat::prompt_attention`` to the kernels in every step compiled
+    in this process (once)."""
     import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
     from torch._inductor import ir
     from torch._inductor.codegen.cpp_gemm_template import gen_2d_view_of_epilogue_buf
     from torch._inductor.codegen.cpp_template import CppTemplate
+    from torch._inductor.codegen.cpp_utils import cexpr_index
     from torch._inductor.lowering import register_lowering
     from torch._inductor.utils import parallel_num_threads
     from torch._inductor.virtualized import V
 
-    from server.runtime import attention_op  # noqa: F401  (defines the operator)
+    from server.runtime import attention_op  # noqa: F401  (defines the operators)
 
-    class DecodeAttentionTemplate(CppTemplate):
-        def __init__(self, input_nodes, layout, scale: float) -> None:
-            super().__init__("q8chat_decode_attention", input_nodes, layout, parallel_num_threads())
-            self.scale = scale
+    class AttentionTemplate(CppTemplate):
+        def __init__(self, input_nodes, layout, scale: float, kernel_source: str) -> None:
+            super().__init__("q8chat_attention", input_nodes, layout, parallel_num_threads())
+            self.scale, self.kernel_source = scale, kernel_source
 
         def render(  # type: ignore[override]
             self,
@@ -225,21 +428,27 @@ def register() -> None:
                     outputs, aliases = {"out": out}, {att.get_name(): "out"}
             inputs = {"q": q, "k": k, "v": v, "mask": mask}
             signature = kernel.def_kernel(inputs=inputs, outputs=outputs, aliases=aliases)
-            local_buffer = kernel.define_buffer("att_local", att.get_size(), torch.float)
-            local = kernel.local_buffers["att_local"]
             stores = []
-            if not epilogue_nodes or flag_template_buffer_has_other_users:
-                stores.append(kernel.store_output(att, local))
-            if epilogue_nodes:
+            if epilogue_nodes:  # the kernel writes a local buffer, and the epilogue reads it
+                kernel.define_buffer("att_local", att.get_size(), torch.float)  # what ``store_output`` reads
+                # allocated here: inductor's allocation names a prompt's length by the graph's symbol, not the
+                # kernel's
+                numel = cexpr_index(kernel.rename_indexing(att.get_numel()))
+                local_buffer = f"auto att_owner = std::make_unique<float[]>({numel}); float* att_local = att_owner.get();"
+                local = kernel.local_buffers["att_local"]
+                if flag_template_buffer_has_other_users:
+                    stores.append(kernel.store_output(att, local))
                 stores.append(kernel.store_output(out, local, att, epilogue_nodes, reindexers=reindexers))
+            else:  # straight into the output (contiguous, as the lowering lays it out)
+                local_buffer = "float* att_local = att;"
 
             def stride(node, dim: int) -> str:  # 0 along a broadcast dimension
                 broadcast = V.graph.sizevars.statically_known_equals(node.get_size()[dim], 1)
                 return "0" if broadcast else kernel.stride(node, dim)
 
-            batch, heads, _, head_dim = (int(size) for size in q.get_size())
+            batch, heads, head_dim = (int(q.get_size()[dim]) for dim in (0, 1, 3))
             kv_heads = int(k.get_size()[1])
-            return self._template_from_string(KERNEL).render(
+            return self._template_from_string(PRELUDE + self.kernel_source).render(
                 template=self,
                 name=kernel.kernel_name,
                 signature=signature,
@@ -249,13 +458,17 @@ def register() -> None:
                 group=heads // kv_heads,
                 chunk=CHUNK,
                 prefetch=PREFETCH,
+                query_block=QUERY_BLOCK,
                 batch=batch,
                 kv_heads=kv_heads,
+                queries=kernel.size(q, 2),
                 length=kernel.size(k, 2),
                 scale=repr(float(self.scale)),
                 num_threads=self.num_threads,
+                q_h=kernel.stride(q, 1),
                 mask_b=stride(mask, 0),
                 mask_h=stride(mask, 1),
+                mask_t=stride(mask, 2),
                 mask_l=kernel.stride(mask, 3),
                 k_b=kernel.stride(k, 0),
                 k_h=kernel.stride(k, 1),
@@ -265,14 +478,19 @@ def register() -> None:
                 v_l=kernel.stride(v, 2),
             )
 
-    @register_lowering(torch.ops.q8chat.decode_attention.default, type_promotion_kind=None)
-    def _lower(q, k, v, mask, scale):
-        q = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(q))
-        k, v, mask = (ir.ExternKernel.require_stride1(ir.ExternKernel.realize_input(x)) for x in (k, v, mask))
-        size = list(q.get_size())
-        layout = ir.FixedLayout(q.get_device(), torch.float32, size, ir.FlexibleLayout.contiguous_strides(size))
-        choices: list = []
-        error = DecodeAttentionTemplate([q, k, v, mask], layout, scale).maybe_append_choice(choices)
-        if error is not None:
-            raise error
-        return choices[0].output_node()
+    def lowering(kernel_source: str):
+        def lower(q, k, v, mask, scale):
+            q = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(q))
+            k, v, mask = (ir.ExternKernel.require_stride1(ir.ExternKernel.realize_input(x)) for x in (k, v, mask))
+            size = list(q.get_size())
+            layout = ir.FixedLayout(q.get_device(), torch.float32, size, ir.FlexibleLayout.contiguous_strides(size))
+            choices: list = []
+            error = AttentionTemplate([q, k, v, mask], layout, scale, kernel_source).maybe_append_choice(choices)
+            if error is not None:
+                raise error
+            return choices[0].output_node()
+
+        return lower
+
+    register_lowering(torch.ops.q8chat.decode_attention.default, type_promotion_kind=None)(lowering(DECODE_KERNEL))
+    register_lowering(torch.ops.q8chat.prompt_attention.default, type_promotion_kind=None)(lowering(PROMPT_KERNEL))

@@ -1,6 +1,7 @@
-"""q8chat's decode attention kernel, compiled by inductor, against SDPA: grouped queries, a batched step's
-slots each with its own reach, MPT's additive ALiBi bias, fused pointwise consumers, and a sequence's result
-the same whatever its batch attends."""
+"""q8chat's attention kernels, compiled by inductor, against SDPA. The decode kernel: grouped queries, a
+batched step's slots each with its own reach, MPT's additive ALiBi bias, fused pointwise consumers, and a
+sequence's result the same whatever its batch attends. The prompt kernel: a prompt from position 0 and one
+continuing a cached prefix, with lengths that fill no whole block, and ALiBi."""
 
 import os
 import subprocess
@@ -12,10 +13,11 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 from server.runtime.aoti import attention as attention_kernel
-from server.runtime.attention_op import decode_attention
-from server.runtime.compact import ATTENTION_BLOCK, attention
+from server.runtime.attention_op import decode_attention, prompt_attention
+from server.runtime.compact import ATTENTION_BLOCK, attention, attention_mask
 
-MARK = "q8chat::decode_attention"  # a comment in the kernel's source
+MARK = "q8chat::decode_attention"  # a comment in each kernel's source
+PROMPT_MARK = "q8chat::prompt_attention"
 
 
 def inputs(heads: int, kv_heads: int, reach: list[int], width: int, bias: bool, dim: int = 64):
@@ -31,11 +33,11 @@ def inputs(heads: int, kv_heads: int, reach: list[int], width: int, bias: bool, 
     return q, k, v, mask
 
 
-def compiled(fn, *args):
+def compiled(fn, *args, mark: str = MARK):
     attention_kernel.register()
     torch._dynamo.reset()
     result, sources = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False), *args)
-    assert any(MARK in source for source in sources), "the op was not lowered to q8chat's kernel"
+    assert any(mark in source for source in sources), "the op was not lowered to q8chat's kernel"
     return result
 
 
@@ -83,7 +85,53 @@ def test_pointwise_consumers_fused_into_the_kernel_see_its_result():
     assert counters["inductor"]["cpp_epilogue_fusion_counter"] == 1
 
 
-def test_the_kernel_is_right_with_avx2_vectors_too():
+def prompt_inputs(heads: int, kv_heads: int, start: int, count: int, bias: bool, dim: int = 64):
+    """A prompt's ``count`` FP32 queries at positions ``start...``, the BF16 cache up to them (a slice of a
+    longer one, as in a step) and the step's mask, as ``StaticLlama`` and ``StaticMPT`` pass them."""
+    torch.manual_seed(0)
+    width = start + count
+    q = torch.randn(1, heads, count, dim)
+    cache = torch.randn(2, 1, kv_heads, width + 7, dim).to(torch.bfloat16)
+    mask = attention_mask(width + 7, start, count, compiled=True)[None, None]  # [1, 1, T, L]
+    if bias:  # ALiBi: a slope a head, masked positions -inf, in the cache's type
+        distance = torch.arange(width)[None, :] - torch.arange(start, width)[:, None]
+        slopes = torch.rand(heads)[:, None, None]
+        mask = (slopes * distance).masked_fill(~mask[0], float("-inf")).to(torch.bfloat16)[None]
+    return q, cache[0, :, :, :width], cache[1, :, :, :width], mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "heads, kv_heads, start, count, bias",
+    [(9, 3, 0, 200, False), (6, 2, 150, 37, False), (4, 4, 70, 90, True)],
+    ids=["prompt", "after-a-prefix", "alibi"],
+)
+def test_the_prompt_kernel_computes_sdpas_attention(heads, kv_heads, start, count, bias):
+    q, k, v, mask = prompt_inputs(heads, kv_heads, start, count, bias)
+    expected = prompt_attention(q, k, v, mask, 0.125)  # eagerly: SDPA, in FP32
+    # the operator itself: on CPUs with AMX, ``attention`` leaves prompts to SDPA
+    result = compiled(lambda *a: prompt_attention(*a, 0.125), q, k, v, mask, mark=PROMPT_MARK)
+    assert result.shape == expected.shape and result.dtype == torch.float32
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_the_prompt_kernels_fused_consumers_see_its_result():
+    """A pointwise consumer in the kernel's own layout (the model's, which first brings the heads together,
+    inductor does not fuse)."""
+    q, k, v, mask = prompt_inputs(9, 3, 40, 50, False)
+    smooth = torch.rand(64) + 0.5
+
+    def step(q, k, v, mask):
+        return prompt_attention(q, k, v, mask, 0.125) * smooth
+
+    expected = prompt_attention(q, k, v, mask, 0.125) * smooth
+    counters.clear()
+    torch.testing.assert_close(compiled(step, q, k, v, mask, mark=PROMPT_MARK), expected, atol=1e-5, rtol=1e-4)
+    assert counters["inductor"]["cpp_epilogue_fusion_counter"] == 1
+
+
+def test_the_kernels_are_right_with_avx2_vectors_too():
     """Inductor writes AVX2 code on AVX2 CPUs (8 floats a vector, not 16): the same tests, in a process that
     ``ATEN_CPU_CAPABILITY`` sends down to AVX2, on whatever CPU the tests run."""
     if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
@@ -94,6 +142,8 @@ def test_the_kernel_is_right_with_avx2_vectors_too():
     tests = [
         f"{__file__}::test_the_kernel_computes_sdpas_attention",
         f"{__file__}::test_pointwise_consumers_fused_into_the_kernel_see_its_result",
+        f"{__file__}::test_the_prompt_kernel_computes_sdpas_attention",
+        f"{__file__}::test_the_prompt_kernels_fused_consumers_see_its_result",
     ]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
