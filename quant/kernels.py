@@ -207,7 +207,8 @@ def _u8s8_linear(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
 
     decomposed = torch.ops.quantized_decomposed
-    xu8 = (xq.to(torch.int16) + U8_ZERO_POINT).to(torch.uint8)
+    # through int32: inductor vectorizes that conversion, not int16's (a scalar loop, 3 times slower)
+    xu8 = (xq.to(torch.int32) + U8_ZERO_POINT).to(torch.uint8)
     x = decomposed.dequantize_per_tensor.default(xu8, 1.0, U8_ZERO_POINT, 0, 255, torch.uint8)
     ones = torch.ones(weight.shape[0], dtype=torch.float32)
     zeros = torch.zeros(weight.shape[0], dtype=torch.int64)
