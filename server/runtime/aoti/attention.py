@@ -244,14 +244,21 @@ inline bool {{name}}_biases(const T* bias, int64_t stride, int64_t n, float* row
     return any;
 }
 
-// c[rows, cols] += a[rows, depth] @ b[depth, cols]; rows a multiple of MR, cols of NV vectors
+// c[rows, cols] += a[rows, depth] @ b[depth, cols], MR rows at a time (then the rest); cols a multiple of NV
+// vectors
 template <int64_t MR, int64_t NV>
 inline void {{name}}_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                           int64_t rows, int64_t cols, int64_t depth) {
     constexpr int64_t VS = at::vec::Vectorized<float>::size();
-    for (int64_t r = 0; r < rows; r += MR) {
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) {
         for (int64_t j = 0; j < cols; j += NV * VS) {
             {{name}}_micro<MR, NV>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, depth);
+        }
+    }
+    for (; r < rows; ++r) {
+        for (int64_t j = 0; j < cols; j += NV * VS) {
+            {{name}}_micro<1, NV>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, depth);
         }
     }
 }
@@ -268,11 +275,11 @@ extern "C"
     constexpr int64_t QB = {{query_block}};  // query positions a task
     constexpr int64_t R = G * QB;  // a task's rows: its positions' queries of each of the key head's G heads
     constexpr int64_t KC = {{chunk}};  // key positions a step
-    constexpr int64_t MR = VS == 16 ? 4 : 2;  // rows a micro-tile: its accumulators fit the vector registers
+    constexpr int64_t MR = VS == 16 ? 6 : 2;  // rows a micro-tile: its accumulators fit the vector registers
     constexpr int64_t NVK = {{name}}_tile(KC / VS);
     constexpr int64_t NVD = {{name}}_tile(D / VS);
     constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-    static_assert(R % MR == 0 && KC % VS == 0 && D % VS == 0, "blocking");
+    static_assert(KC % VS == 0 && D % VS == 0, "blocking");
     const int64_t B = {{batch}};
     const int64_t KV = {{kv_heads}};
     const int64_t T = {{queries}};
@@ -361,7 +368,7 @@ extern "C"
                     const float rescale = std::exp(peak[r] - now);  // 0 at the row's first step
                     Vec sum(0.0f);
                     for (int64_t l = 0; l < KC; l += VS) {
-                        const Vec weight = (Vec::loadu(row + l) - Vec(now)).exp();
+                        const Vec weight = (Vec::loadu(row + l) - Vec(now)).exp_u20();  // as ATen's flash kernel
                         weight.store(row + l);
                         sum = sum + weight;
                     }
