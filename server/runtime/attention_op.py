@@ -38,7 +38,11 @@ def prompt_attention(
     multiple of ``KV``), with ``mask`` (True: attend) or an additive bias (-inf: masked), broadcast from
     ``[B or 1, H or 1, T, L]``; FP32 ``[B, H, T, D]``. A row attends to at least one position."""
     return F.scaled_dot_product_attention(
-        q, k.float(), v.float(), attn_mask=mask if mask.dtype == torch.bool else mask.float(), scale=scale,
+        q,
+        k.float(),
+        v.float(),
+        attn_mask=mask if mask.dtype == torch.bool else mask.float(),
+        scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
 

@@ -441,7 +441,9 @@ def register() -> None:
                 # allocated here: inductor's allocation names a prompt's length by the graph's symbol, not the
                 # kernel's
                 numel = cexpr_index(kernel.rename_indexing(att.get_numel()))
-                local_buffer = f"auto att_owner = std::make_unique<float[]>({numel}); float* att_local = att_owner.get();"
+                local_buffer = (
+                    f"auto att_owner = std::make_unique<float[]>({numel}); float* att_local = att_owner.get();"
+                )
                 local = kernel.local_buffers["att_local"]
                 if flag_template_buffer_has_other_users:
                     stores.append(kernel.store_output(att, local))
