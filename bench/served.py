@@ -164,8 +164,9 @@ def stream_chat(
 
 
 class Served:
-    """``q8chat serve`` in its own process, measured over HTTP as a client sees it. It is started twice:
-    the second start is a restart with the quantized checkpoint and compiled kernels already cached."""
+    """``q8chat serve`` (or another OpenAI-compatible server's ``command``, such as ``llama-server``) in its
+    own process, measured over HTTP as a client sees it. It is started twice: the second start is a restart
+    with the quantized checkpoint and compiled kernels already cached."""
 
     def __init__(
         self,
@@ -175,16 +176,18 @@ class Served:
         log_dir: Path,
         timeout_s: float = 3600,
         response_format: dict | None = None,
+        command: list[str] = (sys.executable, "-m", "server"),
     ) -> None:
         self.model_name, self.tokenizer, self.response_format = model_name, tokenizer, response_format
-        self.extra = {"first_start_s": self._start(server_args, log_dir / "serve-first-start.log", timeout_s)}
+        self.command, name = command, Path(command[-1]).name
+        self.extra = {"first_start_s": self._start(server_args, log_dir / f"{name}-first-start.log", timeout_s)}
         self.server.stop()
-        self.extra["restart_s"] = self._start(server_args, log_dir / "serve.log", timeout_s)
+        self.extra["restart_s"] = self._start(server_args, log_dir / f"{name}.log", timeout_s)
         self._conversations = 0
         self._client = httpx.Client()
 
     def _start(self, server_args: list[str], log_path: Path, timeout_s: float) -> float:
-        self.server = ServerProcess(server_args, {}, log_path)
+        self.server = ServerProcess(server_args, {}, log_path, command=self.command)
         try:
             return round(self.server.wait_ready(timeout_s), 1)
         except Exception:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench import concurrency, llamacpp
+from bench import concurrency, llamacpp, llamaserver
 from bench.results import Result, Sample
 from bench.served import SERVED_NAME, Served, served_args
 from prompts import heldout_text
@@ -147,10 +147,17 @@ def variants(
             served = Served(args, SERVED_NAME, tokenizer, log_dir, response_format=constrained)
             served.extra["kv_cache_mb"] = round(kv_cache_bytes(checkpoint.config, context, kv_dtype) / 1e6, 1)
             yield name, served, stored_weight_bytes(checkpoint.path)
-        elif name == llamacpp.VARIANT:
-            path = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, torch.get_num_threads(), converter)
-            decoder = llamacpp.LlamaCppDecoder(path, context, torch.get_num_threads())
-            yield name, InProcess(decoder, tokenizer, context), llamacpp.tensor_bytes(path)
+        elif name in (llamacpp.VARIANT, llamaserver.NAME):
+            threads = torch.get_num_threads()
+            path = llamacpp.q8_0_gguf(resolve_model_path(model_spec), cache_dir, threads, converter)
+            if name == llamacpp.VARIANT:
+                runner = InProcess(llamacpp.LlamaCppDecoder(path, context, threads), tokenizer, context)
+            else:  # its own HTTP server, one slot: the served competitor of q8chat-served
+                command = [str(llamaserver.binary(cache_dir))]
+                flags = llamaserver.server_args(path, context, 1, threads, SERVED_NAME)
+                runner = Served(flags, SERVED_NAME, tokenizer, log_dir, command=command)
+                runner.extra["kv_cache_mb"] = round(kv_cache_bytes(float_model.model.config, context) / 1e6, 1)
+            yield name, runner, llamacpp.tensor_bytes(path)
         else:
             raise ValueError(f"unknown variant {name!r}")
 
@@ -220,11 +227,18 @@ def run(args) -> dict:
     }
 
 
-def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VARIANT)) -> str:
-    """The results as a table of ratios against each baseline present, and the served variants' start-up
-    and memory figures."""
+def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VARIANT, llamaserver.NAME)) -> str:
+    """The results as a table of ratios against each baseline present, time to first token against the
+    competitor measured the same way (a served variant against a served one), and the served variants'
+    start-up and memory figures."""
     rows = {r["variant"]: r for r in report["results"]}
     bases = [rows[name] for name in baselines if name in rows] or [next(iter(rows.values()))]
+
+    def ttft_base(row: dict) -> dict:
+        served = "rss_mb" in row
+        alike = [b for b in bases if ("rss_mb" in b) == served]
+        return (alike or bases)[-1]
+
     machine = report["machine"]
     lines = [
         f"CPU {machine['model_name']} ({' '.join(machine['flags'])}), W8A8 kernels by default "
@@ -235,17 +249,16 @@ def markdown(report: dict, baselines: tuple[str, ...] = ("hf-bf16", llamacpp.VAR
         "",
         "| variant | weights MB | decode tok/s | "
         + " | ".join(f"× {b['variant']}" for b in bases)
-        + " | of roofline | TTFT s | × TTFT "
-        + bases[-1]["variant"]
-        + " | 2nd-turn TTFT s |",
+        + " | of roofline | TTFT s | × TTFT of | 2nd-turn TTFT s |",
         "| --- |" + " ---: |" * (6 + len(bases)),
     ]
     for r in rows.values():
         ratios = " | ".join(f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}" for b in bases)
+        base = ttft_base(r)
         lines.append(
             f"| {r['variant']} | {r['weight_mb']} | {r['decode_tok_s']:.1f} | {ratios} | "
-            f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']:.3f} | {r['ttft_s'] / bases[-1]['ttft_s']:.2f} | "
-            f"{r['second_turn_ttft_s']:.3f} |"
+            f"{100 * r['roofline_fraction']:.0f}% | {r['ttft_s']:.3f} | {r['ttft_s'] / base['ttft_s']:.2f} "
+            f"({base['variant']}) | {r['second_turn_ttft_s']:.3f} |"
         )
     for r in rows.values():
         if "rss_mb" in r:
@@ -289,7 +302,7 @@ def configure_bench(p) -> None:
         "variant@OPTIONS takes options joined by '+': a W8A8 kernel (s8s8, u8s8, bf16) forces that kernel, "
         "kv-fp32 or kv-bf16 the KV cache's type (q8chat-int8-dynamic@u8s8+kv-fp32); "
         f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
-        "installed)",
+        f"installed); {llamaserver.NAME}: the same over HTTP, llama.cpp's own server (built here with cmake)",
     )
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
