@@ -184,7 +184,9 @@ class Served:
         self.server.stop()
         self.extra["restart_s"] = self._start(server_args, log_dir / f"{name}.log", timeout_s)
         self._conversations = 0
-        self._client = httpx.Client()
+        # a new connection a request: llama-server (cpp-httplib) closes kept-alive connections on its own
+        # schedule, and a request sent on one it is closing fails
+        self._client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
     def _start(self, server_args: list[str], log_path: Path, timeout_s: float) -> float:
         self.server = ServerProcess(server_args, {}, log_path, command=self.command)
