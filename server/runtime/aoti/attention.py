@@ -30,6 +30,7 @@ QUERY_BLOCK = 16  # a prompt's query positions per task
 
 PRELUDE = r"""
 {{template.header().getvalue()}}
+#include <cstring>
 #include <limits>
 #include <memory>
 
@@ -258,21 +259,34 @@ inline uint32_t {{name}}_pair(c10::BFloat16 low, c10::BFloat16 high) {
 }
 #endif
 
-// row[l] = the bias of mask[l * stride] for l < n; whether any of them is not masked. Written for the compiler
-// to vectorize where the mask's positions are contiguous (a conditional assignment, then an OR of the bytes)
+// row[l] = the bias of mask[l * stride] for l < n; whether any of them is not masked. In vectors where the
+// mask's positions are contiguous (inductor compiles without the loop vectorizer)
 inline bool {{name}}_biases(const bool* mask, int64_t stride, int64_t n, float* row) {
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t VS = Vec::size();
     constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-    if (stride != 1) {
-        bool any = false;
-        for (int64_t l = 0; l < n; ++l) any |= mask[l * stride];
-        for (int64_t l = 0; l < n; ++l) row[l] = mask[l * stride] ? 0.0f : NEG_INF;
-        return any;
+    bool any = false;
+    int64_t l = 0;
+    if (stride == 1) {
+        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mask);
+        for (; l + VS <= n; l += VS) {
+            const auto flags = at::vec::convert<float>(
+                at::vec::convert<int32_t>(at::vec::Vectorized<uint8_t>::loadu(bytes + l, VS)));
+            Vec::blendv(Vec(NEG_INF), Vec(0.0f), flags != Vec(0.0f)).store(row + l);
+        }
+        uint64_t seen = 0;  // the bytes' OR, eight at a time
+        for (int64_t i = 0; i + 8 <= l; i += 8) {
+            uint64_t word;
+            std::memcpy(&word, bytes + i, 8);
+            seen |= word;
+        }
+        any = seen != 0;
     }
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mask);
-    uint8_t any = 0;
-    for (int64_t l = 0; l < n; ++l) any |= bytes[l];
-    for (int64_t l = 0; l < n; ++l) row[l] = bytes[l] ? 0.0f : NEG_INF;
-    return any != 0;
+    for (; l < n; ++l) {
+        any |= mask[l * stride];
+        row[l] = mask[l * stride] ? 0.0f : NEG_INF;
+    }
+    return any;
 }
 template <typename T>
 inline bool {{name}}_biases(const T* bias, int64_t stride, int64_t n, float* row) {
@@ -449,7 +463,8 @@ extern "C"
                         continue;
                     }
                     const float now = std::max(peak[r], here);
-                    const float rescale = std::exp(peak[r] - now);  // 0 at the row's first step
+                    // 0 at the row's first step, 1 while its maximum holds
+                    const float rescale = now == peak[r] ? 1.0f : std::exp(peak[r] - now);
                     Vec sum(0.0f);
                     for (int64_t l = 0; l < KC; l += VS) {
                         const Vec weight = (Vec::loadu(row + l) - Vec(now)).exp_u20();  // as ATen's flash kernel
