@@ -55,14 +55,18 @@ inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
 }  // namespace
 """
 
-DECODE_KERNEL = r"""
+# each kernel's entry, its operator named in a comment (the tests look for it)
+ENTRY = r"""
 extern "C"
 {{signature}}
 {
-    // q8chat::decode_attention
+    // q8chat::{{op}}
     using Vec = at::vec::Vectorized<float>;
     constexpr int64_t VS = Vec::size();
     constexpr int64_t D = {{head_dim}};
+"""
+
+DECODE_KERNEL = r"""
     constexpr int64_t W = D / VS;
     constexpr int64_t G = {{group}};
     constexpr int64_t CHUNK = {{chunk}};
@@ -194,7 +198,8 @@ extern "C"
 """
 
 
-PROMPT_KERNEL = r"""
+PROMPT_KERNEL = (
+    r"""
 {%- if bf16_products %}
 #define {{name}}_PAIRS  // BF16 products: the cache's keys and values as they are, queries and weights rounded
 {%- endif %}
@@ -317,14 +322,9 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
     }
 }
 }  // namespace
-
-extern "C"
-{{signature}}
-{
-    // q8chat::prompt_attention
-    using Vec = at::vec::Vectorized<float>;
-    constexpr int64_t VS = Vec::size();
-    constexpr int64_t D = {{head_dim}};
+"""
+    + ENTRY
+    + r"""
     constexpr int64_t G = {{group}};
     constexpr int64_t QB = {{query_block}};  // query positions a task
     constexpr int64_t R = G * QB;  // a task's rows: its positions' queries of each of the key head's G heads
@@ -500,6 +500,7 @@ extern "C"
     {{stores}}
 }
 """
+)
 
 
 def bf16_products(k_dtype: torch.dtype, v_dtype: torch.dtype, head_dim: int) -> bool:
@@ -530,9 +531,9 @@ def register() -> None:
     from server.runtime import attention_op  # noqa: F401  (defines the operators)
 
     class AttentionTemplate(CppTemplate):
-        def __init__(self, input_nodes, layout, scale: float, kernel_source: str) -> None:
+        def __init__(self, input_nodes, layout, scale: float, op: str, kernel_source: str) -> None:
             super().__init__("q8chat_attention", input_nodes, layout, parallel_num_threads())
-            self.scale, self.kernel_source = scale, kernel_source
+            self.scale, self.op, self.kernel_source = scale, op, kernel_source
 
         def render(  # type: ignore[override]
             self,
@@ -579,6 +580,7 @@ def register() -> None:
             kv_heads = int(k.get_size()[1])
             return self._template_from_string(PRELUDE + self.kernel_source).render(
                 template=self,
+                op=self.op,
                 name=kernel.kernel_name,
                 signature=signature,
                 local_buffer=local_buffer,
@@ -608,19 +610,20 @@ def register() -> None:
                 v_l=kernel.stride(v, 2),
             )
 
-    def lowering(kernel_source: str):
+    def lowering(op: str, kernel_source: str):
         def lower(q, k, v, mask, scale):
             q = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(q))
             k, v, mask = (ir.ExternKernel.require_stride1(ir.ExternKernel.realize_input(x)) for x in (k, v, mask))
             size = list(q.get_size())
             layout = ir.FixedLayout(q.get_device(), torch.float32, size, ir.FlexibleLayout.contiguous_strides(size))
             choices: list = []
-            error = AttentionTemplate([q, k, v, mask], layout, scale, kernel_source).maybe_append_choice(choices)
+            template = AttentionTemplate([q, k, v, mask], layout, scale, op, kernel_source)
+            error = template.maybe_append_choice(choices)
             if error is not None:
                 raise error
             return choices[0].output_node()
 
         return lower
 
-    register_lowering(torch.ops.q8chat.decode_attention.default, type_promotion_kind=None)(lowering(DECODE_KERNEL))
-    register_lowering(torch.ops.q8chat.prompt_attention.default, type_promotion_kind=None)(lowering(PROMPT_KERNEL))
+    for op, source in (("decode_attention", ENTRY + DECODE_KERNEL), ("prompt_attention", PROMPT_KERNEL)):
+        register_lowering(getattr(torch.ops.q8chat, op).default, type_promotion_kind=None)(lowering(op, source))
