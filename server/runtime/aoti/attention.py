@@ -1,9 +1,9 @@
-"""q8chat's C++ kernel for ``q8chat::decode_attention`` in a compiled step: an inductor CPU template, so
-AOTInductor writes it into the step's library like its own kernels (a custom operator left as a call would
-need AOTInductor's proxy executor, which the GIL-free container does not have).
+"""q8chat's C++ kernels for ``q8chat::decode_attention`` and ``q8chat::prompt_attention`` in a compiled step:
+inductor CPU templates, so AOTInductor writes them into the step's library like its own kernels (a custom
+operator left as a call would need AOTInductor's proxy executor, which the GIL-free container does not have).
 
-Written as products and sums for inductor to fuse, a decode step's attention ran several loop nests a layer,
-each a pass over the cache and a fork and join of the threads. Here it is one parallel region a layer,
+Decode. Written as products and sums for inductor to fuse, a decode step's attention ran several loop nests a
+layer, each a pass over the cache and a fork and join of the threads. Here it is one parallel region a layer,
 flash-decoding's way: each task takes ``CHUNK`` cache positions of one sequence's key head, computes the
 scores of the head's queries (one load of each key for all of them), their softmax weights and the weighted
 values; then each query's chunks are combined, each rescaled by its maximum's distance from the largest.
@@ -13,7 +13,14 @@ memory, the weights having streamed through the caches since the last step: the 
 ``PREFETCH`` positions ahead (into the next chunk) and the chunk's values while it scores (without, it waited
 on memory and was no faster than inductor's loops), and each thread takes a contiguous run of tasks, so that
 its reads run on through a head's cache (taken one by one, dynamically, the tasks scattered them and the
-steps were slower). Vectors are ATen's ``Vectorized``: the same source runs on AVX2 and AVX-512.
+steps were slower).
+
+Prompt. Flash attention's way, for CPUs where ATen's flash kernel has no AMX for its BF16 products: a task
+takes ``QUERY_BLOCK`` positions of a key head's queries and steps over the cache ``CHUNK`` positions at a time
+(those the mask hides entirely skipped), with an online softmax; the products are register-tiled
+micro-kernels, in BF16 pairs where the CPU has AVX512_BF16 (``bf16_products``), in FP32 elsewhere.
+
+Vectors are ATen's ``Vectorized``: the same source runs on AVX2 and AVX-512.
 """
 
 from __future__ import annotations
