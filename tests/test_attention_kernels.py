@@ -86,13 +86,15 @@ def test_pointwise_consumers_fused_into_the_kernel_see_its_result():
     assert counters["inductor"]["cpp_epilogue_fusion_counter"] == 1
 
 
-def prompt_inputs(heads: int, kv_heads: int, start: int, count: int, bias: bool, dim: int = 64):
-    """A prompt's ``count`` FP32 queries at positions ``start...``, the BF16 cache up to them (a slice of a
-    longer one, as in a step) and the step's mask, as ``StaticLlama`` and ``StaticMPT`` pass them."""
+def prompt_inputs(
+    heads: int, kv_heads: int, start: int, count: int, bias: bool, dim: int = 64, cache_dtype=torch.bfloat16
+):
+    """A prompt's ``count`` FP32 queries at positions ``start...``, the cache up to them (a slice of a longer
+    one, as in a step) and the step's mask, as ``StaticLlama`` and ``StaticMPT`` pass them."""
     torch.manual_seed(0)
     width = start + count
     q = torch.randn(1, heads, count, dim)
-    cache = torch.randn(2, 1, kv_heads, width + 7, dim).to(torch.bfloat16)
+    cache = torch.randn(2, 1, kv_heads, width + 7, dim).to(cache_dtype)
     mask = attention_mask(width + 7, start, count, compiled=True)[None, None]  # [1, 1, T, L]
     if bias:  # ALiBi: a slope a head, masked positions -inf, in the cache's type
         distance = torch.arange(width)[None, :] - torch.arange(start, width)[:, None]
@@ -103,14 +105,19 @@ def prompt_inputs(heads: int, kv_heads: int, start: int, count: int, bias: bool,
 
 @torch.no_grad()
 @pytest.mark.parametrize(
-    "heads, kv_heads, start, count, bias",
-    [(9, 3, 0, 200, False), (6, 2, 150, 37, False), (4, 4, 70, 90, True)],
-    ids=["prompt", "after-a-prefix", "alibi"],
+    "heads, kv_heads, start, count, bias, cache_dtype",
+    [
+        (9, 3, 0, 200, False, torch.bfloat16),
+        (6, 2, 150, 37, False, torch.bfloat16),
+        (4, 4, 70, 90, True, torch.bfloat16),
+        (9, 3, 100, 70, False, torch.float32),  # FP32 products on every CPU
+    ],
+    ids=["prompt", "after-a-prefix", "alibi", "fp32-cache"],
 )
-def test_the_prompt_kernel_computes_sdpas_attention(heads, kv_heads, start, count, bias):
+def test_the_prompt_kernel_computes_sdpas_attention(heads, kv_heads, start, count, bias, cache_dtype):
     """In FP32, as SDPA does in FP32; with BF16 products (AVX512_BF16), no further from it than ATen's BF16
     flash kernel, which rounds the same operands and its output too."""
-    q, k, v, mask = prompt_inputs(heads, kv_heads, start, count, bias)
+    q, k, v, mask = prompt_inputs(heads, kv_heads, start, count, bias, cache_dtype=cache_dtype)
     expected = prompt_attention(q, k, v, mask, 0.125)  # eagerly: SDPA, in FP32
     # the operator itself: on CPUs with AMX, ``attention`` leaves prompts to SDPA
     result = compiled(lambda *a: prompt_attention(*a, 0.125), q, k, v, mask, mark=PROMPT_MARK)

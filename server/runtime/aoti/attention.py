@@ -333,7 +333,7 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
     + ENTRY
     + r"""
     constexpr int64_t G = {{group}};
-    constexpr int64_t QB = {{query_block}};  // query positions a task
+    constexpr int64_t QB = VS == 16 ? {{query_block}} : {{query_block}} / 2;  // query positions a task
     constexpr int64_t R = G * QB;  // a task's rows: its positions' queries of each of the key head's G heads
     constexpr int64_t KC = {{chunk}};  // key positions a step
     constexpr int64_t MR = VS == 16 ? 6 : 2;  // rows a micro-tile: its accumulators fit the vector registers
@@ -362,6 +362,10 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
     auto converted = std::make_unique<Op[]>(B * KV * chunks * STEP);
     #pragma omp parallel num_threads({{num_threads}})
     {
+#ifndef {{name}}_PAIRS
+        auto staging = std::make_unique<float[]>(KC * D);  // a step's keys before they are transposed
+        float* staged = staging.get();
+#endif
         #pragma omp for
         for (int64_t step = 0; step < B * KV * chunks; ++step) {
             const int64_t b = step / (KV * chunks), kv = step / chunks % KV, c0 = step % chunks * KC;
@@ -388,14 +392,17 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
                 }
             }
 #else
-            for (int64_t l = 0; l < KC; ++l) {
+            for (int64_t l = 0; l < KC; ++l) {  // in FP32, the keys as they are stored first
                 for (int64_t d = 0; d < D; d += VS) {
                     const Vec key = l < n ? {{name}}_load(keys + l * {{k_l}} + d) : Vec(0.0f);
                     const Vec value = l < n ? {{name}}_load(values + l * {{v_l}} + d) : Vec(0.0f);
+                    key.store(staged + l * D + d);
                     value.store(vals + l * D + d);
-                    float lanes[VS];
-                    key.store(lanes);
-                    for (int64_t i = 0; i < VS; ++i) kt[(d + i) * KC + l] = lanes[i];
+                }
+            }
+            for (int64_t l = 0; l < KC; l += 16) {  // then transposed, 16 by 16 in vectors
+                for (int64_t d = 0; d < D; d += 16) {
+                    at::vec::transpose_mxn<float, 16, 16>(staged + l * D + d, D, kt + d * KC + l, KC);
                 }
             }
 #endif
