@@ -62,7 +62,7 @@ inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
 }  // namespace
 """
 
-# each kernel's entry, its operator named in a comment (the tests look for it)
+# each kernel's entry, its operator named in a comment (the tests look for it), and what both kernels know
 ENTRY = r"""
 extern "C"
 {{signature}}
@@ -71,21 +71,21 @@ extern "C"
     using Vec = at::vec::Vectorized<float>;
     constexpr int64_t VS = Vec::size();
     constexpr int64_t D = {{head_dim}};
-"""
-
-DECODE_KERNEL = r"""
-    constexpr int64_t W = D / VS;
-    constexpr int64_t G = {{group}};
-    constexpr int64_t CHUNK = {{chunk}};
-    constexpr int64_t PREFETCH = {{prefetch}};  // positions
-    constexpr int64_t PART = G * (D + 2);  // a task's G maxima, G sums of weights, G weighted values
+    constexpr int64_t G = {{group}};  // query heads a key head
     constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
     const int64_t B = {{batch}};
     const int64_t KV = {{kv_heads}};
     const int64_t L = {{length}};
-    const int64_t chunks = (L + CHUNK - 1) / CHUNK;
     const float scale = {{scale}};
     {{local_buffer}}
+"""
+
+DECODE_KERNEL = r"""
+    constexpr int64_t W = D / VS;
+    constexpr int64_t CHUNK = {{chunk}};
+    constexpr int64_t PREFETCH = {{prefetch}};  // positions
+    constexpr int64_t PART = G * (D + 2);  // a task's G maxima, G sums of weights, G weighted values
+    const int64_t chunks = (L + CHUNK - 1) / CHUNK;
     auto partials_owner = std::make_unique<float[]>(B * KV * chunks * PART);
     float* partials = partials_owner.get();
     #pragma omp parallel num_threads({{num_threads}})
@@ -332,7 +332,6 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
 """
     + ENTRY
     + r"""
-    constexpr int64_t G = {{group}};
     constexpr int64_t QB = VS == 16 ? {{query_block}} : {{query_block}} / 2;  // query positions a task
     constexpr int64_t R = G * QB;  // a task's rows: its positions' queries of each of the key head's G heads
     constexpr int64_t KC = {{chunk}};  // key positions a step
@@ -346,15 +345,9 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
     using Op = float;  // an operand element
     constexpr int64_t PAIR = 1;
 #endif
-    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
     static_assert(KC % VS == 0 && D % VS == 0, "blocking");
-    const int64_t B = {{batch}};
-    const int64_t KV = {{kv_heads}};
     const int64_t T = {{queries}};
-    const int64_t L = {{length}};
     const int64_t blocks = (T + QB - 1) / QB;
-    const float scale = {{scale}};
-    {{local_buffer}}
     const int64_t chunks = (L + KC - 1) / KC;
     // every key head's keys (each step's transposed, [D, KC]) and values ([KC, D]) as operands, zero past the
     // cache's end (weighed by zero, they add nothing): converted once, read by all of the head's tasks
@@ -407,11 +400,15 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
             }
 #endif
         }
-        // a thread's scratch: scaled queries and the weights as operands, scores, the rows' running output,
-        // maximum and sum of weights
+        // a thread's scratch: scaled queries (and with BF16 products, the softmax weights) as operands, scores,
+        // the rows' running output, maximum and sum of weights
+#ifdef {{name}}_PAIRS
         auto operands = std::make_unique<Op[]>(R * D / PAIR + R * KC / PAIR);
+        Op* weights = operands.get() + R * D / PAIR;
+#else
+        auto operands = std::make_unique<Op[]>(R * D);
+#endif
         Op* qs = operands.get();
-        Op* weights = qs + R * D / PAIR;
         auto scratch = std::make_unique<float[]>(R * KC + R * D + 2 * R);
         float* s = scratch.get();
         float* o = s + R * KC;
