@@ -2,11 +2,12 @@
 with, long prompts are prefilled in chunks between the running streams' tokens, and slots are given back."""
 
 import threading
+import time
 
 import pytest
 import torch
 
-from server.engine.batching import DONE, Batcher, Job
+from server.engine.batching import DONE, Batcher, Job, next_chunk
 from server.engine.engine import Engine, GenerationStats
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import SamplingParams
@@ -104,9 +105,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_tokens
     batcher.submit(job(random_ids(120, 2), greedy(3), newcomer))
     assert newcomer.done.wait(60) and running.done.wait(60)
     batcher.close()
-    assert chunks[1:] == [16] * 8  # 119 prompt tokens before the last: 8 chunks while the other decodes
+    assert chunks[1:] == [16] * 7 + [7]  # 119 prompt tokens before the last: 8 chunks while the other decodes
     before_first = log[: log.index("newcomer")]
     assert before_first.count("running") >= 8  # a token of the running stream after every chunk
+
+
+def test_a_prompt_s_last_chunk_takes_a_short_rest_with_it():
+    assert [next_chunk(n, 512) for n in (100, 512, 531, 576, 577, 1100)] == [100, 512, 531, 576, 512, 512]
 
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(make_engine):
@@ -146,6 +151,29 @@ def test_users_taking_turns_each_keep_a_slot_of_their_own(make_engine):
                 assert stats.cached_tokens == len(history) - 6
             history += random_ids(6, 10 * turn + len(user))  # the next question
     batcher.close()
+
+
+def test_an_idle_batcher_keeps_the_conversations_so_that_no_request_waits_for_their_copy(make_engine):
+    engine = make_engine(1, kept_mb=16)
+    batcher = Batcher(engine, prefill_chunk=16)
+    snapshot, copied_while_running = engine.decoder.snapshot, []
+
+    def watched(length, slot=0):
+        copied_while_running.append(bool(batcher._running))
+        return snapshot(length, slot)
+
+    engine.decoder.snapshot = watched
+    a_first = random_ids(30, 1)
+    for count, (prompt, cached) in enumerate(((a_first, 0), (random_ids(30, 2), 0), (a_first + random_ids(6, 3), 30))):
+        stats, collected = GenerationStats(), Collected("", [])
+        batcher.submit(job(prompt, greedy(4), collected, stats))
+        assert collected.done.wait(60)
+        assert stats.cached_tokens == cached  # A's third request: its conversation back from the kept copy
+        deadline = time.monotonic() + 60  # the client's next request comes after the idle batcher's copy
+        while len(copied_while_running) <= count and time.monotonic() < deadline:
+            time.sleep(0.01)
+    batcher.close()
+    assert copied_while_running == [False] * 3  # each conversation once, when it was over
 
 
 def test_a_failing_step_fails_its_requests_and_the_batcher_keeps_serving(make_engine):

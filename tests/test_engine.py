@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from server.engine.engine import ContextLengthExceeded, Engine, GenerationStats
-from server.engine.prefix_cache import PrefixCache
+from server.engine.prefix_cache import PrefixCache, common_prefix_length
+from server.engine.resync import resync
 from server.engine.sampling import SamplingParams
 from server.runtime.decoders import HFDecoder, StaticDecoder, make_decoder
 
@@ -46,6 +47,38 @@ def test_reused_prefix_gives_the_same_tokens_as_a_fresh_cache(make_engine):
     assert run(warm, diverged)[1].cached_tokens == len(diverged) - 1
 
 
+def test_a_resent_answer_comes_from_the_cache_as_the_model_wrote_it(make_engine, tokenizer):
+    """A model may write "Hel" + "lo" where the tokenizer has "Hello": the client's next prompt, the answer
+    resent as text, then reuses the answer's cached tokens, and computes what a fresh cache computes for them."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    written = encode("Hel") + encode("lo") + encode(" there, friend")
+    assert decode(written) == "Hello there, friend" and written != encode("Hello there, friend")
+    answered = encode("<|im_start|>user\nWho is it?<|im_end|>\n<|im_start|>assistant\n") + written
+    follow_up = encode(decode(answered) + "<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n")
+    assert common_prefix_length(answered, follow_up) < len(answered)  # the tokenizer parts from the answer
+    warm = make_engine()
+    run(warm, answered, SamplingParams(max_tokens=1, temperature=0))  # the cache holds all of ``answered``
+    steps, stats = run(warm, follow_up)
+    assert stats.cached_tokens == len(answered)
+    spliced = answered + follow_up[len(follow_up) - (stats.prompt_tokens - len(answered)) :]
+    assert decode(spliced) == decode(follow_up)
+    assert [s.text for s in steps] == [s.text for s in run(make_engine(), spliced)[0]]
+    taking_turns = make_engine(kept_mb=16)  # another user in between: the answer comes back from the kept copy
+    run(taking_turns, answered, SamplingParams(max_tokens=1, temperature=0))
+    run(taking_turns, encode("Someone else, asking about something else entirely."))
+    steps_after, stats_after = run(taking_turns, follow_up)
+    assert stats_after.cached_tokens == len(answered) and [s.text for s in steps_after] == [s.text for s in steps]
+    other = encode(decode(answered[: -len(written)]) + "Goodbye")  # text that parts from the cache's: as it is
+    live = common_prefix_length(answered, other)
+    assert resync(decode, answered, other, live) == (other, live)
+
+
 def random_ids(count: int, seed: int) -> list[int]:
     return torch.randint(0, 2000, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -72,6 +105,20 @@ def test_users_taking_turns_get_their_conversations_back_exactly(make_engine):
     assert run(taking_turns, b2)[1].cached_tokens == len(first_b)  # and B's, which A's turn put aside
     kept = taking_turns.prefix_cache  # A's first and second turns and B's first
     assert (kept.hits, kept.misses, len(kept)) == (2, 2, 3) and kept.nbytes > 0
+
+
+def test_a_conversation_too_big_for_the_budget_is_not_copied(make_engine):
+    engine = make_engine(kept_mb=16)
+    run(engine, random_ids(20, 1))
+    engine.keep_live()  # the first copy: a position's bytes learnt
+    kept = engine.prefix_cache
+    assert len(kept) == 1
+    kept.budget_bytes = kept.nbytes * 2  # room for about 50 positions
+    snapshot, copied = engine.decoder.snapshot, []
+    engine.decoder.snapshot = lambda *args: copied.append(args) or snapshot(*args)
+    run(engine, random_ids(100, 2))  # the first conversation is kept already
+    engine.keep_live()  # 105 positions: more than the budget
+    assert copied == [] and len(kept) == 1
 
 
 def test_kept_conversations_fit_the_budget_least_recently_used_first():

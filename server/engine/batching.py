@@ -1,6 +1,6 @@
 """Continuous batching: the generations of up to ``engine.slots`` requests run together, on one thread.
 
-Each round runs one chunk of at most ``prefill_chunk`` prompt tokens of the oldest request still
+Each round runs one chunk of ``prefill_chunk`` prompt tokens (``next_chunk``) of the oldest request still
 prefilling, then one decode step for every request that has a token to run, all in one batched step: the
 weights are read once for all of them, which on a CPU (bound by memory bandwidth when decoding) makes the
 extra sequences nearly free. A long prompt therefore delays the running streams by one chunk per token
@@ -9,7 +9,8 @@ for a token whatever it runs with (``compact.ATTENTION_BLOCK``): so what a reque
 depend on the others.
 
 A request's ``choices`` run one after another on its slot (the prompt stays in the slot's cache). A request
-whose client went away (``cancelled``) leaves at the next round and frees its slot.
+whose client went away (``cancelled``) leaves at the next round and frees its slot. When none runs, the
+slots' conversations are copied to the prefix cache (``Engine.keep_live``), off any request's clock.
 
 The batcher's thread is the only one of a serving process that computes (the model loads on a thread that
 ends): libgomp spins at the steps' barriers only while it manages no more threads than there are CPUs, and
@@ -32,6 +33,13 @@ from server.engine.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 DONE = object()  # the last item a job emits
+
+
+def next_chunk(remaining: int, chunk: int) -> int:
+    """How many of a prompt's ``remaining`` tokens its next chunk prefills: ``chunk``, or all of them where they
+    exceed it by an eighth at most: a short last chunk would pay a whole step's fixed work (every weight read,
+    the attended cache converted) for few tokens."""
+    return remaining if remaining <= chunk + chunk // 8 else chunk
 
 
 @dataclass
@@ -75,6 +83,8 @@ class Batcher:
     def _loop(self) -> None:
         closing = False
         while not closing or self._running:
+            if not self._running and self._inbox.empty():
+                self._idle()
             while not closing and len(self._running) < self.engine.slots:
                 try:
                     job = self._inbox.get(block=not self._running)
@@ -85,6 +95,12 @@ class Batcher:
                 else:
                     self._admit(job)
             self._round()
+
+    def _idle(self) -> None:
+        try:
+            self.engine.keep_live()
+        except Exception:  # losing a cached conversation costs a recomputation, not the batcher
+            log.exception("cannot keep the finished conversations")
 
     def _admit(self, job: Job) -> None:
         taken = {running.slot for running in self._running}
@@ -109,7 +125,7 @@ class Batcher:
         if prefilling := [r for r in self._running if r.sequence.prefilling]:
             oldest = prefilling[0]
             try:
-                self.engine.prefill(oldest.sequence, self.prefill_chunk)
+                self.engine.prefill(oldest.sequence, next_chunk(len(oldest.sequence.pending) - 1, self.prefill_chunk))
             except Exception as exc:
                 self._finish(oldest, exc)
         ready = [r for r in self._running if not r.sequence.prefilling]

@@ -17,6 +17,7 @@ import torch
 from server.engine.decoder import Decoder
 from server.engine.grammar import Matcher
 from server.engine.prefix_cache import PrefixCache, common_prefix_length
+from server.engine.resync import resync
 from server.engine.sampling import (
     SamplingParams,
     TokenLogprobs,
@@ -130,6 +131,7 @@ class Engine:
         self.slots = decoder.slots
         self._cached: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens each slot's cache holds
         self._used = [0] * self.slots  # when each slot last began a sequence (a counter)
+        self._position_bytes = 0.0  # a cached position's keys and values, learnt from the first copy
 
     def reset(self, slot: int = 0) -> None:
         """Forget the slot's cached conversation (its next prompt is computed from scratch)."""
@@ -166,32 +168,58 @@ class Engine:
         """A sequence on ``slot``, its prompt reused from the slot's cache (or a kept conversation) as far as
         it goes but for the last token, which always runs as a decode step: a repeated request then computes
         exactly what its first run computed, so greedy output is the same whether a request streams or not
-        (a bulk forward sums in another order than one token)."""
+        (a bulk forward sums in another order than one token). A resent answer that the tokenizer split
+        otherwise than the model wrote it is read as the model wrote it (``resync``)."""
         if not prompt_ids:
             raise ValueError("an empty prompt")  # the service lets none through
         self.check_length(len(prompt_ids), None)
         stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(prompt_ids)
         self._used[slot] = max(self._used) + 1
         live = common_prefix_length(self._cached[slot], prompt_ids)
         if self.prefix_cache is not None:
             live = self._switch_conversation(prompt_ids, live, slot)
+        resent, held = resync(self._decode, self._cached[slot], prompt_ids, live)
+        if len(resent) < self.context_length:
+            prompt_ids, live = resent, held
+        stats.prompt_tokens = len(prompt_ids)
         stats.cached_tokens = reused = min(live, len(prompt_ids) - 1)
         del self._cached[slot][reused:]  # the decoder overwrites or drops the cache from here on
         return Sequence(self, slot, prompt_ids, reused, params, stats, matcher, logprobs)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     def _switch_conversation(self, prompt_ids: list[int], live: int, slot: int) -> int:
         """Keep the slot's conversation if the prompt leaves much of it behind, and bring back a kept one that
-        the prompt continues further; how many prompt tokens the slot's cache then holds."""
+        the prompt continues further (all of it: the prompt may go on with its text, ``resync``); how many
+        prompt tokens the slot's cache then holds."""
         kept, length = self.prefix_cache.longest(prompt_ids, live)
-        ids = tuple(self._cached[slot])
-        if len(ids) - live >= KEEP_AFTER and not self.prefix_cache.covers(ids):
-            self.prefix_cache.keep(ids, *self.decoder.snapshot(len(ids), slot))
+        if len(self._cached[slot]) - live >= KEEP_AFTER:
+            self._keep(slot)
         if kept is None:
             return live
-        self.decoder.restore(kept.kv, length, slot)
-        self._cached[slot] = list(kept.ids[:length])
+        self.decoder.restore(kept.kv, len(kept.ids), slot)
+        self._cached[slot] = list(kept.ids)
         return length
+
+    def keep_live(self) -> None:
+        """Copy every slot's conversation to the prefix cache (if it has one) now: called while no sequence
+        runs, it takes the copy off the clock of the next request, which would otherwise make it first."""
+        if self.prefix_cache is None:
+            return
+        for slot, cached in enumerate(self._cached):
+            if len(cached) >= KEEP_AFTER:
+                self._keep(slot)
+
+    def _keep(self, slot: int) -> None:
+        """Copy the slot's conversation to the prefix cache, unless it holds it already or it would not fit the
+        budget at all (a copy only to be dropped costs its bytes; a position's size is learnt at the first)."""
+        ids = tuple(self._cached[slot])
+        if self.prefix_cache.covers(ids) or len(ids) * self._position_bytes > self.prefix_cache.budget_bytes:
+            return
+        kv, nbytes = self.decoder.snapshot(len(ids), slot)
+        self._position_bytes = nbytes / len(ids)
+        self.prefix_cache.keep(ids, kv, nbytes)
 
     @torch.no_grad()
     def prefill(self, sequence: Sequence, limit: int | None = None) -> None:

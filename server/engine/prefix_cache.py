@@ -1,8 +1,8 @@
 """Past conversations' KV caches, kept within a byte budget, so that users who take turns do not recompute
-their histories: the decoder's cache holds one conversation (the last request's); before another request
-overwrites it, the engine copies it here, and a prompt that continues a kept conversation further than the
-live cache copies it back (a copy of the keys and values costs a small fraction of recomputing them).
-Least recently used conversations go first."""
+their histories: the decoder's cache holds one conversation a slot (the last request's); the engine copies
+it here when nothing runs, or else before another request overwrites it, and a prompt that continues a kept
+conversation further than the live cache copies it back (a copy of the keys and values costs a small
+fraction of recomputing them). Least recently used conversations go first."""
 
 from __future__ import annotations
 
