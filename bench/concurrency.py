@@ -32,7 +32,7 @@ from server.engine.batching import DONE, Batcher, Job
 from server.engine.engine import Engine, GenerationStats
 from server.engine.sampling import SamplingParams
 from server.runtime.aoti.steps import package_paths
-from server.runtime.compact import DEFAULT_KV_DTYPE
+from server.runtime.compact import DEFAULT_KV_DTYPE, KV_DTYPES
 from server.runtime.decoders import make_decoder
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,13 @@ def _gguf(args, checkpoint_path: Path) -> Path | None:
     return llamacpp.q8_0_gguf(resolve_model_path(args.model), args.cache_dir, threads, args.llama_cpp_converter)
 
 
-def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path | None):
-    """(name, engine) of each in-process competitor: q8chat's compiled decoder and llama.cpp's on ``gguf`` (the
-    same weights as Q8_0), each with ``slots`` sequences."""
-    kernels = kernels_by_step()
-    packages = package_paths(cache_dir, checkpoint.path, context, kernels, DEFAULT_KV_DTYPE, slots)
+def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path | None, kv: str | None):
+    """(name, engine) of each in-process competitor: q8chat's compiled decoder (its KV cache of type ``kv``, None:
+    the default) and llama.cpp's on ``gguf`` (the same weights as Q8_0), each with ``slots`` sequences."""
+    kernels, kv_dtype = kernels_by_step(), KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
+    packages = package_paths(cache_dir, checkpoint.path, context, kernels, kv_dtype, slots)
     decoder = make_decoder(
-        lambda: load_checkpoint(checkpoint.path).model, checkpoint.config, context, packages, kernels, slots=slots
+        lambda: load_checkpoint(checkpoint.path).model, checkpoint.config, context, packages, kernels, kv_dtype, slots
     )
     yield "q8chat", Engine(decoder, checkpoint.tokenizer, context, set())
     if gguf is not None:
@@ -153,7 +153,7 @@ def _prepare(args, context: int, slots: int):
         int8_checkpoint(args.model, Recipe(calib_samples=args.calib_samples), args.cache_dir)
     )
     gguf = _gguf(args, checkpoint.path)
-    return checkpoint, gguf, dict(_engines(checkpoint, args.cache_dir, context, slots, gguf))
+    return checkpoint, gguf, dict(_engines(checkpoint, args.cache_dir, context, slots, gguf, args.kv_cache_dtype))
 
 
 def on_a_passing_thread(make: Callable[[], T]) -> T:
@@ -168,7 +168,8 @@ def on_a_passing_thread(make: Callable[[], T]) -> T:
 
 
 def _q8chat_flags(args, checkpoint, context: int, max_batch: int) -> list[str]:
-    return served_args(checkpoint.path, args.cache_dir, context, True) + ["--max-batch", str(max_batch)]
+    flags = served_args(checkpoint.path, args.cache_dir, context, True, kv=args.kv_cache_dtype)
+    return flags + ["--max-batch", str(max_batch)]
 
 
 def _servers(args, checkpoint, context: int, slots: int, gguf: Path | None, log_dir: Path) -> dict:
@@ -236,6 +237,7 @@ def run(args) -> dict:
             "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens,
             "max_batch": slots,
+            "kv_cache_dtype": args.kv_cache_dtype or "default",
             "server_logs": str(log_dir),
         },
         "concurrency": results,
@@ -250,7 +252,7 @@ def markdown(report: dict) -> str:
     results = report["concurrency"]
     lines = [
         f"CPU: {report['machine']['model_name']} ({' '.join(report['machine']['flags'])}), "
-        f"{report['machine']['threads']} threads",
+        f"{report['machine']['threads']} threads; q8chat's KV cache: {report['workload']['kv_cache_dtype']}",
         "",
         "| competitor | streams | aggregate tok/s | vs 1 stream | vs llama.cpp | ITL p50 / p95 ms | TTFT mean s |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -100,7 +100,8 @@ JSON_RECORDS = {
 
 def variant_options(suffix: str) -> tuple[str | None, str | None]:
     """A q8chat variant's options after ``@``, joined by ``+``: a W8A8 kernel (``quant.kernels.KERNELS``) and a
-    KV cache type (``kv-bf16``, ``kv-fp32``). Returns (kernel, KV cache type), None where the server's default."""
+    KV cache type (``kv-bf16``, ``kv-fp32``, ``kv-int8``). Returns (kernel, KV cache type), None where the
+    server's default."""
     kernel = kv = None
     for option in filter(None, suffix.split("+")):
         if option.startswith("kv-") and option.removeprefix("kv-") in KV_DTYPES:
@@ -300,7 +301,7 @@ def configure_bench(p) -> None:
         "q8chat-served[-eager]: q8chat serve over HTTP, with start-up time and memory; q8chat-served-json: "
         "the same, answers held to a JSON schema (constrained decoding's cost); a q8chat "
         "variant@OPTIONS takes options joined by '+': a W8A8 kernel (s8s8, u8s8, bf16) forces that kernel, "
-        "kv-fp32 or kv-bf16 the KV cache's type (q8chat-int8-dynamic@u8s8+kv-fp32); "
+        "kv-fp32, kv-bf16 or kv-int8 the KV cache's type (q8chat-int8-dynamic@u8s8+kv-fp32); "
         f"{llamacpp.VARIANT}: llama.cpp on the model as Q8_0 (a default when llama-cpp-python is "
         f"installed); {llamaserver.NAME}: the same over HTTP, llama.cpp's own server (built here with cmake)",
     )
@@ -323,6 +324,12 @@ def configure_bench(p) -> None:
         "(aggregate decode, inter-token latency, time to first token; q8chat served with --max-batch the "
         "largest beside llama.cpp's server with as many slots, built here with cmake, and both in process), "
         "then how much of two users' alternating chats the server finds cached",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=sorted(KV_DTYPES),
+        default=None,
+        help="with --concurrency: q8chat's KV cache type, served and in process (default: serve's)",
     )
     p.add_argument("--json", type=Path, default=Path("bench-results.json"))
     p.set_defaults(run=run_bench)

@@ -39,13 +39,17 @@ class Settings(BaseSettings):
         "concurrent users: each slot costs a KV cache",
     )
     prefill_chunk: int = Field(
-        512, ge=1, description="prompt tokens prefilled per step while other generations are decoding"
+        512,
+        ge=1,
+        description="prompt tokens prefilled per step while other generations are decoding (a prompt's last "
+        "chunk takes a rest of up to an eighth more)",
     )
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
-    kv_cache_dtype: Literal["bf16", "fp32"] = Field(
+    kv_cache_dtype: Literal["bf16", "fp32", "int8"] = Field(
         "bf16",
         description="element type of the static KV cache (Llama and MPT): bf16 takes half the memory and half "
-        "the bytes a decode step reads from it; fp32 computes attention as the float model does",
+        "the bytes a decode step reads from it; fp32 computes attention as the float model does; int8 (a "
+        "scale a key or value) takes about half of bf16's",
     )
     kv_cache_mb: float = Field(
         256.0,

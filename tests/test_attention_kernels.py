@@ -1,7 +1,8 @@
 """q8chat's attention kernels, compiled by inductor, against SDPA. The decode kernel: grouped queries, a
 batched step's slots each with its own reach, MPT's additive ALiBi bias, fused pointwise consumers, and a
 sequence's result the same whatever its batch attends. The prompt kernel: a prompt from position 0 and one
-continuing a cached prefix, with lengths that fill no whole block, and ALiBi."""
+continuing a cached prefix, with lengths that fill no whole block, and ALiBi. Both on BF16, FP32 and INT8
+caches."""
 
 import os
 import subprocess
@@ -16,21 +17,28 @@ from torch._inductor.utils import run_and_get_code
 from server.runtime.aoti import attention as attention_kernel
 from server.runtime.attention_op import decode_attention, prompt_attention
 from server.runtime.compact import ATTENTION_BLOCK, attention, attention_mask
+from server.runtime.kv_int8 import as_float, stored
 
 MARK = "q8chat::decode_attention"  # a comment in each kernel's source
 PROMPT_MARK = "q8chat::prompt_attention"
 
 
-def inputs(heads: int, kv_heads: int, reach: list[int], width: int, bias: bool, dim: int = 64):
+def cache_of(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """Random keys and values ``[2, *shape]`` as a cache of ``dtype`` stores them (INT8: ``kv_int8``'s rows)."""
+    return stored(torch.randn(2, *shape), dtype)
+
+
+def inputs(heads: int, kv_heads: int, reach: list[int], width: int, bias: bool, dim: int = 64, dtype=torch.bfloat16):
+    """A decode step's queries (in the type ``attention`` gives the kernel), cache slices and mask."""
     torch.manual_seed(0)
     slots = len(reach)
-    q = torch.randn(slots, heads, 1, dim).to(torch.bfloat16)
-    cache = torch.randn(2, slots, kv_heads, width + 7, dim).to(torch.bfloat16)  # longer: the step's slices
+    q = torch.randn(slots, heads, 1, dim).to(dtype if dtype.is_floating_point else torch.float32)
+    cache = cache_of(dtype, slots, kv_heads, width + 7, dim)  # longer: the step's slices
     k, v = cache[0, :, :, :width], cache[1, :, :, :width]
     mask = (torch.arange(width)[None, :] <= torch.tensor(reach)[:, None])[:, None, None]  # [B, 1, 1, L]
     if bias:
         slopes = torch.rand(heads)[None, :, None, None]
-        mask = (slopes * (torch.arange(width) - reach[0])).masked_fill(~mask, float("-inf")).to(torch.bfloat16)
+        mask = (slopes * (torch.arange(width) - reach[0])).masked_fill(~mask, float("-inf")).to(q.dtype)
     return q, k, v, mask
 
 
@@ -44,18 +52,25 @@ def compiled(fn, *args, mark: str = MARK):
 
 @torch.no_grad()
 @pytest.mark.parametrize(
-    "heads, kv_heads, reach, bias",
-    [(9, 3, [600], False), (6, 2, [3 * ATTENTION_BLOCK - 8, 3, ATTENTION_BLOCK + 5], False), (4, 4, [90, 40], True)],
-    ids=["gqa", "batch", "alibi"],
+    "heads, kv_heads, reach, bias, dtype",
+    [
+        (9, 3, [600], False, torch.bfloat16),
+        (6, 2, [3 * ATTENTION_BLOCK - 8, 3, ATTENTION_BLOCK + 5], False, torch.bfloat16),
+        (4, 4, [90, 40], True, torch.bfloat16),
+        (6, 2, [3 * ATTENTION_BLOCK - 8, 3, ATTENTION_BLOCK + 5], False, torch.int8),
+        (4, 4, [90, 40], True, torch.int8),
+    ],
+    ids=["gqa", "batch", "alibi", "batch-int8", "alibi-int8"],
 )
-def test_the_kernel_computes_sdpas_attention(heads, kv_heads, reach, bias):
+def test_the_kernel_computes_sdpas_attention(heads, kv_heads, reach, bias, dtype):
     width = max(r // ATTENTION_BLOCK + 1 for r in reach) * ATTENTION_BLOCK
-    q, k, v, mask = inputs(heads, kv_heads, reach, width, bias)
-    expected = decode_attention(q, k, v, mask, 0.125)  # eagerly: SDPA
+    q, k, v, mask = inputs(heads, kv_heads, reach, width, bias, dtype=dtype)
+    expected = decode_attention(q, k, v, mask, 0.125)  # eagerly: SDPA (an INT8 cache's rows unpacked)
     result = compiled(lambda *a: attention(*a, 0.125), q, k, v, mask)
     assert result.shape == expected.shape and result.dtype == torch.float32
-    # SDPA rounds its BF16 output; the kernel keeps FP32
-    torch.testing.assert_close(result, expected, atol=1e-2, rtol=1e-2)
+    # SDPA rounds its BF16 output, the kernel keeps FP32; from INT8 rows, both compute in FP32
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(result, expected, atol=tolerance, rtol=tolerance)
 
 
 @torch.no_grad()
@@ -94,7 +109,7 @@ def prompt_inputs(
     torch.manual_seed(0)
     width = start + count
     q = torch.randn(1, heads, count, dim)
-    cache = torch.randn(2, 1, kv_heads, width + 7, dim).to(cache_dtype)
+    cache = cache_of(cache_dtype, 1, kv_heads, width + 7, dim)
     mask = attention_mask(width + 7, start, count, compiled=True)[None, None]  # [1, 1, T, L]
     if bias:  # ALiBi: a slope a head, masked positions -inf, in the cache's type
         distance = torch.arange(width)[None, :] - torch.arange(start, width)[:, None]
@@ -111,8 +126,9 @@ def prompt_inputs(
         (6, 2, 150, 37, False, torch.bfloat16),
         (4, 4, 70, 90, True, torch.bfloat16),
         (9, 3, 100, 70, False, torch.float32),  # FP32 products on every CPU
+        (6, 2, 150, 37, False, torch.int8),
     ],
-    ids=["prompt", "after-a-prefix", "alibi", "fp32-cache"],
+    ids=["prompt", "after-a-prefix", "alibi", "fp32-cache", "int8-cache"],
 )
 def test_the_prompt_kernel_computes_sdpas_attention(heads, kv_heads, start, count, bias, cache_dtype):
     """In FP32, as SDPA does in FP32; with BF16 products (AVX512_BF16), no further from it than ATen's BF16
@@ -125,6 +141,7 @@ def test_the_prompt_kernel_computes_sdpas_attention(heads, kv_heads, start, coun
     if not attention_kernel.bf16_products(k.dtype, v.dtype, q.shape[-1]):
         torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-4)
         return
+    k, v = as_float(k).to(torch.bfloat16), as_float(v).to(torch.bfloat16)  # an INT8 cache's values rounded
     flash = F.scaled_dot_product_attention(
         q.to(torch.bfloat16), k, v, attn_mask=mask, scale=0.125, enable_gqa=heads != kv_heads
     ).float()

@@ -67,15 +67,19 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
 
 
 @torch.no_grad()
-def test_the_batched_decode_step_compiles_to_what_each_sequence_computes_alone(tmp_path, tokenizer):
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16-kv", "int8-kv"])
+def test_the_batched_decode_step_compiles_to_what_each_sequence_computes_alone(tmp_path, tokenizer, kv_dtype):
     """Three slots, one idle: the compiled batched step's logits for each running sequence are those of its
-    own compiled decode step (each slot's prompt prefilled on its region of the shared caches)."""
+    own compiled decode step (each slot's prompt prefilled on its region of the shared caches), and the eager
+    compact model's."""
     model = tiny_llama(len(tokenizer))
     quantized_tiny(model)
-    paths = package_paths(tmp_path, tmp_path, 64, dict.fromkeys(compiled_step.STEPS, "s8s8"), slots=3)
+    kernels = dict.fromkeys(compiled_step.STEPS, "s8s8")
+    paths = package_paths(tmp_path, tmp_path, 64, kernels, kv_dtype, slots=3)
     assert set(paths) == {"decode", "prefill", "batch"}
-    decoder = make_decoder(lambda: model, model.config, 64, paths, slots=3)
+    decoder = make_decoder(lambda: model, model.config, 64, paths, kernels, kv_dtype, slots=3)
     assert decoder.description.startswith("compiled decode step and prefill step and batch step")
+    eager = make_decoder(lambda: model, model.config, 64, None, kernels, kv_dtype)
     prompts = [torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 17)]
     for slot, prompt in zip((0, 2), prompts, strict=True):
         decoder.forward(prompt, 0, slot)
@@ -85,6 +89,8 @@ def test_the_batched_decode_step_compiles_to_what_each_sequence_computes_alone(t
         decoder.restore(kept, len(prompt), slot)
         alone = decoder.forward([token], len(prompt), slot)
         assert (row - alone).abs().max() < 0.05 * alone.std()
+        eager.forward(prompt, 0)
+        assert (alone - eager.forward([token], len(prompt))).abs().max() < 0.05 * alone.std()
 
 
 @pytest.mark.e2e

@@ -27,7 +27,7 @@ def compact_logits(net, ids: list[int], chunks: list[int], kv_dtype: torch.dtype
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-kv", "bf16-kv"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32-kv", "bf16-kv", "int8-kv"])
 @pytest.mark.parametrize(
     "recipe",
     [None, Recipe(alpha=None), Recipe(alpha=None, scheme="static"), Recipe(alpha=0.5, fallback_error=0.0)],
@@ -43,8 +43,9 @@ def test_compact_model_matches_hugging_face_prefill_and_decode(tokenizer, recipe
     # a prompt in one piece, then token by token, as the engine runs it
     chunks = [16] + [1] * 8
     ends = [sum(chunks[: i + 1]) - 1 for i in range(len(chunks))]
-    # a BF16 cache rounds keys and values to 8 significant bits: logits of about 1 move by a BF16 step or two
-    atol = 2e-3 if kv_dtype == torch.float32 else 1e-2
+    # a BF16 cache rounds keys and values to 8 significant bits: logits of about 1 move by a BF16 step or two;
+    # an INT8 one to 1/254 of each row's largest
+    atol = {torch.float32: 2e-3, torch.bfloat16: 1e-2, torch.int8: 2e-2}[kv_dtype]
     for logits, end in zip(compact_logits(net, ids, chunks, kv_dtype), ends):
         assert torch.allclose(logits, expected[end], atol=atol, rtol=1e-3), end
 
@@ -94,8 +95,9 @@ def test_other_families_are_refused():
 
 
 @torch.no_grad()
-def test_a_bf16_kv_cache_keeps_the_default_models_predictions():
-    """On real text, the default model decoding on a BF16 cache predicts what it predicts on an FP32 one."""
+def test_bf16_and_int8_kv_caches_keep_the_default_models_predictions():
+    """On real text, the default model decoding on a BF16 or an INT8 cache predicts what it predicts on an FP32
+    one."""
     from prompts import heldout_text
     from quant.load import load_float_model
 
@@ -105,9 +107,10 @@ def test_a_bf16_kv_cache_keeps_the_default_models_predictions():
     chunks = [prompt] + [1] * (len(ids) - prompt - 1)  # then decode steps, each reading the cache
     targets = torch.tensor(ids[prompt:])
     runs = {}
-    for kv_dtype in (torch.float32, torch.bfloat16):
+    for kv_dtype in (torch.float32, torch.bfloat16, torch.int8):
         logits = torch.stack(compact_logits(net, ids, chunks, kv_dtype))
         runs[kv_dtype] = logits, torch.nn.functional.cross_entropy(logits, targets)
-    (fp32, fp32_nll), (bf16, bf16_nll) = runs.values()
-    assert abs(bf16_nll - fp32_nll) < 0.02  # nats per token
-    assert (fp32.argmax(-1) == bf16.argmax(-1)).sum() >= len(targets) - 4
+    fp32, fp32_nll = runs.pop(torch.float32)
+    for kv_dtype, (logits, nll) in runs.items():
+        assert abs(nll - fp32_nll) < 0.02, kv_dtype  # nats per token
+        assert (fp32.argmax(-1) == logits.argmax(-1)).sum() >= len(targets) - 4, kv_dtype

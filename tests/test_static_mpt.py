@@ -19,7 +19,7 @@ def test_alibi_slopes_are_mpts_for_any_head_count():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-kv", "bf16-kv"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32-kv", "bf16-kv", "int8-kv"])
 @pytest.mark.parametrize(
     "recipe", [None, Recipe(alpha=None), Recipe(alpha=None, scheme="static")], ids=["float", "dynamic", "static"]
 )
@@ -35,7 +35,8 @@ def test_compact_mpt_matches_hugging_face_prefill_and_decode(tokenizer, recipe, 
     net = StaticMPT(model, 64).eval()
     chunks = [10, 6] + [1] * 8  # a prompt in two chunks (the second attends the first), then token by token
     ends = [sum(chunks[: i + 1]) - 1 for i in range(len(chunks))]
-    atol = 2e-3 if kv_dtype == torch.float32 else 2e-2  # BF16 rounds keys, values and the ALiBi bias
+    # BF16 rounds keys, values and the ALiBi bias; INT8 keys and values to 1/254 of each row's largest
+    atol = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.int8: 3e-2}[kv_dtype]
     for logits, end in zip(compact_logits(net, ids, chunks, kv_dtype), ends, strict=True):
         assert torch.allclose(logits, expected[end], atol=atol, rtol=1e-3), end
 

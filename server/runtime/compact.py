@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from quant.int8 import Int8Linear, fuse_linears
 from quant.kernels import packed_bf16_attention
 from server.runtime.attention_op import decode_attention, prompt_attention
+from server.runtime.kv_int8 import as_float, row_bytes, stored
 
 
 class UnsupportedForCompile(ValueError):
@@ -80,25 +81,34 @@ def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store new keys and values ``[B, heads, T, head_dim]`` at positions ``pos``: a prompt's or a token's on
     a one-slot cache (B = 1), or a batched step's one token per slot, each at its own position."""
+    k, v = stored(k, k_cache.dtype), stored(v, v_cache.dtype)
     if k.shape[0] == 1:
-        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
     else:
         slots = torch.arange(k.shape[0])
-        k_cache[slots, :, pos] = k[:, :, 0].to(k_cache.dtype)
-        v_cache[slots, :, pos] = v[:, :, 0].to(v_cache.dtype)
+        k_cache[slots, :, pos] = k[:, :, 0]
+        v_cache[slots, :, pos] = v[:, :, 0]
 
 
 # The KV cache's element types by name (``--kv-cache-dtype``). BF16 halves the bytes a decode step reads
-# from the cache (and the memory a long context takes); attention then runs in BF16 with FP32 sums.
-KV_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# from the cache (and the memory a long context takes); attention then runs in BF16 with FP32 sums. INT8
+# (``kv_int8``) nearly halves them again; attention runs on its values times their rows' scales.
+KV_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 DEFAULT_KV_DTYPE = torch.bfloat16
+
+
+def stored_cache_shape(config, max_len: int, dtype: torch.dtype, slots: int) -> tuple[int, int, int, int]:
+    """One layer's key (or value) cache as a tensor: ``slots`` sequences' regions of ``kv_cache_shape``, each
+    row as ``dtype`` stores it (``kv_int8.row_bytes``)."""
+    _, heads, positions, head_dim = kv_cache_shape(config, max_len)
+    return slots, heads, positions, row_bytes(head_dim, dtype)
 
 
 def new_kv_caches(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> list[torch.Tensor]:
     """Each layer's key cache, then its value cache, zeroed, with ``slots`` sequences' regions: the ``caches``
     argument of a step."""
-    shape = (slots, *kv_cache_shape(config, max_len)[1:])
+    shape = stored_cache_shape(config, max_len, dtype, slots)
     return [torch.zeros(shape, dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
 
 
@@ -109,7 +119,7 @@ def slot_views(caches: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
 
 def kv_cache_bytes(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> int:
     """Bytes of all layers' key and value caches for ``max_len`` positions of ``slots`` sequences."""
-    return slots * 2 * config.num_hidden_layers * dtype.itemsize * math.prod(kv_cache_shape(config, max_len))
+    return 2 * config.num_hidden_layers * dtype.itemsize * math.prod(stored_cache_shape(config, max_len, dtype, slots))
 
 
 # Whether compiled prompts attend with q8chat's kernel: read once, outside the traced code (dynamo does not
@@ -128,13 +138,14 @@ def attention(
     as q8chat's kernel: SDPA's flash kernel took several times longer for a lone query (its blocking and
     buffers are made for many). A prompt's queries are ``attention_op.prompt_attention`` where ATen's flash
     kernel has no AMX to multiply BF16 with (``packed_bf16_attention``). Eagerly, SDPA, whose kernel
-    materializes no score tensor."""
+    materializes no score tensor. An INT8 cache's rows are unpacked for SDPA; the kernels read them as stored."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if mask is not None and torch.compiler.is_compiling():
         if q.shape[2] == 1:
-            return decode_attention(q.to(k.dtype), k, v, mask, scale)
+            return decode_attention(q.to(k.dtype) if k.is_floating_point() else q, k, v, mask, scale)
         if PROMPT_KERNEL:
             return prompt_attention(q, k, v, mask[(None,) * (4 - mask.dim())], scale)
+    k, v = as_float(k), as_float(v)
     return F.scaled_dot_product_attention(
         q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

@@ -86,7 +86,8 @@ class StaticMPT(nn.Module):
         keys = torch.arange(mask.shape[-1])
         # [T or B, L] distances; a batched step's rows are its slots, each with its own position
         distance = (keys[None, :] - pos[:, None]).float()
-        bias = (self.slopes[:, None, None] * distance).masked_fill(~mask, float("-inf")).to(caches[0].dtype)
+        dtype = caches[0].dtype if caches[0].is_floating_point() else torch.float32  # an INT8 cache's: FP32
+        bias = (self.slopes[:, None, None] * distance).masked_fill(~mask, float("-inf")).to(dtype)
         bias = bias[None] if ids.shape[0] == 1 else bias.transpose(0, 1)[:, :, None]  # [1, H, T, L] / [B, H, 1, L]
         for i, block in enumerate(self.blocks):
             x = block(x, pos, bias, caches[2 * i], caches[2 * i + 1])

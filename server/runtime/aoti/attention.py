@@ -40,6 +40,7 @@ PRELUDE = r"""
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 namespace {
 inline float {{name}}_bias(bool attend) { return attend ? 0.0f : -std::numeric_limits<float>::infinity(); }
@@ -49,11 +50,25 @@ inline at::vec::Vectorized<float> {{name}}_load(const float* p) { return at::vec
 inline at::vec::Vectorized<float> {{name}}_load(const c10::BFloat16* p) {
     return at::vec::convert<float>(at::vec::Vectorized<c10::BFloat16>::loadu(p, at::vec::Vectorized<float>::size()));
 }
+inline at::vec::Vectorized<float> {{name}}_load(const int8_t* p) {
+    return at::vec::convert<float>(
+        at::vec::convert<int32_t>(at::vec::Vectorized<int8_t>::loadu(p, at::vec::Vectorized<float>::size())));
+}
+// a cached row's scale: an INT8 row's follows its D values (``kv_int8``); other rows hold what they mean
+inline float {{name}}_scale(const int8_t* row) {
+    float scale;
+    std::memcpy(&scale, row + {{head_dim}}, sizeof scale);
+    return scale;
+}
 template <typename T>
-inline void {{name}}_prefetch(const T* row) {  // a row of D values
-    for (int64_t byte = 0; byte < {{head_dim}} * int64_t(sizeof(T)); byte += 64) {
+inline float {{name}}_scale(const T*) { return 1.0f; }
+template <typename T>
+inline void {{name}}_prefetch(const T* row) {  // a cached row: D values, and an INT8 row's scale
+    constexpr int64_t bytes = {{head_dim}} * int64_t(sizeof(T)) + (std::is_same<T, int8_t>::value ? 4 : 0);
+    for (int64_t byte = 0; byte < bytes; byte += 64) {
         __builtin_prefetch(reinterpret_cast<const char*>(row) + byte, 0, 3);
     }
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + bytes - 1, 0, 3);  // rows need not start a line
 }
 inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
     using Vec = at::vec::Vectorized<float>;
@@ -130,12 +145,13 @@ DECODE_KERNEL = r"""
                 for (int64_t w = 0; w < W; ++w) {
                     key[w] = {{name}}_load(keys + l * {{k_l}} + w * VS);
                 }
+                const float key_scale = {{name}}_scale(keys + l * {{k_l}});
                 for (int64_t g = 0; g < G; ++g) {
                     Vec dot = query[g][0] * key[0];
                     for (int64_t w = 1; w < W; ++w) {
                         dot = at::vec::fmadd(query[g][w], key[w], dot);
                     }
-                    scores[g][l] += {{name}}_sum(dot);
+                    scores[g][l] += key_scale * {{name}}_sum(dot);
                 }
             }
             for (int64_t g = 0; g < G; ++g) {
@@ -170,8 +186,9 @@ DECODE_KERNEL = r"""
                 for (int64_t w = 0; w < W; ++w) {
                     value[w] = {{name}}_load(values + l * {{v_l}} + w * VS);
                 }
+                const float value_scale = {{name}}_scale(values + l * {{v_l}});
                 for (int64_t g = 0; g < G; ++g) {
-                    const Vec weight(scores[g][l]);
+                    const Vec weight(scores[g][l] * value_scale);
                     for (int64_t w = 0; w < W; ++w) acc[g][w] = at::vec::fmadd(weight, value[w], acc[g][w]);
                 }
             }
@@ -268,6 +285,11 @@ inline void {{name}}_pairs(const float* x, uint32_t* out) {
 }
 inline uint32_t {{name}}_pair(c10::BFloat16 low, c10::BFloat16 high) {
     return static_cast<uint32_t>(low.x) | static_cast<uint32_t>(high.x) << 16;
+}
+// value i of a cached row (its row's ``scale`` from ``_scale``) as a BF16 operand: a BF16 cache's as stored
+inline c10::BFloat16 {{name}}_bf16(const c10::BFloat16* row, int64_t i, float) { return row[i]; }
+inline c10::BFloat16 {{name}}_bf16(const int8_t* row, int64_t i, float scale) {
+    return c10::BFloat16(static_cast<float>(row[i]) * scale);
 }
 #endif
 
@@ -372,23 +394,31 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
             // 2j + 1 of each depth together
             for (int64_t l = 0; l < KC; ++l) {
                 const auto* key = keys + l * {{k_l}};
+                const float key_scale = l < n ? {{name}}_scale(key) : 0.0f;
                 for (int64_t i = 0; i < D / 2; ++i) {
-                    kt[i * KC + l] = l < n ? {{name}}_pair(key[2 * i], key[2 * i + 1]) : 0u;
+                    kt[i * KC + l] = l < n ? {{name}}_pair({{name}}_bf16(key, 2 * i, key_scale),
+                                                           {{name}}_bf16(key, 2 * i + 1, key_scale))
+                                           : 0u;
                 }
             }
             for (int64_t j = 0; j < KC / 2; ++j) {
                 const auto* even = values + 2 * j * {{v_l}};
                 const auto* odd = even + {{v_l}};
+                const float even_scale = 2 * j < n ? {{name}}_scale(even) : 0.0f;
+                const float odd_scale = 2 * j + 1 < n ? {{name}}_scale(odd) : 0.0f;
                 for (int64_t d = 0; d < D; ++d) {
                     const c10::BFloat16 zero(0.0f);
-                    vals[j * D + d] = {{name}}_pair(2 * j < n ? even[d] : zero, 2 * j + 1 < n ? odd[d] : zero);
+                    vals[j * D + d] = {{name}}_pair(2 * j < n ? {{name}}_bf16(even, d, even_scale) : zero,
+                                                    2 * j + 1 < n ? {{name}}_bf16(odd, d, odd_scale) : zero);
                 }
             }
 #else
             for (int64_t l = 0; l < KC; ++l) {  // in FP32, the keys as they are stored first
+                const float key_scale = l < n ? {{name}}_scale(keys + l * {{k_l}}) : 0.0f;
+                const float value_scale = l < n ? {{name}}_scale(values + l * {{v_l}}) : 0.0f;
                 for (int64_t d = 0; d < D; d += VS) {
-                    const Vec key = l < n ? {{name}}_load(keys + l * {{k_l}} + d) : Vec(0.0f);
-                    const Vec value = l < n ? {{name}}_load(values + l * {{v_l}} + d) : Vec(0.0f);
+                    const Vec key = l < n ? {{name}}_load(keys + l * {{k_l}} + d) * Vec(key_scale) : Vec(0.0f);
+                    const Vec value = l < n ? {{name}}_load(values + l * {{v_l}} + d) * Vec(value_scale) : Vec(0.0f);
                     key.store(staged + l * D + d);
                     value.store(vals + l * D + d);
                 }
@@ -516,13 +546,14 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
 
 def bf16_products(k_dtype: torch.dtype, v_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the prompt kernel multiplies in BF16, two products an FP32 lane (``vdpbf16ps``): where inductor
-    writes AVX-512 code for a CPU with AVX512_BF16, on a BF16 cache (a head's depths in whole vectors of 32).
-    The keys and values are used as stored; the scaled queries and the softmax weights are rounded to BF16,
-    as ATen's BF16 flash kernel rounds them (which also rounds its output). Twice the products an instruction:
-    the 512-token prompt's attention took 1.0 ms a layer against 1.4 in FP32 (Zen 5, 2 threads)."""
+    writes AVX-512 code for a CPU with AVX512_BF16, on a BF16 or INT8 cache (a head's depths in whole vectors
+    of 32). BF16 keys and values are used as stored, INT8 ones times their scales rounded to BF16; the scaled
+    queries and the softmax weights are rounded to BF16, as ATen's BF16 flash kernel rounds them (which also
+    rounds its output). Twice the products an instruction: the 512-token prompt's attention took 1.0 ms a
+    layer against 1.4 in FP32 (Zen 5, 2 threads)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    bf16 = k_dtype == v_dtype == torch.bfloat16
+    bf16 = k_dtype == v_dtype and k_dtype in (torch.bfloat16, torch.int8)
     return bf16 and head_dim % 32 == 0 and str(pick_vec_isa()).startswith("avx512") and "avx512_bf16" in cpu_flags()
 
 
