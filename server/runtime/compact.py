@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from quant.int8 import Int8Linear, fuse_linears
 from quant.kernels import packed_bf16_attention
 from server.runtime.attention_op import decode_attention, prompt_attention
-from server.runtime.kv_int8 import as_float, row_bytes, stored
+from server.runtime.kv_int8 import as_float, row_length, stored
 
 
 class UnsupportedForCompile(ValueError):
@@ -100,9 +100,9 @@ DEFAULT_KV_DTYPE = torch.bfloat16
 
 def stored_cache_shape(config, max_len: int, dtype: torch.dtype, slots: int) -> tuple[int, int, int, int]:
     """One layer's key (or value) cache as a tensor: ``slots`` sequences' regions of ``kv_cache_shape``, each
-    row as ``dtype`` stores it (``kv_int8.row_bytes``)."""
+    row as ``dtype`` stores it (``kv_int8.row_length``)."""
     _, heads, positions, head_dim = kv_cache_shape(config, max_len)
-    return slots, heads, positions, row_bytes(head_dim, dtype)
+    return slots, heads, positions, row_length(head_dim, dtype)
 
 
 def new_kv_caches(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> list[torch.Tensor]:

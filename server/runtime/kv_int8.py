@@ -12,8 +12,8 @@ import torch
 SCALE_BYTES = 4  # a row's FP32 scale, after its values
 
 
-def row_bytes(head_dim: int, dtype: torch.dtype) -> int:
-    """Elements of a cached row of ``head_dim`` values stored as ``dtype``."""
+def row_length(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` in a cached row of ``head_dim`` values: an INT8 row has its scale's 4 more."""
     return head_dim + (SCALE_BYTES if dtype == torch.int8 else 0)
 
 
