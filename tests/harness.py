@@ -17,7 +17,7 @@ from quant.smoothquant import Recipe, linear_names, quantize_model
 from server.engine.engine import ContextLengthExceeded, StepOutput
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
@@ -26,7 +26,7 @@ def tiny_llama(vocab_size: int, seed: int = 0):
         intermediate_size=128,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         vocab_size=vocab_size,
         max_position_embeddings=256,
         tie_word_embeddings=True,
@@ -36,14 +36,14 @@ def tiny_llama(vocab_size: int, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def tiny_mpt(vocab_size: int, seed: int = 0):
+def tiny_mpt(vocab_size: int, seed: int = 0, layers: int = 2):
     from transformers import AutoModelForCausalLM, MptConfig
 
     torch.manual_seed(seed)
     config = MptConfig(
         d_model=64,
         n_heads=4,
-        n_layers=2,
+        n_layers=layers,
         expansion_ratio=2,
         vocab_size=vocab_size,
         max_seq_len=256,

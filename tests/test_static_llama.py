@@ -9,9 +9,11 @@ from server.runtime.compact import (
     UnsupportedForCompile,
     attention_mask,
     batch_mask,
+    layer_span,
     new_kv_caches,
 )
 from server.runtime.static_llama import StaticLlama
+from server.runtime.static_mpt import StaticMPT
 from tests.harness import quantized_tiny, tiny_llama, tiny_mpt
 
 
@@ -114,3 +116,28 @@ def test_bf16_and_int8_kv_caches_keep_the_default_models_predictions():
     for kv_dtype, (logits, nll) in runs.items():
         assert abs(nll - fp32_nll) < 0.02, kv_dtype  # nats per token
         assert (fp32.argmax(-1) == logits.argmax(-1)).sum() >= len(targets) - 4, kv_dtype
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_spans_of_layers_run_one_after_another_compute_the_whole_model(tokenizer, family):
+    """A large model's steps are compiled a span of layers at a time: the spans, each on its own layers'
+    caches and the hidden states of the one before, give the whole compact model's logits bit for bit, and
+    leave the same caches."""
+    build, compact = {"llama": (tiny_llama, StaticLlama), "mpt": (tiny_mpt, StaticMPT)}[family]
+    model = build(len(tokenizer), layers=5)
+    quantized_tiny(model)
+    net = compact(model, 64).eval()
+    spans = [layer_span(net, layers) for layers in (range(0, 2), range(2, 3), range(3, 5))]
+    assert [len(span.blocks) for span in spans] == [2, 1, 2] and len(net.blocks) == 5
+    assert spans[0].lm_head is None and spans[1].embed is None and spans[2].embed is None
+    assert net.embed is not None and net.lm_head is not None  # the whole model is left as it was
+    ids = torch.randint(0, 2000, (1, 12), generator=torch.Generator().manual_seed(1))
+    whole, split = new_kv_caches(net.config, 64), new_kv_caches(net.config, 64)
+    for start, count in ((0, 11), (11, 1)):  # a prompt, then a token
+        args = ids[:, start : start + count], torch.arange(start, start + count), attention_mask(64, start, count)
+        expected, x = net(*args, whole), args[0]
+        for span, (first, last) in zip(spans, ((0, 2), (2, 3), (3, 5))):
+            x = span(x, *args[1:], split[2 * first : 2 * last])
+        assert torch.equal(x, expected)
+    assert all(torch.equal(a, b) for a, b in zip(whole, split, strict=True))

@@ -7,11 +7,11 @@ import mmap
 import torch
 
 from server.runtime.aoti.constants import (
+    SharedConstants,
     _release,
     constants_by_name,
     inner_pages,
     release_constants,
-    share_constants,
     unused_constants,
 )
 
@@ -81,15 +81,16 @@ def test_constants_sharing_an_original_name_are_named_by_size_where_that_tells_t
     assert set(found) == {"w", "constant9_0"} and found["constant9_0"] is packed  # two 4-byte scales: unknown
 
 
-class FakeStep:
-    """A loaded step as ``share_constants`` sees it: constants by name, the unused ones, its container."""
+class FakeSpan:
+    """A loaded span as ``SharedConstants`` sees it: constants by name, the unused ones, its container."""
 
     def __init__(self, constants: dict[str, torch.Tensor]) -> None:
         self.constants, self.unused, self.repointed = constants, set(), {}
         self.container = self
 
-    def use_in_place(self, constants: dict[str, torch.Tensor]) -> None:
+    def use_in_place(self, constants: dict[str, torch.Tensor], owners: list) -> None:
         self.repointed.update(constants)
+        self.owners = owners
 
 
 def test_opaque_onednn_constants_are_skipped_and_the_plain_duplicates_still_shared():
@@ -99,8 +100,11 @@ def test_opaque_onednn_constants_are_skipped_and_the_plain_duplicates_still_shar
     opaque = [torch.ops.onednn.qlinear_prepack(weight, None) for _ in range(2)]
     assert opaque[0].layout != torch.strided
     plain = torch.randn(4 * PAGE)
-    decode = FakeStep({"packed": opaque[0], "raw": plain})
-    prefill = FakeStep({"packed": opaque[1], "raw": plain.clone()})
-    shared, _ = share_constants([decode, prefill])
-    assert shared == plain.nbytes and set(prefill.repointed) == {"raw"} and prefill.repointed["raw"] is plain
+    decode = FakeSpan({"packed": opaque[0], "raw": plain})
+    prefill = FakeSpan({"packed": opaque[1], "raw": plain.clone()})
+    shared = SharedConstants()
+    shared.add(decode)
+    shared.add(prefill)
+    assert shared.shared == plain.nbytes and set(prefill.repointed) == {"raw"} and prefill.repointed["raw"] is plain
+    assert prefill.owners == [decode]  # the copy prefill reads lives as long as prefill
     assert release_constants({"packed": opaque[0]}, ["packed"]) == 0

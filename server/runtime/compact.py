@@ -12,6 +12,7 @@ each at its own position, so the weights are read once for all of them.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -105,11 +106,29 @@ def stored_cache_shape(config, max_len: int, dtype: torch.dtype, slots: int) -> 
     return slots, heads, positions, row_length(head_dim, dtype)
 
 
-def new_kv_caches(config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1) -> list[torch.Tensor]:
+def new_kv_caches(
+    config, max_len: int, dtype: torch.dtype = DEFAULT_KV_DTYPE, slots: int = 1, layers: int | None = None
+) -> list[torch.Tensor]:
     """Each layer's key cache, then its value cache, zeroed, with ``slots`` sequences' regions: the ``caches``
-    argument of a step."""
+    argument of a step (of ``layers`` layers; None: the model's)."""
     shape = stored_cache_shape(config, max_len, dtype, slots)
-    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
+    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * (layers or config.num_hidden_layers))]
+
+
+def layer_span(net: nn.Module, layers: range) -> nn.Module:
+    """The compact model ``net`` computing only its blocks ``layers``, sharing its tensors: the first span
+    embeds token ids, the others take the hidden states ``[B, T, hidden]`` the span before returned, and only
+    the last computes logits. Its ``caches`` argument holds its own layers' caches. A large model's steps are
+    compiled a span at a time (``aoti.steps``): a build holds several copies of the weights it compiles."""
+    span = copy.copy(net)
+    for table in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        setattr(span, table, copy.copy(getattr(net, table)))
+    span.blocks = nn.ModuleList(net.blocks[layers.start : layers.stop])
+    if layers.start > 0:
+        span.embed = None
+    if layers.stop < len(net.blocks):
+        span.norm = span.lm_head = None
+    return span
 
 
 def slot_views(caches: list[torch.Tensor], slot: int) -> list[torch.Tensor]:

@@ -25,7 +25,7 @@ from torch import nn
 from quant.kernels import default_kernels, eager_kernels
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti import steps as compiled_step
-from server.runtime.aoti.constants import share_constants
+from server.runtime.aoti.constants import SharedConstants
 from server.runtime.compact import (
     DEFAULT_KV_DTYPE,
     UnsupportedForCompile,
@@ -168,38 +168,10 @@ def _mark(package: Path, kind: str, reason: str) -> None:
     _marker(package, kind).write_text(reason + "\n")
 
 
-# A build holds, beside the loaded model, inductor's copies of the INT8 weights: transposed and contiguous,
-# prepacked for oneDNN, packed for its own GEMM template, and serialized into one buffer. A 1.1B Llama's
-# decode build peaked 3.1 times its 1.2 GB of weights above the loaded model (AMX); a 7B MPT's, 6.6 GB of
-# weights, was killed for memory at 24 GB.
-BUILD_MEMORY_FACTOR = 4
-BUILD_MEMORY_SPARE = 1 << 30
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (``MemAvailable``); None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _check_build_memory(net: nn.Module, available: int | None) -> None:
-    """Refuse to build a step that would not fit in memory (the kernel would kill the server, not an error)."""
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in net.state_dict().values()}
-    needed = BUILD_MEMORY_FACTOR * sum(tensors.values()) + BUILD_MEMORY_SPARE
-    if available is not None and available < needed:
-        raise MemoryError(
-            f"building it needs about {needed / 1e9:.1f} GB more memory, {available / 1e9:.1f} GB is available"
-        )
-
-
-def _checked(package: Path, run_once: Callable) -> compiled_step.CompiledStep:
-    """The step in ``package``, run once, so that a broken one fails here and not on a request."""
-    loaded = compiled_step.load(package)
+def _checked(package: Path, run_once: Callable, shared: SharedConstants) -> compiled_step.CompiledStep:
+    """The step in ``package`` (constants shared with ``shared``), run once, so that a broken one fails here and
+    not on a request."""
+    loaded = compiled_step.load(package, shared)
     run_once(loaded)
     return loaded
 
@@ -251,8 +223,10 @@ def _compiled_step(
     package: Path,
     caches: list[torch.Tensor],
     max_len: int,
+    shared: SharedConstants,
 ):
-    """The package's step, built first from the compact model if it is not there (or cannot be loaded). A
+    """The package's step, built first from the compact model if it is not there (or cannot be loaded), its
+    constants shared with those of the steps loaded before (``shared``). A
     fresh build is timed against the ``eager`` step; one that fails (to compile, load or run) or runs slower
     leaves a marker (``MARKERS``) that later starts honour: delete it to retry."""
     for kind in MARKERS:
@@ -272,18 +246,19 @@ def _compiled_step(
 
     if package.exists():
         try:
-            loaded = _checked(package, one_call)
+            loaded = _checked(package, one_call, shared)
             log.info("loaded the compiled %s step %s (%s)", step, package, step_kernels.describe(loaded.gemms))
             return loaded
         except Exception as exc:  # a step from a crashed build or another torch: build it again
             log.warning("cannot load %s (%s); compiling again", package, _first_line(exc))
     net = compact()
-    _check_build_memory(net, available_memory())
     log.info("compiling the %s step into %s (minutes on few cores; once per model and machine)...", step, package)
     begin = time.perf_counter()
     try:
         compiled_step.build(net, step, package, caches[0].dtype, caches[0].shape[0])
-        loaded = _checked(package, one_call)
+        loaded = _checked(package, one_call, shared)
+    except MemoryError:  # not the step's fault: a later start with more memory free builds it
+        raise
     except Exception as exc:
         _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
         raise
@@ -327,12 +302,18 @@ def make_decoder(
         return compact(compiled_step.kernel_of(by_step, step))
 
     caches = new_kv_caches(config, max_len, kv_dtype, slots)
-    steps = {}
+    steps, shared = {}, SharedConstants()
     for step, package in (packages or {}).items():
         try:
             kernel = compiled_step.kernel_of(kernels, step)
             steps[step] = _compiled_step(
-                functools.partial(compact, kernel), functools.partial(eager, step), step, package, caches, max_len
+                functools.partial(compact, kernel),
+                functools.partial(eager, step),
+                step,
+                package,
+                caches,
+                max_len,
+                shared,
             )
         except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
             log.warning(
@@ -345,14 +326,13 @@ def make_decoder(
                 "removed %d compiled steps built by other q8chat code, unused for a day (%.1f MB)", removed, freed / 1e6
             )
     if steps:
-        shared, released = share_constants(steps.values())
         unused = sum(step.released for step in steps.values())
         log.info(
             "the compiled steps share %.1f MB of constants; %.1f MB of memory given back (%.1f MB of "
             "copies, %.1f MB of constants no kernel reads)",
-            shared / 1e6,
-            (released + unused) / 1e6,
-            released / 1e6,
+            shared.shared / 1e6,
+            (shared.released + unused) / 1e6,
+            shared.released / 1e6,
             unused / 1e6,
         )
     eager_steps = {step: eager(step) for step in compiled_step.steps_of(slots) if step not in steps}

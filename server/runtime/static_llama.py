@@ -95,13 +95,15 @@ class StaticLlama(nn.Module):
     ``caches`` (``new_kv_caches``: each layer's keys, then its values, of a type in ``KV_DTYPES``) get the keys
     and values of positions ``pos``; attention reads the first L cache positions through ``mask`` (True:
     attend), so its cost follows the conversation, not the cache size. Its INT8 layers compute W8A8 products
-    by ``kernel`` (``quant.kernels``; None: this CPU's eager one)."""
+    by ``kernel`` (``quant.kernels``; None: this CPU's eager one). A ``compact.layer_span`` of it computes some
+    of its blocks."""
 
     def __init__(self, model, max_len: int, kernel: str | None = None) -> None:
         super().__init__()
         config = model.config
         check_llama(config)
         self.config, self.max_len, self.kernel = config, max_len, kernel
+        self.hidden_size = config.hidden_size
         self.embed = model.model.embed_tokens
         self.blocks = nn.ModuleList(StaticBlock(layer, config, max_len, kernel) for layer in model.model.layers)
         self.norm = model.model.norm.weight
@@ -115,7 +117,7 @@ class StaticLlama(nn.Module):
     def forward(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, caches: list[torch.Tensor]
     ) -> torch.Tensor:
-        x = self.embed(ids)
+        x = ids if self.embed is None else self.embed(ids)  # a later ``layer_span``: hidden states
         cos, sin = self.cos[pos], self.sin[pos]
         if ids.shape[0] > 1:  # a batched decode step: each slot's own position and mask
             cos, sin, mask = cos[:, None, None], sin[:, None, None], mask[:, None, None]
@@ -123,4 +125,6 @@ class StaticLlama(nn.Module):
             mask = mask[None, None]
         for i, block in enumerate(self.blocks):
             x = block(x, pos, cos, sin, mask, caches[2 * i], caches[2 * i + 1])
+        if self.lm_head is None:  # a ``layer_span`` before the last
+            return x
         return self.lm_head(_rms_norm(x[:, -1], self.norm, self.eps))

@@ -71,6 +71,7 @@ class StaticMPT(nn.Module):
         config = model.config
         check_mpt(config)
         self.config, self.max_len, self.kernel = config, max_len, kernel
+        self.hidden_size = config.d_model
         self.embed = model.transformer.wte
         self.blocks = nn.ModuleList(MptBlock(block, config, kernel) for block in model.transformer.blocks)
         self.norm = model.transformer.norm_f
@@ -80,7 +81,7 @@ class StaticMPT(nn.Module):
     def forward(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, caches: list[torch.Tensor]
     ) -> torch.Tensor:
-        x = self.embed(ids)
+        x = ids if self.embed is None else self.embed(ids)  # a later ``layer_span``: hidden states
         if mask is None:  # a prompt from position 0: causal
             mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
         keys = torch.arange(mask.shape[-1])
@@ -91,4 +92,6 @@ class StaticMPT(nn.Module):
         bias = bias[None] if ids.shape[0] == 1 else bias.transpose(0, 1)[:, :, None]  # [1, H, T, L] / [B, H, 1, L]
         for i, block in enumerate(self.blocks):
             x = block(x, pos, bias, caches[2 * i], caches[2 * i + 1])
+        if self.lm_head is None:  # a ``layer_span`` before the last
+            return x
         return self.lm_head(self.norm(x[:, -1]))

@@ -89,27 +89,32 @@ def _identity(tensor: torch.Tensor) -> tuple:
     return tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), digest
 
 
-def share_constants(steps) -> tuple[int, int]:
-    """Point every constant of the compiled ``steps`` that repeats one of an earlier step (or an earlier one
-    of its own) at that copy; returns (bytes shared, bytes given back). Unused constants are left alone:
-    their pages are given back already."""
-    first: dict[tuple, torch.Tensor] = {}
-    shared = released = 0
-    for step in steps:
-        repoint, dropped = {}, []
-        for name, tensor in step.constants.items():
+class SharedConstants:
+    """One copy of the constants that compiled spans (``CompiledSpan``) have in common: each span added, as it
+    is loaded, has its constants that repeat one of an earlier span (or an earlier one of its own) pointed at
+    that copy, and their pages given back, before the next span is loaded. Unused constants are left alone:
+    their pages are given back already. ``shared``, ``released``: the bytes so far."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple, tuple[torch.Tensor, object]] = {}  # each copy, with the span that holds it
+        self.shared = self.released = 0
+
+    def add(self, span) -> None:
+        repoint, dropped, lenders = {}, [], []
+        for name, tensor in span.constants.items():
             if (
-                name in step.unused
+                name in span.unused
                 or not addressable(tensor)
                 or not tensor.is_contiguous()
                 or tensor.nbytes < mmap.PAGESIZE
             ):
                 continue
-            kept = first.setdefault(_identity(tensor), tensor)
+            kept, lender = self._first.setdefault(_identity(tensor), (tensor, span))
             if kept is not tensor and torch.equal(kept, tensor):
                 repoint[name] = kept
                 dropped.append(tensor)
-        step.container.use_in_place(repoint)  # the kept tensors live as long as their own step
-        shared += sum(tensor.nbytes for tensor in dropped)
-        released += sum(_release(tensor) for tensor in dropped)
-    return shared, released
+                if lender is not span and lender not in lenders:
+                    lenders.append(lender)
+        span.container.use_in_place(repoint, lenders)  # the copies live as long as the spans reading them
+        self.shared += sum(tensor.nbytes for tensor in dropped)
+        self.released += sum(_release(tensor) for tensor in dropped)

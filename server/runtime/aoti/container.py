@@ -104,6 +104,7 @@ class Container:
         self._lib = lib = _declared(library)
         self._handle = c_void_p()
         self._user_managed: list[int] = []  # handles of constants the container reads in place
+        self._owners: list = []  # what holds the memory of those constants
         self._check(
             lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._handle), 1, b"cpu", None), "create"
         )
@@ -180,10 +181,12 @@ class Container:
             handles.append(handle.value)
         return dict(zip(names, _tensors(handles)))
 
-    def use_in_place(self, constants: dict[str, torch.Tensor]) -> None:
-        """Read these tensors, by constant name, where they are instead of the container's own copies."""
+    def use_in_place(self, constants: dict[str, torch.Tensor], owners: list = ()) -> None:
+        """Read these tensors, by constant name, where they are instead of the container's own copies; they
+        view memory of ``owners`` (other containers' steps), which are kept alive as long as this container."""
         if not constants:
             return
+        self._owners += owners
         handles = _handles(list(constants.values()))
         self._user_managed += handles  # the container reads through them until it is deleted
         pairs = (_Entry * len(handles))(*[_Entry(name.encode(), handle) for name, handle in zip(constants, handles)])

@@ -44,7 +44,7 @@ from server.runtime import attention_op, compact, heap, static_llama, static_mpt
 from server.runtime.aoti import attention, int8_gemm
 from server.runtime.aoti import constants as step_constants
 from server.runtime.aoti import kernels as step_kernels
-from server.runtime.aoti.constants import constants_by_name, release_constants, unused_constants
+from server.runtime.aoti.constants import SharedConstants, constants_by_name, release_constants, unused_constants
 from server.runtime.aoti.container import Container
 from server.runtime.placement import cpu_isa
 
@@ -65,7 +65,7 @@ _SOURCES = (
 STEPS = kernels.STEPS
 BATCH = "batch"  # the batched decode step, with the decode step's W8A8 kernel
 LIBRARY, CONSTANTS, UNUSED, SOURCE = "step.so", "constants.blob", "unused-constants.json", "source.sha256"
-KERNELS = "kernels.json"
+KERNELS, SPANS = "kernels.json", "spans.json"
 STALE_AFTER_S = 24 * 3600
 
 
@@ -209,6 +209,14 @@ def _register_one_row_micro_kernel() -> None:
 EXAMPLE_TOKENS = 512
 
 
+def _inputs(net: torch.nn.Module, rows: int, tokens: int) -> torch.Tensor:
+    """Example inputs of ``net``: token ids, or for a later ``layer_span`` hidden states (random, so that a
+    constant left out changes its output)."""
+    if net.embed is not None:
+        return torch.zeros(rows, tokens, dtype=torch.long)
+    return torch.randn(rows, tokens, net.hidden_size, generator=torch.Generator().manual_seed(0))
+
+
 def _example(net: torch.nn.Module, step: str, kv_dtype: torch.dtype, slots: int) -> tuple[tuple, tuple]:
     """Example arguments of ``step`` and their dynamic shapes: ``decode`` takes one token at a position > 0,
     ``prefill`` 2 or more tokens, ``batch`` a token for each of ``slots`` sequences; the attended length is
@@ -216,15 +224,15 @@ def _example(net: torch.nn.Module, step: str, kv_dtype: torch.dtype, slots: int)
     is ``EXAMPLE_TOKENS`` long, as far as the cache allows."""
     blocks = torch.export.Dim("blocks", min=1, max=compact.decode_width(net.max_len - 1) // compact.ATTENTION_BLOCK)
     width = compact.ATTENTION_BLOCK * blocks
-    caches = compact.new_kv_caches(net.config, net.max_len, kv_dtype, slots if step == BATCH else 1)
+    caches = compact.new_kv_caches(net.config, net.max_len, kv_dtype, slots if step == BATCH else 1, len(net.blocks))
     fixed = [None] * len(caches)  # the caches' shapes do not change
     size = max(2, min(EXAMPLE_TOKENS, net.max_len - 2))
     if step == BATCH:
         pos, mask = compact.batch_mask(net.max_len, [size] * slots)
-        return (torch.zeros(slots, 1, dtype=torch.long), pos, mask, caches), (None, None, {1: width}, fixed)
+        return (_inputs(net, slots, 1), pos, mask, caches), (None, None, {1: width}, fixed)
     start, tokens = (size, 1) if step == "decode" else (1, size)
     example = (
-        torch.zeros(1, tokens, dtype=torch.long),
+        _inputs(net, 1, tokens),
         torch.arange(start, start + tokens),
         compact.attention_mask(net.max_len, start, tokens, compiled=True),
         caches,
@@ -302,39 +310,101 @@ def compile_program(
         return _unpack(package, directory)
 
 
+def _flat(args: tuple) -> list[torch.Tensor]:
+    """A step's arguments ``(ids, pos, mask, caches)`` as its container takes them: the exported signature,
+    flattened."""
+    *leading, caches = args
+    return [*leading, *caches]
+
+
 def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
-    """Whether the step computes bit for bit the same with the pages of ``names`` given back (zeros)."""
-    step = CompiledStep(directory, unused=[])
+    """Whether the span computes bit for bit the same with the pages of ``names`` given back (zeros)."""
+    span = CompiledSpan(directory, unused=[])
     with torch.no_grad():
-        before = step(*example).clone()
-        release_constants(step.constants, names)
-        return torch.equal(step(*example), before)
+        before = span.container.run(_flat(example))[0].clone()
+        release_constants(span.constants, names)
+        return torch.equal(span.container.run(_flat(example))[0], before)
+
+
+# A build holds, beside the loaded model, inductor's copies of the INT8 weights it compiles: freezing's folded
+# constants, oneDNN's prepacked ones and its compensation sums, its GEMM template's packed copies, and the
+# serialization of them all. A 1.1B Llama's decode build peaked 3.2 times its 1.2 GB of weights above the
+# loaded model (AMX). So a larger model's steps are compiled a span of layers at a time, each span with about
+# ``SPAN_BYTES`` of weights at most: a 7B model's in five spans (its whole step would need about 28 GB).
+BUILD_MEMORY_FACTOR = 4
+BUILD_MEMORY_SPARE = 1 << 30
+SPAN_BYTES = 1536 << 20
+
+
+def weight_bytes(net: torch.nn.Module) -> int:
+    """Bytes of ``net``'s tensors, each counted once."""
+    return sum({t.data_ptr(): t.nbytes for t in net.state_dict().values()}.values())
+
+
+def layer_spans(net: torch.nn.Module) -> list[range]:
+    """The compact model's blocks in as few spans as keep each within about ``SPAN_BYTES`` of weights."""
+    count = min(len(net.blocks), max(1, -(-weight_bytes(net) // SPAN_BYTES)))
+    ends = [round(i * len(net.blocks) / count) for i in range(count + 1)]
+    return [range(first, last) for first, last in zip(ends, ends[1:])]
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_build_memory(net: torch.nn.Module, available: int | None) -> None:
+    """Refuse to build what would not fit in memory (the kernel would kill the server, not an error)."""
+    needed = BUILD_MEMORY_FACTOR * weight_bytes(net) + BUILD_MEMORY_SPARE
+    if available is not None and available < needed:
+        raise MemoryError(
+            f"building it needs about {needed / 1e9:.1f} GB more memory, {available / 1e9:.1f} GB is available"
+        )
+
+
+def _build_span(net: torch.nn.Module, step: str, directory: Path, kv_dtype: torch.dtype, slots: int) -> None:
+    """Compile ``step`` of the compact model (or ``layer_span``) ``net`` into ``directory``."""
+    check_build_memory(net, available_memory())
+    example, dynamic = _example(net, step, kv_dtype, slots)
+    program = export_step(net, example, dynamic)
+    unused, gemms = compile_program(program, directory, few_rows=step != "prefill")
+    del program
+    heap.release_garbage()  # inductor's copies of the weights, before a container loads the step's own
+    (directory / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
+    if unused and not _really_unused(directory, unused, example):
+        log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
+        unused = []
+    (directory / UNUSED).write_text(json.dumps(unused))
 
 
 def build(net: torch.nn.Module, step: str, path: Path, kv_dtype: torch.dtype, slots: int = 1) -> None:
     """Compile ``step``, for KV caches of ``kv_dtype`` (of ``slots`` sequences for ``batch``), into the
-    directory ``path`` (written whole or not at all)."""
-    example, dynamic = _example(net, step, kv_dtype, slots)
-    program = export_step(net, example, dynamic)
+    directory ``path`` (written whole or not at all): one library per span of layers (``layer_spans``)."""
+    spans = layer_spans(net)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".building-") as scratch:
         built = Path(scratch) / path.name
-        unused, gemms = compile_program(program, built, few_rows=step != "prefill")
-        del program
-        heap.release_garbage()  # inductor's copies of the weights, before a container loads the step's own
-        (built / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
-        if unused and not _really_unused(built, unused, example):
-            log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
-            unused = []
-        (built / UNUSED).write_text(json.dumps(unused))
+        built.mkdir()
+        for index, layers in enumerate(spans):
+            if len(spans) > 1:
+                log.info("compiling layers %d-%d of %d", layers.start, layers.stop - 1, len(net.blocks))
+            span = net if len(spans) == 1 else compact.layer_span(net, layers)
+            _build_span(span, step, built / str(index), kv_dtype, slots)
+        (built / SPANS).write_text(json.dumps([[layers.start, layers.stop] for layers in spans]))
         (built / SOURCE).write_text(source_digest())
         shutil.rmtree(path, ignore_errors=True)  # one that would not load
         os.replace(built, path)
 
 
-class CompiledStep:
-    """A step loaded from its directory, called as the compact model is, KV caches included. The pages of
-    its ``unused`` constants (by default those its build found unused) are given back."""
+class CompiledSpan:
+    """A span of a step's layers loaded from its directory. The pages of its ``unused`` constants (by default
+    those its build found unused) are given back."""
 
     def __init__(self, path: Path, unused: list[str] | None = None) -> None:
         torch.cpu._init_amx()  # the kernels may use AMX tiles, which Linux grants a process on request
@@ -342,20 +412,43 @@ class CompiledStep:
         self.constants = constants_by_name(self.container)  # as loaded: what sharing compares
         self.unused = set(json.loads((path / UNUSED).read_text()) if unused is None else unused)
         self.released = release_constants(self.constants, self.unused)
-        kernels = json.loads((path / KERNELS).read_text())
-        self.kernel: str = kernels["w8a8"]  # quant.kernels' W8A8 kernel
-        self.gemms: dict[str, int] = kernels["gemms"]  # what its GEMMs run, by kind (step_kernels)
+        self.kernels = json.loads((path / KERNELS).read_text())
+
+
+class CompiledStep:
+    """A step loaded from its directory, called as the compact model is, KV caches included: its spans one
+    after another, each on its own layers' caches. Each span's constants are shared with ``shared`` as it
+    loads, so a large model's step never holds a second copy of them all."""
+
+    def __init__(self, path: Path, shared: SharedConstants | None = None) -> None:
+        spans = json.loads((path / SPANS).read_text())
+        self.spans = []
+        for index in range(len(spans)):
+            self.spans.append(CompiledSpan(path / str(index)))
+            if shared is not None:
+                shared.add(self.spans[-1])
+        self._caches = [slice(2 * first, 2 * last) for first, last in spans]
+        self.kernel: str = self.spans[0].kernels["w8a8"]  # quant.kernels' W8A8 kernel
+        self.gemms: dict[str, int] = {}  # what its GEMMs run, by kind (step_kernels)
+        for span in self.spans:
+            for kind, count in span.kernels["gemms"].items():
+                self.gemms[kind] = self.gemms.get(kind, 0) + count
+        self.released = sum(span.released for span in self.spans)
 
     def __call__(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, caches: list[torch.Tensor]
     ) -> torch.Tensor:
-        return self.container.run([ids, pos, mask, *caches])[0]  # the exported signature, flattened
+        x = ids
+        for span, layers in zip(self.spans, self._caches, strict=True):
+            x = span.container.run([x, pos, mask, *caches[layers]])[0]
+        return x
 
 
-def load(path: Path) -> CompiledStep:
-    """The step in ``path``; its source stamp's time says when it was last loaded (see ``prune_stale``)."""
-    if not all((path / name).is_file() for name in (LIBRARY, CONSTANTS, UNUSED, SOURCE, KERNELS)):
+def load(path: Path, shared: SharedConstants | None = None) -> CompiledStep:
+    """The step in ``path``, its constants shared with ``shared``; its source stamp's time says when it was
+    last loaded (see ``prune_stale``)."""
+    if not all((path / name).is_file() for name in (SOURCE, SPANS)):
         raise FileNotFoundError(f"{path}: no compiled step")
     with contextlib.suppress(OSError):  # a read-only cache still loads
         (path / SOURCE).touch()
-    return CompiledStep(path)
+    return CompiledStep(path, shared)
