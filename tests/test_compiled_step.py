@@ -186,8 +186,8 @@ def test_a_step_slower_than_eager_is_not_served_nor_built_again(tiny_int8, tmp_p
     and the server runs that step eagerly, now and at later starts."""
     load = compiled_step.load
 
-    def slow_load(path):
-        step = load(path)
+    def slow_load(path, shared=None):
+        step = load(path, shared)
         call = step.__call__
 
         class Slow:  # the step as it is, and 50 ms slower per call
@@ -212,7 +212,7 @@ def test_a_step_slower_than_eager_is_not_served_nor_built_again(tiny_int8, tmp_p
 
 
 def test_a_step_that_builds_but_does_not_load_is_marked_failed(tiny_int8, tmp_path, monkeypatch, caplog):
-    def broken(path):
+    def broken(path, shared=None):
         raise RuntimeError("AOTInductor create: no such symbol")
 
     monkeypatch.setattr(compiled_step, "load", broken)

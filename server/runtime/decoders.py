@@ -216,7 +216,33 @@ def _timed_against_eager(compiled: Callable, eager: nn.Module, step: str, caches
     return summary
 
 
-def _compiled_step(
+def _refuse_marked(package: Path) -> None:
+    """Raise if a start before left a marker (``MARKERS``) for this package."""
+    for kind in MARKERS:
+        if (marker := _marker(package, kind)).exists():
+            raise RuntimeError(
+                f"{'it failed before' if kind == 'failed' else 'it ran slower than eager before'} "
+                f"({marker.read_text().strip()}); delete {marker} to retry"
+            )
+
+
+def _build_step(compact: Callable[[], nn.Module], step: str, package: Path, caches: list[torch.Tensor]) -> None:
+    """Compile ``step`` of the compact model into ``package``. A failure leaves the ``failed`` marker, except for
+    too little memory, which is not the step's fault: a later start with more memory free builds it."""
+    net = compact()
+    log.info("compiling the %s step into %s (minutes on few cores; once per model and machine)...", step, package)
+    begin = time.perf_counter()
+    try:
+        compiled_step.build(net, step, package, caches[0].dtype, caches[0].shape[0])
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
+        raise
+    log.info("%s step compiled in %.1f s", step, time.perf_counter() - begin)
+
+
+def _loaded_step(
     compact: Callable[[], nn.Module],
     eager: Callable[[], nn.Module],
     step: str,
@@ -224,17 +250,11 @@ def _compiled_step(
     caches: list[torch.Tensor],
     max_len: int,
     shared: SharedConstants,
+    fresh: bool,
 ):
-    """The package's step, built first from the compact model if it is not there (or cannot be loaded), its
-    constants shared with those of the steps loaded before (``shared``). A
-    fresh build is timed against the ``eager`` step; one that fails (to compile, load or run) or runs slower
-    leaves a marker (``MARKERS``) that later starts honour: delete it to retry."""
-    for kind in MARKERS:
-        if (marker := _marker(package, kind)).exists():
-            raise RuntimeError(
-                f"{'it failed before' if kind == 'failed' else 'it ran slower than eager before'} "
-                f"({marker.read_text().strip()}); delete {marker} to retry"
-            )
+    """The package's step, loaded and run once, its constants shared with those of the steps loaded before
+    (``shared``); built again if it cannot be loaded. A ``fresh`` build is timed against the ``eager`` step;
+    one that fails to load or run, or runs slower, leaves a marker (``MARKERS``) that later starts honour."""
 
     def one_call(loaded) -> None:
         decoder = StaticDecoder(max_len, caches, {step: loaded})
@@ -244,31 +264,30 @@ def _compiled_step(
             else:
                 decoder.forward([0] * (1 if step == "decode" else 2), 0)
 
-    if package.exists():
+    if not fresh:
         try:
             loaded = _checked(package, one_call, shared)
             log.info("loaded the compiled %s step %s (%s)", step, package, step_kernels.describe(loaded.gemms))
             return loaded
         except Exception as exc:  # a step from a crashed build or another torch: build it again
             log.warning("cannot load %s (%s); compiling again", package, _first_line(exc))
-    net = compact()
-    log.info("compiling the %s step into %s (minutes on few cores; once per model and machine)...", step, package)
-    begin = time.perf_counter()
+        _build_step(compact, step, package, caches)
     try:
-        compiled_step.build(net, step, package, caches[0].dtype, caches[0].shape[0])
         loaded = _checked(package, one_call, shared)
-    except MemoryError:  # not the step's fault: a later start with more memory free builds it
-        raise
     except Exception as exc:
         _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
         raise
-    log.info("%s step compiled in %.1f s (%s)", step, time.perf_counter() - begin, step_kernels.describe(loaded.gemms))
+    log.info("the compiled %s step's GEMMs: %s", step, step_kernels.describe(loaded.gemms))
     try:
         log.info("the %s step against eager: %s", step, _timed_against_eager(loaded, eager(), step, caches))
     except RuntimeError as exc:
         _mark(package, "slower", str(exc))
         raise
     return loaded
+
+
+def _not_compiled(step: str, exc: Exception) -> None:
+    log.warning("not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__, _first_line(exc))
 
 
 def make_decoder(
@@ -302,23 +321,33 @@ def make_decoder(
         return compact(compiled_step.kernel_of(by_step, step))
 
     caches = new_kv_caches(config, max_len, kv_dtype, slots)
-    steps, shared = {}, SharedConstants()
+    # Every step is built before any is loaded: a build then holds the model and one span's copies, not also
+    # the constants of the steps loaded before it.
+    ready, fresh = [], set()
     for step, package in (packages or {}).items():
         try:
-            kernel = compiled_step.kernel_of(kernels, step)
-            steps[step] = _compiled_step(
-                functools.partial(compact, kernel),
+            _refuse_marked(package)
+            if not package.exists():
+                _build_step(functools.partial(compact, compiled_step.kernel_of(kernels, step)), step, package, caches)
+                fresh.add(step)
+            ready.append(step)
+        except Exception as exc:  # no C++ compiler, an inductor bug, too little memory: serve, and say why
+            _not_compiled(step, exc)
+    steps, shared = {}, SharedConstants()
+    for step in ready:
+        try:
+            steps[step] = _loaded_step(
+                functools.partial(compact, compiled_step.kernel_of(kernels, step)),
                 functools.partial(eager, step),
                 step,
-                package,
+                packages[step],
                 caches,
                 max_len,
                 shared,
+                step in fresh,
             )
-        except Exception as exc:  # no C++ compiler, an inductor bug, slower than eager: serve, and say why
-            log.warning(
-                "not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__, _first_line(exc)
-            )
+        except Exception as exc:  # it does not load or run, or runs slower than eager
+            _not_compiled(step, exc)
     if packages:
         removed, freed = compiled_step.prune_stale(next(iter(packages.values())).parent)
         if removed:
