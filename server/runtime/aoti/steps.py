@@ -5,7 +5,9 @@ attended length symbolic). A single graph with a symbolic token count decodes 20
 own. A server that decodes several sequences at once adds ``batch``: one token of each of its
 slots. The first start exports them, lets inductor freeze the INT8 weights, prepack them for oneDNN and pick
 its GEMM templates (VNNI here, AMX where the CPU has it), and keeps each step's library and constants in a
-directory; later starts load them in a second or two. ``torch.compile`` cannot be cached this way: its
+directory; later starts load them in a second or two. A large model's step is built a span of layers at a
+time (``layer_spans``), each span a library of its own, run one after another: a build holds several copies
+of the weights it compiles. ``torch.compile`` cannot be cached this way: its
 graph cache refuses graphs holding oneDNN-prepacked weights, so every start lowered the whole model again
 (about 50 s on 2 cores).
 
