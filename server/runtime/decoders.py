@@ -163,6 +163,10 @@ def _marker(package: Path, kind: str) -> Path:
     return package.with_name(f"{package.name}.{kind}")
 
 
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
 def _mark(package: Path, kind: str, reason: str) -> None:
     package.parent.mkdir(parents=True, exist_ok=True)
     _marker(package, kind).write_text(reason + "\n")
@@ -237,7 +241,7 @@ def _build_step(compact: Callable[[], nn.Module], step: str, package: Path, cach
     except MemoryError:
         raise
     except Exception as exc:
-        _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
+        _mark(package, "failed", _reason(exc))
         raise
     log.info("%s step compiled in %.1f s", step, time.perf_counter() - begin)
 
@@ -275,7 +279,7 @@ def _loaded_step(
     try:
         loaded = _checked(package, one_call, shared)
     except Exception as exc:
-        _mark(package, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
+        _mark(package, "failed", _reason(exc))
         raise
     log.info("the compiled %s step's GEMMs: %s", step, step_kernels.describe(loaded.gemms))
     try:
@@ -287,7 +291,7 @@ def _loaded_step(
 
 
 def _not_compiled(step: str, exc: Exception) -> None:
-    log.warning("not using a compiled %s step (%s: %s); running it eagerly", step, type(exc).__name__, _first_line(exc))
+    log.warning("not using a compiled %s step (%s); running it eagerly", step, _reason(exc))
 
 
 def make_decoder(
@@ -320,6 +324,9 @@ def make_decoder(
     def eager(step: str) -> nn.Module:
         return compact(compiled_step.kernel_of(by_step, step))
 
+    def to_compile(step: str) -> nn.Module:
+        return compact(compiled_step.kernel_of(kernels, step))
+
     caches = new_kv_caches(config, max_len, kv_dtype, slots)
     # Every step is built before any is loaded: a build then holds the model and one span's copies, not also
     # the constants of the steps loaded before it.
@@ -328,7 +335,7 @@ def make_decoder(
         try:
             _refuse_marked(package)
             if not package.exists():
-                _build_step(functools.partial(compact, compiled_step.kernel_of(kernels, step)), step, package, caches)
+                _build_step(functools.partial(to_compile, step), step, package, caches)
                 fresh.add(step)
             ready.append(step)
         except Exception as exc:  # no C++ compiler, an inductor bug, too little memory: serve, and say why
@@ -337,7 +344,7 @@ def make_decoder(
     for step in ready:
         try:
             steps[step] = _loaded_step(
-                functools.partial(compact, compiled_step.kernel_of(kernels, step)),
+                functools.partial(to_compile, step),
                 functools.partial(eager, step),
                 step,
                 packages[step],

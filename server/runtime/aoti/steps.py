@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -378,9 +379,9 @@ def available_memory() -> int | None:
     return None
 
 
-def check_build_memory(net: torch.nn.Module, available: int | None) -> None:
+def _check_build_memory(net: torch.nn.Module) -> None:
     """Refuse to build what would not fit in memory (the kernel would kill the server, not an error)."""
-    needed = BUILD_MEMORY_FACTOR * weight_bytes(net) + BUILD_MEMORY_SPARE
+    needed, available = BUILD_MEMORY_FACTOR * weight_bytes(net) + BUILD_MEMORY_SPARE, available_memory()
     if available is not None and available < needed:
         raise MemoryError(
             f"building it needs about {needed / 1e9:.1f} GB more memory, {available / 1e9:.1f} GB is available"
@@ -389,7 +390,7 @@ def check_build_memory(net: torch.nn.Module, available: int | None) -> None:
 
 def _build_span(net: torch.nn.Module, step: str, directory: Path, kv_dtype: torch.dtype, slots: int) -> None:
     """Compile ``step`` of the compact model (or ``layer_span``) ``net`` into ``directory``."""
-    check_build_memory(net, available_memory())
+    _check_build_memory(net)
     example, dynamic = _example(net, step, kv_dtype, slots)
     program = export_step(net, example, dynamic)
     unused, gemms = compile_program(program, directory, few_rows=step != "prefill")
@@ -448,10 +449,8 @@ class CompiledStep:
                 shared.add(self.spans[-1])
         self._caches = [slice(2 * first, 2 * last) for first, last in spans]
         self.kernel: str = self.spans[0].kernels["w8a8"]  # quant.kernels' W8A8 kernel
-        self.gemms: dict[str, int] = {}  # what its GEMMs run, by kind (step_kernels)
-        for span in self.spans:
-            for kind, count in span.kernels["gemms"].items():
-                self.gemms[kind] = self.gemms.get(kind, 0) + count
+        # what its GEMMs run, by kind (step_kernels)
+        self.gemms: dict[str, int] = dict(sum((Counter(span.kernels["gemms"]) for span in self.spans), Counter()))
         self.released = sum(span.released for span in self.spans)
 
     def __call__(
