@@ -8,9 +8,10 @@ its result is rescaled to float.
 
 A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) keeps INT8 weights
 but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it costs no extra memory. A
-compiled prompt step (its row count symbolic) on a CPU with native BF16 (``native_bf16_gemm``) multiplies
-those by the INT8 values converted to BF16 instead: the same exact products and FP32 sums through oneDNN's
-BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of rows.
+compiled prompt step (its row count symbolic) on a CPU with native BF16 but no AMX (``bf16_prompt_gemm``)
+multiplies those by the INT8 values converted to BF16 instead: the same exact products and FP32 sums through
+oneDNN's BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of rows, for a BF16 copy of
+those weights.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quant.kernels import REFERENCE, check_kernel, eager_kernel, native_bf16_gemm, w8a8_matmul
+from quant.kernels import REFERENCE, bf16_prompt_gemm, check_kernel, eager_kernel, w8a8_matmul
 
 SCHEMES = ("dynamic", "static")  # W8A8 activation schemes a recipe can ask for
 LINEAR_SCHEMES = SCHEMES + ("weight_only",)  # ... plus the fallback
@@ -139,7 +140,7 @@ class Int8Linear(nn.Module):
             x_bf16, scale_bf16 = x2.to(torch.bfloat16), self.weight_scale.to(torch.bfloat16)
             if self.kernel == REFERENCE:  # the same products and FP32 sums, by FP32 BLAS: fast at many rows
                 return F.linear(x_bf16.float(), self.weight.float()) * scale_bf16.float()
-            if torch.compiler.is_compiling() and isinstance(x2.shape[0], torch.SymInt) and native_bf16_gemm():
+            if torch.compiler.is_compiling() and isinstance(x2.shape[0], torch.SymInt) and bf16_prompt_gemm():
                 return F.linear(x_bf16, self.weight.to(torch.bfloat16)).float() * scale_bf16.float()
             return torch._weight_int8pack_mm(x_bf16, self.weight, scale_bf16).float()
         if self.input_scale is None:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from quant.kernels import native_bf16_gemm
+from quant.kernels import bf16_prompt_gemm
 from quant.smoothquant import Recipe
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.steps import package_paths, prune_stale, source_digest
@@ -37,21 +37,26 @@ def test_a_step_is_keyed_by_context_length_kv_type_kernel_and_thread_count(tmp_p
         assert package_paths(tmp_path, checkpoint, 256, bf16)["decode"] != first["decode"]
     finally:
         torch.set_num_threads(threads)
-    # a prompt step's weight-only layers follow oneDNN's cap (quant.kernels.native_bf16_gemm)
+    # a prompt step's weight-only layers follow oneDNN's cap (quant.kernels.bf16_prompt_gemm)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     capped = package_paths(tmp_path, checkpoint, 256, bf16)
-    assert (capped["prefill"] != first["prefill"]) == native_bf16_gemm(onednn_cap="")
+    assert (capped["prefill"] != first["prefill"]) == bf16_prompt_gemm(onednn_cap="")
 
 
 @torch.no_grad()
 def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
-    """SmoothQuant's per-tensor static scheme (Q8-Chat's), both steps compiled: prefill and teacher-forced
-    decode logits are the eager compact model's, up to the rounding of fused kernels."""
+    """SmoothQuant's per-tensor static scheme (Q8-Chat's), both steps compiled, with a fallback layer
+    (weight-only): prefill and teacher-forced decode logits are the eager compact model's, up to the rounding
+    of fused kernels. Unless a BF16 GEMM is this CPU's choice for it (``bf16_prompt_gemm``), the prefill step
+    does not convert the fallback layer's weights to BF16 for ATen's ``mm``."""
     model = tiny_llama(len(tokenizer))
     quantized_tiny(model, Recipe(alpha=None, scheme="static"))
+    fallback = model.model.layers[0].mlp.down_proj
+    fallback.scheme, fallback.input_scale = "weight_only", None
     packages = {step: tmp_path / "compiled" / step for step in ("decode", "prefill")}
     compiled = make_decoder(lambda: model, model.config, 64, packages)
     assert compiled.description.startswith("compiled decode step and prefill step")
+    assert "extern:mm" not in compiled._steps["prefill"].gemms or bf16_prompt_gemm()
     net = StaticLlama(model, 64).eval()
     eager = StaticDecoder(64, new_kv_caches(model.config, 64), eager={"decode": net, "prefill": net})
     prompt = torch.randint(0, 2000, (20,), generator=torch.Generator().manual_seed(7)).tolist()

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from quant import int8, kernels
-from quant.kernels import native_bf16_gemm
+from quant.kernels import bf16_prompt_gemm
 from quant.load import fingerprint
 from server.runtime import attention_op, compact, heap, static_llama, static_mpt
 from server.runtime.aoti import attention, int8_gemm
@@ -107,7 +107,7 @@ def package_paths(
         "torch": torch.__version__,
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
-        "bf16_gemm": native_bf16_gemm(),  # what a prompt step's weight-only layers run (quant.int8)
+        "bf16_gemm": bf16_prompt_gemm(),  # what a prompt step's weight-only layers run (quant.int8)
         "source": source_digest(),
     }
 
@@ -350,10 +350,12 @@ def _really_unused(directory: Path, names: list[str], example: tuple) -> bool:
 # constants, oneDNN's prepacked ones and its compensation sums, its GEMM template's packed copies, and the
 # serialization of them all. A 1.1B Llama's decode build peaked 3.2 times its 1.2 GB of weights above the
 # loaded model (AMX). So a larger model's steps are compiled a span of layers at a time, each span with about
-# ``SPAN_BYTES`` of weights at most: a 7B model's in five spans (its whole step would need about 28 GB).
+# ``SPAN_BYTES`` of weights at most: a 7B model's in nine spans (its whole step would need about 28 GB). A span
+# is also what loading holds twice for a moment: a step's span is copied whole into its container before the
+# constants it shares with the other step's are given back.
 BUILD_MEMORY_FACTOR = 4
 BUILD_MEMORY_SPARE = 1 << 30
-SPAN_BYTES = 1536 << 20
+SPAN_BYTES = 768 << 20
 
 
 def weight_bytes(net: torch.nn.Module) -> int:
