@@ -3,9 +3,12 @@
 constants, gives the eager server's greedy tokens.)"""
 
 import mmap
+import time
+from pathlib import Path
 
 import torch
 
+from server.runtime.aoti import container
 from server.runtime.aoti.constants import (
     SharedConstants,
     _release,
@@ -34,6 +37,31 @@ def test_released_pages_read_as_zeros_and_the_bytes_around_them_are_kept():
     first = start - block.data_ptr()
     assert torch.all(block[first : first + length] == 0)  # the kernel's zero page: the memory was given back
     assert torch.all(block[:first] == 7) and torch.all(block[first + length :] == 7)
+
+
+def _resident_file_bytes() -> int:
+    """Of this process, the resident pages of mapped files."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_mapped_blob_is_given_back_while_it_is_copied_and_reads_the_same(tmp_path):
+    """What a container's load does with its constants' file: pages read stay mapped no longer than
+    ``UNMAP_EVERY_S``, and a page read after it was given back holds the file's bytes again."""
+    size = 64 << 20
+    data = torch.arange(size // 4, dtype=torch.int32)
+    (tmp_path / "constants.blob").write_bytes(data.numpy().tobytes())
+    with open(tmp_path / "constants.blob", "rb") as f:
+        blob = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    view = torch.frombuffer(blob, dtype=torch.int32)
+    before = _resident_file_bytes()
+    with container._unmapping_pages(view.data_ptr(), size):
+        assert torch.equal(view.clone(), data)  # reads every page
+        time.sleep(10 * container.UNMAP_EVERY_S)
+        assert _resident_file_bytes() - before < size // 4
+        assert torch.equal(view.clone(), data)
+    del view
+    blob.close()
 
 
 WRAPPER = """

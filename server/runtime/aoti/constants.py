@@ -18,15 +18,13 @@ storage that Python can read or address: they are neither compared nor given bac
 from __future__ import annotations
 
 import collections
-import ctypes
 import hashlib
 import mmap
 import re
 
 import torch
 
-_MADV_DONTNEED = 4  # Linux
-_libc = ctypes.CDLL(None, use_errno=True)
+from server.runtime import heap
 
 
 def inner_pages(address: int, size: int, page: int = mmap.PAGESIZE) -> tuple[int, int]:
@@ -79,9 +77,7 @@ def release_constants(constants: dict[str, torch.Tensor], names) -> int:
 def _release(tensor: torch.Tensor) -> int:
     """Give back the whole pages under ``tensor``'s bytes; its contents become undefined."""
     start, length = inner_pages(tensor.data_ptr(), tensor.nbytes)
-    if length and _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) != 0:
-        return 0
-    return length
+    return length if length and heap.give_back(start, length) else 0
 
 
 def _identity(tensor: torch.Tensor) -> tuple:

@@ -13,12 +13,16 @@ a wrong guess at a signature does not raise, it corrupts the stack.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
+import threading
 from ctypes import POINTER, c_bool, c_char_p, c_size_t, c_void_p
 from pathlib import Path
 
 import torch
+
+from server.runtime import heap
 
 _capsules = ctypes.pythonapi
 _capsules.PyCapsule_GetPointer.restype = ctypes.c_void_p
@@ -93,6 +97,31 @@ def _tensors(handles: list[int]) -> list[torch.Tensor]:
     )
 
 
+UNMAP_EVERY_S = 0.02
+
+
+@contextlib.contextmanager
+def _unmapping_pages(address: int, size: int):
+    """While the body runs (a foreign call, the GIL free), give back every ``UNMAP_EVERY_S`` the pages of the
+    file mapped at ``address`` that it has read. A mapped page read stays resident in the process until the
+    mapping goes: a whole span's constants on top of the container's copy of them, the largest part of a
+    large model's loading peak. Dropping a page the copy still reads is harmless: the next read maps the
+    same bytes again from the page cache (the mapping is private and never written)."""
+    done = threading.Event()
+
+    def unmap() -> None:
+        while not done.wait(UNMAP_EVERY_S):
+            heap.give_back(address, size)
+
+    worker = threading.Thread(target=unmap, name="unmap-constants", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        worker.join()
+
+
 class ContainerError(RuntimeError):
     """An AOTInductor call failed; the message is the container's own."""
 
@@ -115,14 +144,16 @@ class Container:
         self._outputs = outputs.value
 
     def _load_constants(self, constants: Path) -> None:
-        """Copied into the container's own allocation, then unmapped."""
+        """Copied into the container's own allocation from the mapped file, whose pages are given back while
+        it copies (``_unmapping_pages``), then unmapped."""
         with open(constants, "rb") as f:
             blob = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         start = ctypes.c_char.from_buffer(blob)
         try:
-            self._check(
-                self._lib.AOTInductorModelUpdateConstantsFromBlob(self._handle, ctypes.addressof(start)), "load"
-            )
+            with _unmapping_pages(ctypes.addressof(start), len(blob)):
+                self._check(
+                    self._lib.AOTInductorModelUpdateConstantsFromBlob(self._handle, ctypes.addressof(start)), "load"
+                )
         finally:
             del start
             blob.close()
