@@ -12,7 +12,6 @@ from server.runtime.aoti import container
 from server.runtime.aoti.constants import (
     SharedConstants,
     _release,
-    constants_by_name,
     inner_pages,
     release_constants,
     unused_constants,
@@ -77,36 +76,6 @@ WRAPPER = """
 
 def test_unused_constants_are_those_bound_but_never_passed_on():
     assert unused_constants(WRAPPER) == ["raw"]  # "rawer" is used; "raw" only appears inside other words
-
-
-class ContainerConstants:
-    """What a container tells of its constants: by own name (original name, bytes), and one tensor per
-    original name, as AOTInductor's container does."""
-
-    def __init__(self, constants: dict[str, tuple[str, torch.Tensor]]) -> None:
-        self._constants = constants
-
-    def constant_names(self):
-        return {name: (original, tensor.nbytes) for name, (original, tensor) in self._constants.items()}
-
-    def constants(self):
-        return {original: tensor for original, tensor in self._constants.values()}  # the last of a name wins
-
-
-def test_constants_sharing_an_original_name_are_named_by_size_where_that_tells_them_apart():
-    packed, raw = torch.zeros(1536, 576, 32, dtype=torch.int8), torch.zeros(100, dtype=torch.int8)
-    scale = torch.ones(1)
-    container = ContainerConstants(
-        {
-            "w": ("model.w", raw),
-            "constant9": ("constant9", raw),
-            "constant9_0": ("constant9", packed),
-            "x_scale": ("x_scale", scale),
-            "x_scale_0": ("x_scale", scale.clone()),
-        }
-    )
-    found = constants_by_name(container)
-    assert set(found) == {"w", "constant9_0"} and found["constant9_0"] is packed  # two 4-byte scales: unknown
 
 
 class FakeSpan:

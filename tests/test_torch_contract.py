@@ -23,6 +23,7 @@ C_TYPES = {  # the C parameter types of the functions we call, as ctypes declare
     "const char*": ctypes.c_char_p,
     "const char**": ctypes.POINTER(ctypes.c_char_p),
     "size_t*": ctypes.POINTER(ctypes.c_size_t),
+    "bool*": ctypes.POINTER(ctypes.c_bool),
     "const uint8_t*": ctypes.c_void_p,
     "AOTInductorModelContainerHandle": ctypes.c_void_p,
     "AOTInductorModelContainerHandle*": ctypes.POINTER(ctypes.c_void_p),

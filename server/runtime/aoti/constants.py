@@ -17,7 +17,6 @@ storage that Python can read or address: they are neither compared nor given bac
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import mmap
 import re
@@ -46,31 +45,13 @@ def unused_constants(wrapper_source: str) -> list[str]:
     return [name for name in bound if name not in used]
 
 
-def constants_by_name(container) -> dict[str, torch.Tensor]:
-    """A container's constants by their own name. The container hands them out by original name, one per
-    name, but inductor gives some constants a shared original name: per-GEMM scales and zero points, and a
-    packed weight beside another weight (the default model's 28 MB packed LM head). The one handed out is
-    named by its byte size where no other constant of its group has that size; the rest are left out."""
-    by_original = container.constants()
-    groups = collections.defaultdict(list)
-    for name, (original, size) in container.constant_names().items():
-        groups[original].append((name, size))
-    found = {}
-    for original, tensor in by_original.items():
-        group = groups.get(original, [])
-        named = group if len(group) == 1 else [(name, size) for name, size in group if size == tensor.nbytes]
-        if len(named) == 1:
-            found[named[0][0]] = tensor
-    return found
-
-
 def addressable(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s bytes can be read and its pages given back: not an opaque (oneDNN) tensor."""
     return tensor.layout == torch.strided
 
 
 def release_constants(constants: dict[str, torch.Tensor], names) -> int:
-    """Give back the pages of ``constants`` (``constants_by_name``) named in ``names``, which nothing reads."""
+    """Give back the pages of ``constants`` (a container's, by name) named in ``names``, which nothing reads."""
     return sum(_release(constants[name]) for name in names if name in constants and addressable(constants[name]))
 
 

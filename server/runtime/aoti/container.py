@@ -55,7 +55,7 @@ PROTOTYPES: dict[str, list] = {
     "AOTInductorModelContainerGetNumConstants": [c_void_p, POINTER(c_size_t)],
     "AOTInductorModelContainerGetConstantName": [c_void_p, c_size_t, POINTER(c_char_p)],
     "AOTInductorModelContainerGetConstantOriginalFQN": [c_void_p, c_size_t, POINTER(c_char_p)],
-    "AOTInductorModelContainerGetConstantDataSize": [c_void_p, c_size_t, POINTER(c_size_t)],
+    "AOTInductorModelContainerGetConstantFromFolded": [c_void_p, c_size_t, POINTER(c_bool)],
     "AOTInductorModelContainerExtractConstantsMapEntries": [
         c_void_p,
         POINTER(POINTER(_Entry)),
@@ -176,27 +176,32 @@ class Container:
         )
         return _tensors(list(outputs))
 
-    def constant_names(self) -> dict[str, tuple[str, int]]:
-        """Each constant's name, original name (inductor gives several constants the same one) and bytes."""
+    def constant_names(self) -> list[tuple[str, str]]:
+        """By index, the name and original name of each constant the container holds (not folded at run time)."""
         count = c_size_t()
         self._check(self._lib.AOTInductorModelContainerGetNumConstants(self._handle, ctypes.byref(count)), "count")
-        names = {}
+        names = []
         for i in range(count.value):
-            name, original, size = c_char_p(), c_char_p(), c_size_t()
+            name, original, folded = c_char_p(), c_char_p(), c_bool()
+            self._check(
+                self._lib.AOTInductorModelContainerGetConstantFromFolded(self._handle, i, ctypes.byref(folded)),
+                "folded",
+            )
+            if folded.value:
+                continue
             self._check(self._lib.AOTInductorModelContainerGetConstantName(self._handle, i, ctypes.byref(name)), "name")
             self._check(
                 self._lib.AOTInductorModelContainerGetConstantOriginalFQN(self._handle, i, ctypes.byref(original)),
                 "original name",
             )
-            self._check(
-                self._lib.AOTInductorModelContainerGetConstantDataSize(self._handle, i, ctypes.byref(size)), "size"
-            )
-            names[name.value.decode()] = (original.value.decode(), size.value)
+            names.append((name.value.decode(), original.value.decode()))
         return names
 
     def constants(self) -> dict[str, torch.Tensor]:
-        """The constants by original name (one of those sharing a name), as tensors viewing the container's
-        memory: valid while the container lives."""
+        """The constants by name, as tensors viewing the container's memory: valid while the container lives.
+        The container hands them out by original name, which inductor gives several constants (per-GEMM scales
+        and zero points, a packed weight beside another weight), in the order of their indices: that order
+        names each."""
         entries, count = POINTER(_Entry)(), c_size_t()
         self._check(
             self._lib.AOTInductorModelContainerExtractConstantsMapEntries(
@@ -204,13 +209,16 @@ class Container:
             ),
             "constants",
         )
-        names, handles = [], []
+        originals, handles = [], []
         for entry in entries[: count.value]:
             handle = c_void_p()  # a handle of our own: the container keeps owning its one
             self._check(self._lib.aoti_torch_new_tensor_handle(entry.handle, ctypes.byref(handle)), "new handle")
-            names.append(entry.name.decode())
+            originals.append(entry.name.decode())
             handles.append(handle.value)
-        return dict(zip(names, _tensors(handles)))
+        tensors, names = _tensors(handles), self.constant_names()
+        if originals != [original for _, original in names]:
+            raise ContainerError("AOTInductor handed out its constants in an order other than their indices'")
+        return {name: tensor for (name, _), tensor in zip(names, tensors)}
 
     def use_in_place(self, constants: dict[str, torch.Tensor], owners: list = ()) -> None:
         """Read these tensors, by constant name, where they are instead of the container's own copies; they

@@ -47,7 +47,7 @@ from server.runtime import attention_op, compact, heap, static_llama, static_mpt
 from server.runtime.aoti import attention, int8_gemm
 from server.runtime.aoti import constants as step_constants
 from server.runtime.aoti import kernels as step_kernels
-from server.runtime.aoti.constants import SharedConstants, constants_by_name, release_constants, unused_constants
+from server.runtime.aoti.constants import SharedConstants, release_constants, unused_constants
 from server.runtime.aoti.container import Container
 from server.runtime.placement import cpu_isa
 
@@ -431,7 +431,7 @@ class CompiledSpan:
     def __init__(self, path: Path, unused: list[str] | None = None) -> None:
         torch.cpu._init_amx()  # the kernels may use AMX tiles, which Linux grants a process on request
         self.container = Container(path / LIBRARY, path / CONSTANTS)
-        self.constants = constants_by_name(self.container)  # as loaded: what sharing compares
+        self.constants = self.container.constants()  # as loaded: what sharing compares
         self.unused = set(json.loads((path / UNUSED).read_text()) if unused is None else unused)
         self.released = release_constants(self.constants, self.unused)
         self.kernels = json.loads((path / KERNELS).read_text())
