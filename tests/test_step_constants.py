@@ -11,6 +11,7 @@ import torch
 from server.runtime.aoti import container
 from server.runtime.aoti.constants import (
     SharedConstants,
+    _identity,
     _release,
     inner_pages,
     release_constants,
@@ -105,3 +106,18 @@ def test_opaque_onednn_constants_are_skipped_and_the_plain_duplicates_still_shar
     assert shared.shared == plain.nbytes and set(prefill.repointed) == {"raw"} and prefill.repointed["raw"] is plain
     assert prefill.owners == [decode]  # the copy prefill reads lives as long as prefill
     assert release_constants({"packed": opaque[0]}, ["packed"]) == 0
+
+
+def test_constants_alike_in_the_bytes_sampled_are_compared_whole():
+    """The identity samples a constant's bytes; two that differ only between the samples are not shared, and a
+    later copy of the second is shared with the second."""
+    first = torch.zeros(100_000, dtype=torch.uint8)
+    second = first.clone()
+    second[5000] = 1  # between the first two runs of sampled bytes
+    assert _identity(first) == _identity(second)
+    spans = [FakeSpan({"x": tensor}) for tensor in (first, second, second.clone())]
+    shared = SharedConstants()
+    for span in spans:
+        shared.add(span)
+    assert not spans[1].repointed and spans[2].repointed["x"] is second and spans[2].owners == [spans[1]]
+    assert shared.shared == second.nbytes
