@@ -10,8 +10,8 @@ A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) 
 but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it costs no extra memory. A
 compiled prompt step (its row count symbolic) on a CPU with native BF16 but no AMX (``bf16_prompt_gemm``)
 multiplies those by the INT8 values converted to BF16 instead: the same exact products and FP32 sums through
-oneDNN's BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of rows, for a BF16 copy of
-those weights.
+oneDNN's BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of rows. With AMX,
+inductor's INT8-weight template multiplies them faster still.
 """
 
 from __future__ import annotations
