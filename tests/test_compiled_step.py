@@ -56,10 +56,11 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
     packages = {step: tmp_path / "compiled" / step for step in ("decode", "prefill")}
     compiled = make_decoder(lambda: model, model.config, 64, packages)
     assert compiled.description.startswith("compiled decode step and prefill step")
-    assert "extern:mm" not in compiled._steps["prefill"].gemms or bf16_prompt_gemm()
-    names = compiled._steps["prefill"].spans[0].container.constant_names()
+    prefill = compiled._steps["prefill"]
+    assert "extern:mm" not in prefill.gemms or bf16_prompt_gemm()
+    names = prefill.spans[0].container.constant_names()
     assert len({original for _, original in names}) < len(names)  # inductor gives some the same original name
-    assert set(compiled._steps["prefill"].spans[0].constants) == {name for name, _ in names}  # each handed out
+    assert set(prefill.spans[0].constants) == {name for name, _ in names}  # each handed out
     net = StaticLlama(model, 64).eval()
     eager = StaticDecoder(64, new_kv_caches(model.config, 64), eager={"decode": net, "prefill": net})
     prompt = torch.randint(0, 2000, (20,), generator=torch.Generator().manual_seed(7)).tolist()

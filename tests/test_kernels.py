@@ -54,7 +54,7 @@ def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
 
 def test_a_prompts_weight_only_layers_take_a_bf16_gemm_only_where_bf16_is_native_and_amx_is_not():
     """Without AVX512_BF16 or AMX (or with oneDNN capped below them) a BF16 GEMM converts, and is slower than
-    ``_weight_int8pack_mm``; with AMX, inductor's INT8-weight template is as fast without a BF16 copy."""
+    ``_weight_int8pack_mm``; with AMX, inductor's INT8-weight template is as fast without converting the weights."""
     assert native_bf16_gemm(ZEN4, "") and native_bf16_gemm(AMX | {"amx_bf16"}, "")
     assert not native_bf16_gemm(AMX, "") and not native_bf16_gemm(ALDER_LAKE, "") and not native_bf16_gemm(ZEN3, "")
     assert native_bf16_gemm(ZEN4, "AVX512_CORE_AMX") and not native_bf16_gemm(ZEN4, "avx512_core_vnni")

@@ -1,6 +1,7 @@
-"""Giving back the pages under a duplicated constant: only whole pages of its own, and really given back.
-(Sharing itself is checked end to end in test_compiled_e2e: the compiled server, whose steps share their
-constants, gives the eager server's greedy tokens.)"""
+"""Giving back the pages under a duplicated constant (only whole pages of its own, and really given back)
+and those of a constants file while it is copied; which constants are found alike. (Sharing itself is checked
+end to end in test_compiled_e2e: the compiled server, whose steps share their constants, gives the eager
+server's greedy tokens.)"""
 
 import mmap
 import time
