@@ -15,6 +15,7 @@ from pathlib import Path
 from server.settings import Settings
 
 log = logging.getLogger("q8chat")
+ENGINE_STOP_S = 30.0  # after the HTTP server stopped: the longest a cancelled job takes to leave (one step)
 
 
 def build_service(settings: Settings, metrics, placement):
@@ -184,13 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     loader = threading.Thread(target=load, name="q8chat-load", daemon=True)
     loader.start()
     server.run()
+    # the interpreter's exit under a thread that runs torch aborts ("terminate called without an active
+    # exception"): the engine's thread is stopped first, and one that cannot be is left with os._exit
     if loader.is_alive():
-        # stopped while quantizing or compiling: the interpreter's exit would abort under the loader's running
-        # torch threads ("terminate called without an active exception"). Nothing it writes is used unfinished.
-        log.info("stopped while loading the model")
-        logging.shutdown()
-        os._exit(0)
+        leave_now("stopped while loading the model")  # nothing the loader writes is used unfinished
+    if slot.service is not None and not slot.service.close(ENGINE_STOP_S):
+        leave_now(f"the engine was still computing {ENGINE_STOP_S:.0f} s after the server stopped")
     return 1 if failed.is_set() else 0
+
+
+def leave_now(reason: str) -> None:
+    """Exit at once (status 0: a shutdown that was asked for), past the threads still computing."""
+    log.info("%s: leaving without waiting for it", reason)
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

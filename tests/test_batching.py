@@ -196,3 +196,24 @@ def test_a_failing_step_fails_its_requests_and_the_batcher_keeps_serving(make_en
     assert fine.done.wait(60)
     batcher.close()
     assert isinstance(failed.items[-1], RuntimeError) and len(fine.tokens()) == 4
+
+
+def test_close_returns_once_the_thread_ended_even_while_it_keeps_a_conversation(make_engine):
+    """A server exits after ``close``: an exit while the thread still copies a finished conversation (torch
+    running) aborts the process."""
+    engine = make_engine(1, kept_mb=16)
+    snapshot, copying, copied = engine.decoder.snapshot, threading.Event(), []
+
+    def slow(length, slot=0):
+        copying.set()
+        time.sleep(0.5)
+        copied.append(length)
+        return snapshot(length, slot)
+
+    engine.decoder.snapshot = slow
+    batcher = Batcher(engine, prefill_chunk=16)
+    collected = Collected("", [])
+    batcher.submit(job(random_ids(30, 1), greedy(4), collected))
+    assert collected.done.wait(60) and copying.wait(60)
+    assert batcher.close(timeout=60)
+    assert not batcher._thread.is_alive() and copied == [33]

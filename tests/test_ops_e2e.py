@@ -211,7 +211,8 @@ def test_sigterm_finishes_the_running_generation_refuses_waiters_and_exits_zero(
     assert results["waiting"].status_code == 503
     assert results["running"].status_code == 200
     assert results["running"].json()["usage"]["completion_tokens"] == 300
-    assert proc.process.wait(60) == 0
+    assert proc.process.wait(60) == 0, proc.log()[-3000:]
+    assert "leaving without waiting" not in proc.log()
 
 
 def test_sigterm_while_quantizing_at_the_first_start_exits_zero_and_leaves_no_checkpoint(start_server, tmp_path):

@@ -76,9 +76,13 @@ class Batcher:
         """Run ``job`` as soon as a slot is free (the service admits no more than there are slots)."""
         self._inbox.put(job)
 
-    def close(self) -> None:
-        """Stop the thread once the running jobs are finished with."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the thread once the running jobs are finished with, and wait for it (up to ``timeout`` s):
+        whether it ended. A process must not exit while it computes: the interpreter's exit under a running
+        torch operation aborts it ("terminate called without an active exception")."""
         self._inbox.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _loop(self) -> None:
         closing = False

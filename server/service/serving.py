@@ -85,6 +85,10 @@ class ChatService:
         self.texts = TokenTexts(prompter.tokenizer)
         self.batcher = Batcher(engine, prefill_chunk)
 
+    def close(self, timeout: float) -> bool:
+        """Let the engine's thread end once its jobs are finished with (up to ``timeout`` s): whether it ended."""
+        return self.batcher.close(timeout)
+
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=now())])
 
