@@ -107,7 +107,8 @@ def package_paths(
         "torch": torch.__version__,
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
-        "bf16_gemm": bf16_prompt_gemm(),  # what a prompt step's weight-only layers run (quant.int8)
+        # what a prompt step's weight-only layers run (quant.int8): this CPU's part; the checkpoint's decides the rest
+        "bf16_gemm": bf16_prompt_gemm(),
         "source": source_digest(),
     }
 
