@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from quant import kernels
+from quant.kernels import bf16_prompt_gemm
 from quant.smoothquant import Recipe
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.steps import package_paths, prune_stale, source_digest
@@ -40,31 +40,24 @@ def test_a_step_is_keyed_by_context_length_kv_type_kernel_and_thread_count(tmp_p
     # a prompt step's weight-only layers follow oneDNN's cap (quant.kernels.bf16_prompt_gemm)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     capped = package_paths(tmp_path, checkpoint, 256, bf16)
-    assert (capped["prefill"] != first["prefill"]) == kernels.bf16_prompt_gemm(onednn_cap="")
+    assert (capped["prefill"] != first["prefill"]) == bf16_prompt_gemm(onednn_cap="")
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("copy_limit", [kernels.PACKED_COPY_BYTES, -1], ids=["small-model", "large-model"])
-def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer, monkeypatch, copy_limit):
+def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
     """SmoothQuant's per-tensor static scheme (Q8-Chat's), both steps compiled, with a fallback layer
     (weight-only): prefill and teacher-forced decode logits are the eager compact model's, up to the rounding
-    of fused kernels. Unless a BF16 GEMM is this CPU's choice for it (``bf16_prompt_gemm``: as for a model
-    whose weight-only layers outweigh ``PACKED_COPY_BYTES``), the prefill step does not convert the fallback
-    layer's weights to BF16 for ATen's ``mm``."""
-    monkeypatch.setattr(kernels, "PACKED_COPY_BYTES", copy_limit)
+    of fused kernels. Unless a BF16 GEMM is this CPU's choice for it (``bf16_prompt_gemm``), the prefill step
+    does not convert the fallback layer's weights to BF16 for ATen's ``mm``."""
     model = tiny_llama(len(tokenizer))
     quantized_tiny(model, Recipe(alpha=None, scheme="static"))
     fallback = model.model.layers[0].mlp.down_proj
     fallback.scheme, fallback.input_scale = "weight_only", None
-    head = model.lm_head.weight.nbytes  # also weight-only (the default recipe's head)
-    converts = kernels.bf16_prompt_gemm(fallback.weight.nbytes + head)
     packages = {step: tmp_path / "compiled" / step for step in ("decode", "prefill")}
     compiled = make_decoder(lambda: model, model.config, 64, packages)
     assert compiled.description.startswith("compiled decode step and prefill step")
     prefill = compiled._steps["prefill"]
-    assert "extern:mm" not in prefill.gemms or converts
-    if converts and not kernels.bf16_prompt_gemm():  # AMX, a large model: no template, the BF16 GEMM instead
-        assert "extern:mm" in prefill.gemms
+    assert "extern:mm" not in prefill.gemms or bf16_prompt_gemm()
     names = prefill.spans[0].container.constant_names()
     assert len({original for _, original in names}) < len(names)  # inductor gives some the same original name
     assert set(prefill.spans[0].constants) == {name for name, _ in names}  # each handed out

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quant.int8 import Int8Linear, fuse_linears
-from quant.kernels import bf16_prompt_gemm, packed_bf16_attention
+from quant.kernels import packed_bf16_attention
 from server.runtime.attention_op import decode_attention, prompt_attention
 from server.runtime.kv_int8 import as_float, row_length, stored
 
@@ -68,16 +68,6 @@ def own_layer(linear: nn.Module, kernel: str | None) -> nn.Module:
     if linear.input_scale is not None:
         linear.input_scale = linear.input_scale.reshape(1)
     return linear
-
-
-def choose_prompt_gemm(net: nn.Module) -> None:
-    """Set how a compiled prompt step multiplies ``net``'s weight-only layers (``Int8Linear.convert_at_prompt``):
-    one choice for the model, by the bytes of all of them (``bf16_prompt_gemm``: a template's packed copy costs
-    that much memory again)."""
-    layers = [m for m in net.modules() if isinstance(m, Int8Linear) and m.scheme == "weight_only"]
-    convert = bf16_prompt_gemm(sum(m.weight.nbytes for m in layers))
-    for linear in layers:
-        linear.convert_at_prompt = convert
 
 
 def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:

@@ -107,8 +107,7 @@ def package_paths(
         "torch": torch.__version__,
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
-        # what a prompt step's weight-only layers run (quant.int8): this CPU's part; the checkpoint's decides the rest
-        "bf16_gemm": bf16_prompt_gemm(),
+        "bf16_gemm": bf16_prompt_gemm(),  # what a prompt step's weight-only layers run (quant.int8)
         "source": source_digest(),
     }
 
