@@ -8,10 +8,10 @@ its result is rescaled to float.
 
 A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) keeps INT8 weights
 but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it costs no extra memory. A
-compiled prompt step (its row count symbolic) on a CPU with native BF16 but no AMX (``bf16_prompt_gemm``)
-multiplies those by the INT8 values converted to BF16 instead: the same exact products and FP32 sums through
-oneDNN's BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of rows. With AMX,
-inductor's INT8-weight template multiplies them faster still.
+compiled prompt step (its row count symbolic) on a CPU with native BF16 but no AMX multiplies those by the INT8
+values converted to BF16 instead (``convert_at_prompt``, set by ``bf16_prompt_gemm``): the same exact products
+and FP32 sums through oneDNN's BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of
+rows. With AMX, inductor's INT8-weight template multiplies them faster still, from a packed copy of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quant.kernels import REFERENCE, bf16_prompt_gemm, check_kernel, eager_kernel, w8a8_matmul
+from quant.kernels import REFERENCE, check_kernel, eager_kernel, w8a8_matmul
 
 SCHEMES = ("dynamic", "static")  # W8A8 activation schemes a recipe can ask for
 LINEAR_SCHEMES = SCHEMES + ("weight_only",)  # ... plus the fallback
@@ -86,7 +86,10 @@ class Int8Linear(nn.Module):
 
     ``smooth`` (optional) holds 1/s of SmoothQuant for layers with no preceding norm to fold it into;
     it multiplies the input before activation quantization. ``kernel`` (not saved) picks the W8A8 kernel
-    of ``quant.kernels``; None: this CPU's for eager use.
+    of ``quant.kernels``; None: this CPU's for eager use. Not saved either, a compact model's choice for all
+    its weight-only layers (``compact.choose_weight_only_kernels``): ``convert_at_prompt``, a compiled prompt
+    step multiplies this layer by its weights converted to BF16, not by ``_weight_int8pack_mm``;
+    ``stored_rows``, every compiled step reads its weights as stored (``aoti.weight_only``).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Int8Linear(nn.Module):
             raise ValueError(f"unknown activation scheme {scheme!r}; expected one of {LINEAR_SCHEMES}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.kernel: str | None = None
+        self.convert_at_prompt = self.stored_rows = False
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
@@ -140,7 +144,7 @@ class Int8Linear(nn.Module):
             x_bf16, scale_bf16 = x2.to(torch.bfloat16), self.weight_scale.to(torch.bfloat16)
             if self.kernel == REFERENCE:  # the same products and FP32 sums, by FP32 BLAS: fast at many rows
                 return F.linear(x_bf16.float(), self.weight.float()) * scale_bf16.float()
-            if torch.compiler.is_compiling() and isinstance(x2.shape[0], torch.SymInt) and bf16_prompt_gemm():
+            if self.convert_at_prompt and torch.compiler.is_compiling() and isinstance(x2.shape[0], torch.SymInt):
                 return F.linear(x_bf16, self.weight.to(torch.bfloat16)).float() * scale_bf16.float()
             return torch._weight_int8pack_mm(x_bf16, self.weight, scale_bf16).float()
         if self.input_scale is None:

@@ -133,15 +133,33 @@ def native_bf16_gemm(flags: frozenset[str] | None = None, onednn_cap: str | None
     return _has("BF16", flags, onednn_cap)
 
 
-def bf16_prompt_gemm(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> bool:
-    """Whether a compiled prompt step multiplies weight-only INT8 layers by their values converted to BF16
-    (``quant.int8``): where oneDNN multiplies BF16 natively (``native_bf16_gemm``) but inductor's GEMM template
-    for INT8 weights has no AMX micro-kernel. With AMX (inductor's own choice, which oneDNN's cap does not
-    change) the template converts the INT8 weights tile by tile as it multiplies: 38 ms for 512 rows by a
-    4096x11008 weight, against 37 for oneDNN's BF16 GEMM on the weight converted beforehand and 71 for the
-    compiled conversion and GEMM; 2.6, 4.0 and 39 ms at 8 rows (AMX Xeon, 2 threads)."""
+# The most bytes of weight-only layers that compiled steps may multiply by inductor's INT8-weight template: it
+# reads a copy of the weights packed for its micro-kernel, one per step (the decode step's and the prompt
+# step's differ). A small model's few such layers are worth their copies; a 7B model's are not (all 32
+# ``down_proj`` layers of a random Llama-7B: 1.4 GB a copy). Beyond it the steps read the stored rows
+# (``server.runtime.aoti.weight_only``).
+PACKED_COPY_BYTES = 256 * 2**20
+
+
+def packed_copies(weight_only_bytes: int) -> bool:
+    """Whether compiled steps may multiply weight-only layers of ``weight_only_bytes`` from packed copies."""
+    return weight_only_bytes <= PACKED_COPY_BYTES
+
+
+def bf16_prompt_gemm(
+    weight_only_bytes: int = 0, flags: frozenset[str] | None = None, onednn_cap: str | None = None
+) -> bool:
+    """Whether a compiled prompt step multiplies a model's weight-only INT8 layers (``weight_only_bytes`` of
+    weights) by their values converted to BF16 at each call (``quant.int8``), keeping no copy: where oneDNN
+    multiplies BF16 natively (``native_bf16_gemm``) and inductor's GEMM template for INT8 weights has no AMX
+    micro-kernel, or has one but its packed copies would exceed ``PACKED_COPY_BYTES``. With AMX the template
+    converts the weights tile by tile as it multiplies: 38 ms for 512 rows by a 4096x11008 weight, against 37
+    for oneDNN's BF16 GEMM on the weight converted beforehand and 71 for the compiled conversion and GEMM; 2.6,
+    4.0 and 39 ms at 8 rows (AMX Xeon, 2 threads)."""
     flags = cpu_flags() if flags is None else flags
-    return native_bf16_gemm(flags, onednn_cap) and not flags & set(_CAPS["AMX_BF16"])
+    if not native_bf16_gemm(flags, onednn_cap):
+        return False
+    return not flags & set(_CAPS["AMX_BF16"]) or not packed_copies(weight_only_bytes)
 
 
 def packed_bf16_attention(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> bool:

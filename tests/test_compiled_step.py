@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from quant.kernels import bf16_prompt_gemm
+from quant import kernels
 from quant.smoothquant import Recipe
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.steps import package_paths, prune_stale, source_digest
@@ -40,24 +40,33 @@ def test_a_step_is_keyed_by_context_length_kv_type_kernel_and_thread_count(tmp_p
     # a prompt step's weight-only layers follow oneDNN's cap (quant.kernels.bf16_prompt_gemm)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     capped = package_paths(tmp_path, checkpoint, 256, bf16)
-    assert (capped["prefill"] != first["prefill"]) == bf16_prompt_gemm(onednn_cap="")
+    assert (capped["prefill"] != first["prefill"]) == kernels.bf16_prompt_gemm(onednn_cap="")
 
 
 @torch.no_grad()
-def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer):
+@pytest.mark.parametrize("copy_limit", [kernels.PACKED_COPY_BYTES, -1], ids=["small-model", "large-model"])
+def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer, monkeypatch, copy_limit):
     """SmoothQuant's per-tensor static scheme (Q8-Chat's), both steps compiled, with a fallback layer
-    (weight-only): prefill and teacher-forced decode logits are the eager compact model's, up to the rounding
-    of fused kernels. Unless a BF16 GEMM is this CPU's choice for it (``bf16_prompt_gemm``), the prefill step
-    does not convert the fallback layer's weights to BF16 for ATen's ``mm``."""
+    (weight-only, as is the default recipe's head): prefill and teacher-forced decode logits are the eager
+    compact model's, up to the rounding of fused kernels. Unless a BF16 GEMM is this CPU's choice for it
+    (``bf16_prompt_gemm``), the prefill step does not convert the fallback layer's weights to BF16 for ATen's
+    ``mm``. A model whose weight-only layers outweigh ``PACKED_COPY_BYTES`` has both steps read them as
+    stored, by ATen's kernels: no template packs a copy of them."""
+    monkeypatch.setattr(kernels, "PACKED_COPY_BYTES", copy_limit)
     model = tiny_llama(len(tokenizer))
     quantized_tiny(model, Recipe(alpha=None, scheme="static"))
     fallback = model.model.layers[0].mlp.down_proj
     fallback.scheme, fallback.input_scale = "weight_only", None
+    weight_only_bytes = fallback.weight.nbytes + model.lm_head.weight.nbytes
     packages = {step: tmp_path / "compiled" / step for step in ("decode", "prefill")}
     compiled = make_decoder(lambda: model, model.config, 64, packages)
     assert compiled.description.startswith("compiled decode step and prefill step")
-    prefill = compiled._steps["prefill"]
-    assert "extern:mm" not in prefill.gemms or bf16_prompt_gemm()
+    decode, prefill = compiled._steps["decode"], compiled._steps["prefill"]
+    assert "extern:mm" not in prefill.gemms or kernels.bf16_prompt_gemm(weight_only_bytes)
+    stored = not kernels.packed_copies(weight_only_bytes)
+    assert decode.gemms.get("extern:_weight_int8pack_mm", 0) == (2 if stored else 0)  # the fallback, the head
+    if stored:
+        assert prefill.gemms.get("extern:_weight_int8pack_mm", 0) + prefill.gemms.get("extern:mm", 0) == 2
     names = prefill.spans[0].container.constant_names()
     assert len({original for _, original in names}) < len(names)  # inductor gives some the same original name
     assert set(prefill.spans[0].constants) == {name for name, _ in names}  # each handed out

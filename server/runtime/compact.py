@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quant.int8 import Int8Linear, fuse_linears
-from quant.kernels import packed_bf16_attention
+from quant.kernels import bf16_prompt_gemm, packed_bf16_attention, packed_copies
 from server.runtime.attention_op import decode_attention, prompt_attention
 from server.runtime.kv_int8 import as_float, row_length, stored
 
@@ -68,6 +68,16 @@ def own_layer(linear: nn.Module, kernel: str | None) -> nn.Module:
     if linear.input_scale is not None:
         linear.input_scale = linear.input_scale.reshape(1)
     return linear
+
+
+def choose_weight_only_kernels(net: nn.Module) -> None:
+    """Set how compiled steps multiply ``net``'s weight-only layers, one choice for the model by the bytes of
+    all of them: whether a prompt step converts them to BF16 (``bf16_prompt_gemm``), and whether every step
+    reads them as stored, their packed copies (one per step) costing too much (``packed_copies``)."""
+    layers = [m for m in net.modules() if isinstance(m, Int8Linear) and m.scheme == "weight_only"]
+    total = sum(m.weight.nbytes for m in layers)
+    for linear in layers:
+        linear.convert_at_prompt, linear.stored_rows = bf16_prompt_gemm(total), not packed_copies(total)
 
 
 def kv_cache_shape(config, max_len: int) -> tuple[int, int, int, int]:

@@ -18,6 +18,7 @@ from server.runtime.compact import (
     UnsupportedForCompile,
     attention,
     check_head_dim,
+    choose_weight_only_kernels,
     fused_layer,
     kv_cache_shape,
     own_layer,
@@ -113,6 +114,7 @@ class StaticLlama(nn.Module):
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         self.register_buffer("cos", cos[0].float(), persistent=False)
         self.register_buffer("sin", sin[0].float(), persistent=False)
+        choose_weight_only_kernels(self)
 
     def forward(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, caches: list[torch.Tensor]

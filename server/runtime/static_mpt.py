@@ -15,7 +15,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.runtime.compact import UnsupportedForCompile, attention, check_head_dim, own_layer, write_kv
+from server.runtime.compact import (
+    UnsupportedForCompile,
+    attention,
+    check_head_dim,
+    choose_weight_only_kernels,
+    own_layer,
+    write_kv,
+)
 
 
 def check_mpt(config) -> None:
@@ -77,6 +84,7 @@ class StaticMPT(nn.Module):
         self.norm = model.transformer.norm_f
         self.lm_head = own_layer(model.lm_head, kernel)
         self.register_buffer("slopes", alibi_slopes(config.n_heads), persistent=False)
+        choose_weight_only_kernels(self)
 
     def forward(
         self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, caches: list[torch.Tensor]

@@ -44,7 +44,7 @@ from quant import int8, kernels
 from quant.kernels import bf16_prompt_gemm
 from quant.load import fingerprint
 from server.runtime import attention_op, compact, heap, static_llama, static_mpt
-from server.runtime.aoti import attention, int8_gemm
+from server.runtime.aoti import attention, int8_gemm, weight_only
 from server.runtime.aoti import constants as step_constants
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti.constants import SharedConstants, release_constants, unused_constants
@@ -63,6 +63,7 @@ _SOURCES = (
     step_constants.__file__,
     step_kernels.__file__,
     int8_gemm.__file__,
+    weight_only.__file__,
     __file__,
 )
 STEPS = kernels.STEPS
@@ -107,7 +108,8 @@ def package_paths(
         "torch": torch.__version__,
         "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
-        "bf16_gemm": bf16_prompt_gemm(),  # what a prompt step's weight-only layers run (quant.int8)
+        # what a prompt step's weight-only layers run (quant.int8): this CPU's part; the checkpoint's decides the rest
+        "bf16_gemm": bf16_prompt_gemm(),
         "source": source_digest(),
     }
 
@@ -174,6 +176,7 @@ def configure_inductor() -> None:
     _register_one_row_micro_kernel()
     int8_gemm.register()
     attention.register()
+    weight_only.register()
 
 
 ONE_ROW_BLOCKING = (1, 64, 64)  # rows, columns, depth of the one-row AVX2 weight-only micro-kernel
@@ -296,11 +299,12 @@ def _unpack(package: Path, directory: Path) -> tuple[list[str], dict[str, int]]:
 
 
 def compile_program(
-    program: torch.export.ExportedProgram, directory: Path, few_rows: bool = False
+    program: torch.export.ExportedProgram, directory: Path, few_rows: bool = False, stored_rows: bool = False
 ) -> tuple[list[str], dict[str, int]]:
     """AOT-compile ``program`` (inductor configured by ``configure_inductor``; ``few_rows``: a decode step's,
-    its GEMMs from ``FEW_ROWS_GEMM_BACKENDS``) into ``directory``: the library and constants a ``Container``
-    loads. Returns the constants its wrapper does not use, and what its GEMMs run (``step_kernels``)."""
+    its GEMMs from ``FEW_ROWS_GEMM_BACKENDS``; ``stored_rows``: its weight-only GEMMs by ATen's kernel,
+    ``weight_only``) into ``directory``: the library and constants a ``Container`` loads. Returns the
+    constants its wrapper does not use, and what its GEMMs run (``step_kernels``)."""
     import torch._inductor.config as inductor
 
     configure_inductor()
@@ -308,7 +312,11 @@ def compile_program(
     backends = FEW_ROWS_GEMM_BACKENDS if few_rows else INDUCTOR_SETTINGS["max_autotune_gemm_backends"]
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".compiling-") as scratch:
         package = Path(scratch) / "step.pt2"
-        with torch.no_grad(), inductor.patch(max_autotune_gemm_backends=backends):  # freezing: inference only
+        with (
+            torch.no_grad(),  # freezing: inference only
+            inductor.patch(max_autotune_gemm_backends=backends),
+            weight_only.from_stored_rows(stored_rows),
+        ):
             torch._inductor.aoti_compile_and_package(program, package_path=str(package))
         _drop_cached_constants(package)
         return _unpack(package, directory)
@@ -395,7 +403,8 @@ def _build_span(net: torch.nn.Module, step: str, directory: Path, kv_dtype: torc
     _check_build_memory(net)
     example, dynamic = _example(net, step, kv_dtype, slots)
     program = export_step(net, example, dynamic)
-    unused, gemms = compile_program(program, directory, few_rows=step != "prefill")
+    stored = any(getattr(m, "stored_rows", False) for m in net.modules())
+    unused, gemms = compile_program(program, directory, few_rows=step != "prefill", stored_rows=stored)
     del program
     heap.release_garbage()  # inductor's copies of the weights, before a container loads the step's own
     (directory / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
