@@ -2,10 +2,11 @@
 
 The template multiplies from its own copy of the weights, packed for its micro-kernel, and the decode and
 prompt steps pack them differently (one row with AVX-512 FMAs, many with AMX tiles), so a model served with
-both steps holds its weight-only layers three times: as stored, and packed by each step. A model whose
-weight-only layers are large (``Int8Linear.stored_rows``: more than ``quant.kernels.PACKED_COPY_BYTES``) is
-compiled with ATen's kernel for them, which reads the stored rows that the other step reads too, so one
-copy serves both (one row of a 4096x11008 weight: 1.55 ms by ATen's kernel, 1.5 by the template, AMX Xeon).
+both steps holds its weight-only layers twice (the stored rows, which no kernel reads, are given back). A
+model whose weight-only layers are large (``Int8Linear.stored_rows``: more than
+``quant.kernels.PACKED_COPY_BYTES``) is compiled with ATen's kernel for them, which reads the stored rows that
+the other step reads too, so one copy serves both (one row of a 4096x11008 weight: 1.55 ms by ATen's kernel,
+1.5 by the template, AMX Xeon).
 """
 
 from __future__ import annotations
