@@ -398,6 +398,19 @@ def _check_build_memory(net: torch.nn.Module) -> None:
         )
 
 
+def forget_traces() -> None:
+    """Clear what torch keeps of the last export process-wide: export's map from fake tensors to the traced
+    graph's nodes (whose graph holds the traced module, so the compact model's weights outlived the build: a
+    first start served with more memory than a restart), and the shape environments that ``ShapeEnv``'s
+    class-level method caches keep with their fake tensors."""
+    from torch.fx.experimental import proxy_tensor, symbolic_shapes
+
+    proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT.clear()
+    for method in vars(symbolic_shapes.ShapeEnv).values():
+        if hasattr(method, "cache_clear"):
+            method.cache_clear()
+
+
 def _build_span(net: torch.nn.Module, step: str, directory: Path, kv_dtype: torch.dtype, slots: int) -> None:
     """Compile ``step`` of the compact model (or ``layer_span``) ``net`` into ``directory``."""
     _check_build_memory(net)
@@ -406,6 +419,7 @@ def _build_span(net: torch.nn.Module, step: str, directory: Path, kv_dtype: torc
     stored = any(getattr(m, "stored_rows", False) for m in net.modules())
     unused, gemms = compile_program(program, directory, few_rows=step != "prefill", stored_rows=stored)
     del program
+    forget_traces()
     heap.release_garbage()  # inductor's copies of the weights, before a container loads the step's own
     (directory / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
     if unused and not _really_unused(directory, unused, example):
