@@ -8,10 +8,11 @@ its result is rescaled to float.
 
 A layer whose activations do not survive INT8 (SmoothQuant's reported fallback) keeps INT8 weights
 but BF16 activations (``weight_only``: ``torch._weight_int8pack_mm``), so it costs no extra memory. A
-compiled prompt step (its row count symbolic) on a CPU with native BF16 but no AMX multiplies those by the INT8
-values converted to BF16 instead (``convert_at_prompt``, set by ``bf16_prompt_gemm``): the same exact products
-and FP32 sums through oneDNN's BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of
-rows. With AMX, inductor's INT8-weight template multiplies them faster still, from a packed copy of its own.
+compiled prompt step (its row count symbolic) on a CPU with native BF16 multiplies those by the INT8 values
+converted to BF16 instead (``convert_at_prompt``, set by ``bf16_prompt_gemm``): the same exact products and FP32
+sums through oneDNN's BF16 GEMM, several times faster than ``_weight_int8pack_mm`` at hundreds of rows. With
+AMX, inductor's INT8-weight template multiplies them faster still, from a packed copy of its own: taken unless
+a model's weight-only layers are too large for such copies (``stored_rows``).
 """
 
 from __future__ import annotations
