@@ -38,8 +38,7 @@ from server.runtime.decoders import HFDecoder, make_decoder
 
 def memory_bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 7) -> float:
     """Read bandwidth: the fastest of several reads (a sum, a maximum) of a buffer far larger than the caches.
-    On a Zen 4 EPYC the float sum alone read 10-15 % slower than a maximum over the same bytes, and slower
-    than the compiled 7B decode step read its weights, so a decode rate came out above its roofline."""
+    On a Zen 4 EPYC the float sum alone read 10-15 % slower than a maximum over the same bytes."""
     x = torch.ones(size_bytes // 4, dtype=torch.float32)
     best = float("inf")
     for _ in range(reps):
