@@ -13,10 +13,10 @@ oneDNN call per GEMM) produces. These two take the s8 activations of q8chat's W8
 - **AVX-512 VNNI**: ``vpdpbusd`` multiplies u8 by s8 and sums each four products into s32 without saturating.
   ``b`` is shifted to u8 as it is loaded (``b ^ 0x80`` is ``b + 128``) and ``a`` stays s8, so each sum is too
   large by 128 times the sum of ``a``'s row over the depth: one number per row, summed by the same instruction
-  against ones before the loop and taken off at the end. Exact for every INT8 value. The inner loop holds
-  nothing but the rows' accumulators, the loaded column vectors and one broadcast row (a four-row block's 16
-  accumulators fit the 32 registers with room to spare; shifting ``a`` instead needs each column's sum, a
-  ``vpdpbusd`` and a register more per column vector, and the four-row block spilled).
+  against ones once for a block of rows and all the columns, and taken off at the end. Exact for every INT8
+  value. The inner loop holds nothing but the rows' accumulators, the loaded column vectors and one broadcast
+  row (a block's 16 accumulators fit the 32 registers with room to spare; shifting ``a`` instead needs each
+  column's sum, a ``vpdpbusd`` and a register more per column vector, and a four-row block spilled).
 
 B comes in the VNNI4 layout that the template packs for VNNI and AMX micro-kernels ([K/4, N, 4]): one vector
 load is 8 (AVX2) or 16 (AVX-512) columns by 4 depths, which one multiply-add step reduces into as many s32
@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import functools
 
-# rows, columns, depth: a few rows share each loaded column vector (prefill, batch), one row streams several
+# rows, columns, depth: a few rows share each loaded column vector (prefill, batch), one row streams several.
+# The template packs the weights in blocks of the blocking's columns: AVX-512's blockings take the same 32, so
+# that every step's packed weights are alike and shared (``server.runtime.aoti.constants``).
 AVX2_BLOCKINGS = ((4, 16, 4), (2, 32, 4), (1, 32, 4))
-AVX512_VNNI_BLOCKINGS = ((4, 64, 4), (1, 32, 4))
+AVX512_VNNI_BLOCKINGS = ((8, 32, 4), (1, 32, 4))
 
 TEMPLATE_ENTRY = r"""
 {{declare_kernel}} {
@@ -38,17 +40,27 @@ TEMPLATE_ENTRY = r"""
     constexpr int64_t M_BLOCK = {{block_m}};
     const int64_t M_TAIL = M % M_BLOCK;
     const int64_t M_MAIN = M - M_TAIL;
+{%- if row_sums %}
+    int32_t surplus[M_BLOCK];
+{%- endif %}
     for (int64_t m = 0; m < M_MAIN; m += M_BLOCK) {
+{%- if row_sums %}
+        {{kernel_name}}_surplus<M_BLOCK>(A + m * lda, K, lda, surplus);
+{%- endif %}
         for (int64_t n = 0; n < N; n += {{block_n}}) {
-            {{kernel_name}}_kernel<M_BLOCK, {{block_n}}, accum>(A + m * lda, B + n, C + m * ldc + n, K, lda, ldb, ldc);
+            {{kernel_name}}_kernel<M_BLOCK, {{block_n}}, accum>(
+                A + m * lda, B + n, C + m * ldc + n, K, lda, ldb, ldc{{", surplus" if row_sums}});
         }
     }
     switch (M_TAIL) {
 {%- for m_tail in range(block_m - 1, 0, -1) %}
         case {{m_tail}}:
+{%- if row_sums %}
+            {{kernel_name}}_surplus<{{m_tail}}>(A + M_MAIN * lda, K, lda, surplus);
+{%- endif %}
             for (int64_t n = 0; n < N; n += {{block_n}}) {
                 {{kernel_name}}_kernel<{{m_tail}}, {{block_n}}, accum>(
-                    A + M_MAIN * lda, B + n, C + M_MAIN * ldc + n, K, lda, ldb, ldc);
+                    A + M_MAIN * lda, B + n, C + M_MAIN * ldc + n, K, lda, ldb, ldc{{", surplus" if row_sums}});
             }
             break;
 {%- endfor %}
@@ -68,6 +80,9 @@ inline void {{kernel_name}}_kernel(
     int64_t lda,
     int64_t ldb,
     int64_t ldc
+{%- if row_sums %},
+    const int32_t* {{restrict_keyword}} surplus  // of each row: see _surplus
+{%- endif %}
 )"""
 
 AVX2_KERNEL = (
@@ -113,13 +128,11 @@ AVX2_KERNEL = (
 )
 
 AVX512_VNNI_KERNEL = (
-    KERNEL_SIGNATURE
-    + r""" {
-    constexpr const int COLS = N / 16;
-    const __m512i shift = _mm512_set1_epi8((char)0x80);
+    r"""
+// what shifting b adds to each of M rows' sums: 128 times the row's sum over the depth, once for all columns
+template <int64_t M>
+inline void {{kernel_name}}_surplus(const int8_t* {{restrict_keyword}} A, int64_t K, int64_t lda, int32_t* surplus) {
     const __m512i ones = _mm512_set1_epi8(1);
-    // what shifting b adds to each of a row's sums: 128 times the row's sum over this call's depth
-    int32_t surplus[M];
     c10::ForcedUnroll<M>{}([&](auto row) {
         __m512i sum = _mm512_setzero_si512();
         int64_t k = 0;
@@ -132,6 +145,13 @@ AVX512_VNNI_KERNEL = (
         }
         surplus[row] = _mm512_reduce_add_epi32(sum) * 128;
     });
+}
+
+"""
+    + KERNEL_SIGNATURE
+    + r""" {
+    constexpr const int COLS = N / 16;
+    const __m512i shift = _mm512_set1_epi8((char)0x80);
     __m512i va;
     __m512i vb[COLS];
     __m512i vc[M * COLS];
@@ -184,7 +204,7 @@ def register() -> dict[str, type]:
     from torch._inductor.codegen.cpp_template import KernelTemplate
     from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512VNNI
 
-    def micro_kernel(name: str, kernel_source: str, isa, blockings) -> type:
+    def micro_kernel(name: str, kernel_source: str, isa, blockings, row_sums: bool) -> type:
         class Int8MicroGemm(micro.CppMicroGemm):
             def codegen_define(self, kernel) -> str:
                 options = {
@@ -192,6 +212,7 @@ def register() -> dict[str, type]:
                     "kernel": kernel,
                     "block_m": self.register_blocking.block_m,
                     "block_n": self.register_blocking.block_n,
+                    "row_sums": row_sums,
                     **self.get_common_options(),
                 }
                 return "".join(
@@ -215,8 +236,8 @@ def register() -> dict[str, type]:
         return micro.register_micro_gemm(*configs)(Int8MicroGemm)
 
     return {
-        "avx2": micro_kernel("CppMicroGemmAVX2Int8", AVX2_KERNEL, VecAVX2, AVX2_BLOCKINGS),
+        "avx2": micro_kernel("CppMicroGemmAVX2Int8", AVX2_KERNEL, VecAVX2, AVX2_BLOCKINGS, row_sums=False),
         "avx512_vnni": micro_kernel(
-            "CppMicroGemmAVX512VNNIInt8", AVX512_VNNI_KERNEL, VecAVX512VNNI, AVX512_VNNI_BLOCKINGS
+            "CppMicroGemmAVX512VNNIInt8", AVX512_VNNI_KERNEL, VecAVX512VNNI, AVX512_VNNI_BLOCKINGS, row_sums=True
         ),
     }
