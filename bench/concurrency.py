@@ -23,7 +23,7 @@ from bench import llamacpp, llamaserver
 from bench.chats import CHAT_TURNS, chats_served
 from bench.served import SERVED_NAME, ServerProcess, StreamTiming, served_args, stream_chat
 from prompts import heldout_text
-from quant.checkpoint import load_checkpoint, read_checkpoint_info
+from quant.checkpoint import load_checkpoint, read_checkpoint_info, stored_weight_bytes
 from quant.kernels import cpu_class, kernels_by_step
 from quant.load import resolve_model_path
 from quant.smoothquant import Recipe
@@ -136,7 +136,8 @@ def _gguf(args, checkpoint_path: Path) -> Path | None:
 def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path | None, kv: str | None):
     """(name, engine) of each in-process competitor: q8chat's compiled decoder (its KV cache of type ``kv``, None:
     the default) and llama.cpp's on ``gguf`` (the same weights as Q8_0), each with ``slots`` sequences."""
-    kernels, kv_dtype = kernels_by_step(), KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
+    kernels = kernels_by_step(weight_bytes=stored_weight_bytes(checkpoint.path))
+    kv_dtype = KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
     packages = package_paths(cache_dir, checkpoint.path, context, kernels, kv_dtype, slots)
     decoder = make_decoder(
         lambda: load_checkpoint(checkpoint.path).model, checkpoint.config, context, packages, kernels, kv_dtype, slots

@@ -134,8 +134,8 @@ def variants(
             yield name, InProcess(HFDecoder(model), tokenizer, context), weight_bytes(model)
         elif base.startswith("q8chat-int8-"):
             scheme = base.removeprefix("q8chat-int8-").removesuffix("-eager")
-            kernels = kernels_by_step(kernel or None)
             quantized = load_int8_model(model_spec, Recipe(scheme=scheme, calib_samples=calib_samples), cache_dir)
+            kernels = kernels_by_step(kernel or None, stored_weight_bytes(quantized.path))
             compiled = not base.endswith("-eager")
             packages = package_paths(cache_dir, quantized.path, context, kernels, kv_dtype) if compiled else None
             config = quantized.model.config

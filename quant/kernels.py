@@ -126,6 +126,11 @@ def _has(feature: str, flags: frozenset[str] | None, onednn_cap: str | None) -> 
     return bool(flags & set(_CAPS[feature])) and _onednn_allows(feature, cap)
 
 
+def amx_int8(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> bool:
+    """Whether oneDNN multiplies INT8 with AMX here: the only x86 unit that multiplies s8 by s8."""
+    return _has("AMX", flags, onednn_cap)
+
+
 def native_bf16_gemm(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> bool:
     """Whether oneDNN multiplies BF16 natively here (AVX512_BF16 or AMX, not capped below them): there a BF16
     GEMM on INT8 weights outruns ``_weight_int8pack_mm`` at a prompt's rows (1.0 against 2.8 ms for a 576x1536
@@ -133,17 +138,19 @@ def native_bf16_gemm(flags: frozenset[str] | None = None, onednn_cap: str | None
     return _has("BF16", flags, onednn_cap)
 
 
-# The most bytes of weight-only layers that compiled steps may multiply by inductor's INT8-weight template: it
-# reads a copy of the weights packed for its micro-kernel, one per step (the decode step's and the prompt
-# step's differ). A small model's few such layers are worth their copies; a 7B model's are not (all 32
-# ``down_proj`` layers of a random Llama-7B: 1.4 GB a copy). Beyond it the steps read the stored rows
-# (``server.runtime.aoti.weight_only``).
+# The most bytes of weights that compiled steps may keep in two packed copies, one per step, where one copy
+# read by both would be slower. Weight-only layers: inductor's INT8-weight template reads a copy packed for its
+# micro-kernel (the decode step's and the prompt step's differ); beyond the limit the steps read the stored
+# rows (``server.runtime.aoti.weight_only``; all 32 ``down_proj`` layers of a random Llama-7B: 1.4 GB a copy).
+# W8A8 layers on AVX-512 VNNI CPUs without AMX: oneDNN's u8s8 prompt GEMMs read weights it prepacked in its own
+# layout; beyond the limit the prompt step multiplies with the decode step's micro-kernel and packing, and the
+# two steps share them (``default_kernels``). A small model's copies are worth their speed; a 7B model's not.
 PACKED_COPY_BYTES = 256 * 2**20
 
 
-def packed_copies(weight_only_bytes: int) -> bool:
-    """Whether compiled steps may multiply weight-only layers of ``weight_only_bytes`` from packed copies."""
-    return weight_only_bytes <= PACKED_COPY_BYTES
+def packed_copies(weight_bytes: int) -> bool:
+    """Whether compiled steps may multiply weights of ``weight_bytes`` from a packed copy each."""
+    return weight_bytes <= PACKED_COPY_BYTES
 
 
 def bf16_prompt_gemm(
@@ -172,20 +179,27 @@ def packed_bf16_attention(flags: frozenset[str] | None = None, onednn_cap: str |
 STEPS = ("decode", "prefill")  # the compiled steps, each with its own kernel (a batch step: the decode step's)
 
 
-def default_kernels(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> dict[str, str]:
-    """The kernel of KERNELS that each compiled step computes W8A8 products with on this CPU: exact, and the
-    fastest measured (see the module). A prompt's many rows make the prefill compute-bound: it gets the INT8
-    instruction. The decode step multiplies one row, bound by reading the weights and by each GEMM's fixed
-    cost: on VNNI CPUs without AMX, oneDNN's u8s8 ``qlinear`` is an extern call per GEMM, slower than inductor's
-    own template, which multiplies s8 by s8 with q8chat's VNNI micro-kernel where AVX-512 has one, and the
-    INT8 values in BF16 elsewhere (the same exact products). The batch step takes the decode step's kernel,
-    so that a sequence computes the same alone or batched (``bf16`` rounds each product's sum to BF16,
-    ``s8s8`` does not)."""
+def default_kernels(
+    flags: frozenset[str] | None = None, onednn_cap: str | None = None, weight_bytes: int = 0
+) -> dict[str, str]:
+    """The kernel of KERNELS that each compiled step computes W8A8 products with on this CPU, for a checkpoint of
+    ``weight_bytes`` stored weights: exact, and the fastest measured (see the module). A prompt's many rows make
+    the prefill compute-bound: it gets the INT8 instruction. The decode step multiplies one row, bound by
+    reading the weights and by each GEMM's fixed cost: on VNNI CPUs without AMX, oneDNN's u8s8 ``qlinear`` is
+    an extern call per GEMM, slower than inductor's own template, which multiplies s8 by s8 with q8chat's VNNI
+    micro-kernel where AVX-512 has one, and the INT8 values in BF16 elsewhere (the same exact products). There
+    the prefill takes oneDNN's u8s8 GEMMs, a few per cent faster than the micro-kernel on a Zen 4 EPYC, unless
+    the second copy of the weights they read costs too much (``PACKED_COPY_BYTES``): then the decode step's
+    kernel, whose packed weights the two steps share. The batch step takes the decode step's kernel, so that a
+    sequence computes the same alone or batched (``bf16`` rounds each product's sum to BF16, ``s8s8`` does
+    not)."""
     flags = cpu_flags() if flags is None else flags
     if _has("AMX", flags, onednn_cap):
         return dict.fromkeys(STEPS, "s8s8")
-    if _has("VNNI", flags, onednn_cap):  # q8chat's s8s8 micro-kernel (int8_gemm) needs AVX-512's VNNI
-        return {"prefill": "u8s8", "decode": "s8s8" if "avx512_vnni" in flags else "bf16"}
+    if _has("VNNI", flags, onednn_cap):
+        if "avx512_vnni" not in flags:  # q8chat's s8s8 micro-kernel (int8_gemm) needs AVX-512's VNNI
+            return {"prefill": "u8s8", "decode": "bf16"}
+        return {"prefill": "u8s8" if packed_copies(weight_bytes) else "s8s8", "decode": "s8s8"}
     return dict.fromkeys(STEPS, "s8s8" if "avx2" in flags and "avx512f" not in flags else "bf16")  # AVX2: ours
 
 
@@ -203,10 +217,13 @@ def eager_kernels(flags: frozenset[str] | None = None, onednn_cap: str | None = 
     return {"prefill": eager_kernel(flags, onednn_cap), "decode": "bf16"}
 
 
-def kernels_by_step(kernel: str | None = None) -> dict[str, str]:
-    """The kernel of each compiled step: this CPU's (``default_kernels``) for None or ``auto``, else ``kernel``
-    for both (``--int8-kernel``, a bench variant's ``@kernel``)."""
-    return default_kernels() if kernel in (None, "auto") else dict.fromkeys(STEPS, check_kernel(kernel))
+def kernels_by_step(kernel: str | None = None, weight_bytes: int = 0) -> dict[str, str]:
+    """The kernel of each compiled step: this CPU's for a checkpoint of ``weight_bytes`` stored weights
+    (``default_kernels``) for None or ``auto``, else ``kernel`` for both (``--int8-kernel``, a bench variant's
+    ``@kernel``)."""
+    if kernel in (None, "auto"):
+        return default_kernels(weight_bytes=weight_bytes)
+    return dict.fromkeys(STEPS, check_kernel(kernel))
 
 
 def check_kernel(kernel: str) -> str:

@@ -56,7 +56,8 @@ def build_service(settings: Settings, metrics, placement):
     config_eos = getattr(config, "eos_token_id", None)  # what the model's generation config defaults to
     eos |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
     context = settings.context_length or context_window(config)
-    kernels = kernels_by_step(settings.int8_kernel)
+    weights = stored_weight_bytes(checkpoint.path)
+    kernels = kernels_by_step(settings.int8_kernel, weights)
     kv_dtype = KV_DTYPES[settings.kv_cache_dtype]
     packages = (
         package_paths(settings.cache_dir, checkpoint.path, context, kernels, kv_dtype, settings.max_batch)
@@ -73,7 +74,7 @@ def build_service(settings: Settings, metrics, placement):
         name,
         placement.describe(),
         cpu_isa(),
-        stored_weight_bytes(checkpoint.path) / 1e6,
+        weights / 1e6,
         checkpoint.manifest["recipe"]["scheme"],
         len(checkpoint.manifest["fallback"]),
         template.name,

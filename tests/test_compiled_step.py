@@ -51,7 +51,8 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer, mon
     compact model's, up to the rounding of fused kernels. Unless a BF16 GEMM is this CPU's choice for it
     (``bf16_prompt_gemm``), the prefill step does not convert the fallback layer's weights to BF16 for ATen's
     ``mm``. A model whose weight-only layers outweigh ``PACKED_COPY_BYTES`` has both steps read them as
-    stored, by ATen's kernels: no template packs a copy of them."""
+    stored, by ATen's kernels: no template packs a copy of them; on AVX-512 VNNI CPUs without AMX its prompt
+    step multiplies W8A8 with the decode step's micro-kernel rather than oneDNN's (``default_kernels``)."""
     monkeypatch.setattr(kernels, "PACKED_COPY_BYTES", copy_limit)
     model = tiny_llama(len(tokenizer))
     quantized_tiny(model, Recipe(alpha=None, scheme="static"))
@@ -67,6 +68,8 @@ def test_the_static_scheme_compiles_to_the_eager_logits(tmp_path, tokenizer, mon
     assert decode.gemms.get("extern:_weight_int8pack_mm", 0) == (2 if stored else 0)  # the fallback, the head
     if stored:
         assert prefill.gemms.get("extern:_weight_int8pack_mm", 0) + prefill.gemms.get("extern:mm", 0) == 2
+    if kernels.default_kernels()["prefill"] == "s8s8" and not kernels.amx_int8():
+        assert not any("qlinear" in kind for kind in prefill.gemms), prefill.gemms
     names = prefill.spans[0].container.constant_names()
     assert len({original for _, original in names}) < len(names)  # inductor gives some the same original name
     assert set(prefill.spans[0].constants) == {name for name, _ in names}  # each handed out

@@ -31,6 +31,7 @@ AMX = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"})
 ZEN4 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
 ALDER_LAKE = frozenset({"avx2", "avx_vnni"})
 ZEN3 = frozenset({"avx2", "fma"})
+LARGE = PACKED_COPY_BYTES + 1  # a checkpoint's stored weights
 
 
 def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
@@ -39,7 +40,10 @@ def test_each_cpu_class_gets_the_kernel_that_multiplies_int8_exactly():
     # micro-kernel, or without AVX-512 the INT8 values in BF16 through inductor's template. Eager layers
     # multiply s8 by s8 (u8s8 needs prepacking).
     vnni = {"decode": "s8s8", "prefill": "u8s8"}
-    assert default_kernels(ZEN4, "") == vnni
+    assert default_kernels(ZEN4, "") == default_kernels(ZEN4, "", PACKED_COPY_BYTES) == vnni
+    # a large model's prompt takes the decode step's kernel: one packed copy of its weights for both steps
+    assert default_kernels(ZEN4, "", LARGE) == dict.fromkeys(STEPS, "s8s8")
+    assert default_kernels(ALDER_LAKE, "", LARGE) == {"decode": "bf16", "prefill": "u8s8"}
     assert default_kernels(ALDER_LAKE, "") == {"decode": "bf16", "prefill": "u8s8"}
     assert eager_kernel(ZEN4, "") == eager_kernel(ALDER_LAKE, "") == "s8s8"
     # AVX2 alone: compiled s8s8 through q8chat's micro-kernel; eagerly, _int_mm is a scalar loop there
@@ -118,7 +122,8 @@ def compiled(kernel: str, w: torch.Tensor, rows: int, directory, few_rows: bool)
     example = (torch.zeros(1, rows if few_rows else 4, w.shape[1]),)
     dynamic = None if few_rows else ({1: torch.export.Dim("tokens", min=2, max=4096)},)
     program = compiled_step.export_step(IntegerProduct(w, kernel), example, dynamic)  # as the steps are exported
-    _, gemms = compiled_step.compile_program(program, directory, few_rows=few_rows)
+    onednn = compiled_step.onednn_gemms(kernel)
+    _, gemms = compiled_step.compile_program(program, directory, few_rows=few_rows, onednn=onednn)
     return Container(directory / "step.so", directory / "constants.blob"), gemms
 
 
@@ -144,9 +149,10 @@ def audit(kernel: str, rows: int, tmp_path, few_rows: bool, depth: int = 576) ->
 )
 def test_this_cpus_compiled_product_is_exact_and_runs_no_reference_kernel(rows, step, depth, tmp_path):
     """A batch step multiplies a fixed few rows with the decode step's kernel (3: a micro-kernel's row tail; a
-    depth not a multiple of 64: a vector's tail where a micro-kernel sums a row)."""
-    kernel = compiled_step.kernel_of(default_kernels(), step)
-    assert audit(kernel, rows, tmp_path, few_rows=step != "prefill", depth=depth) == []
+    depth not a multiple of 64: a vector's tail where a micro-kernel sums a row); a prompt step, a small or a
+    large model's kernel."""
+    for kernel in {compiled_step.kernel_of(default_kernels(weight_bytes=size), step) for size in (0, LARGE)}:
+        assert audit(kernel, rows, tmp_path, few_rows=step != "prefill", depth=depth) == []
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +185,9 @@ def step_audit(model, kernel: str, step: str, directory) -> tuple[list[str], tor
 def test_this_cpus_compiled_steps_run_no_reference_kernel_and_give_the_eager_logits(tiny_w8a8, step, tmp_path):
     references, got, want = step_audit(tiny_w8a8, default_kernels()[step], step, tmp_path / step)
     assert references == []
-    if step == "decode":  # its GEMMs are inductor's templates alone (FEW_ROWS_GEMM_BACKENDS)
+    # a decode step's GEMMs are inductor's templates alone (FEW_ROWS_GEMM_BACKENDS), as are a prompt step's where
+    # oneDNN's alternative would be its reference s8s8 kernel (onednn_gemms)
+    if step == "decode" or not compiled_step.onednn_gemms(default_kernels()[step]):
         gemms = compiled_step.load(tmp_path / step).gemms
         assert gemms and all(kind.startswith("template:") for kind in gemms), gemms
     assert (got - want).abs().max() < 0.05 * want.std() and torch.equal(got.argmax(-1), want.argmax(-1))

@@ -63,6 +63,19 @@ def test_inductor_settings_and_the_tensor_handle_helpers_exist():
     compiled_step.forget_traces()  # the export state it clears (a renamed one raises)
 
 
+def test_inductors_onednn_lowerings_add_onednn_only_where_use_aten_gemm_kernels_says_or_no_template_fits():
+    """What leaving oneDNN's GEMMs out of a build relies on (``steps.onednn_gemms``): each of inductor's oneDNN
+    GEMM lowerings asks its module's ``use_aten_gemm_kernels`` before adding oneDNN's choice."""
+    import inspect
+
+    compiled_step.configure_inductor()
+    from torch._inductor import mkldnn_lowerings
+
+    assert callable(mkldnn_lowerings.use_aten_gemm_kernels)
+    source = inspect.getsource(mkldnn_lowerings)
+    assert source.count("if len(choices) == 0 or use_aten_gemm_kernels():") >= 4  # linear, qlinear, both binary
+
+
 def test_the_one_row_micro_kernel_is_registered_once_beside_inductors_own():
     compiled_step.configure_inductor()
     compiled_step.configure_inductor()

@@ -37,6 +37,7 @@ import time
 import zipfile
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -164,6 +165,27 @@ INDUCTOR_SETTINGS = {
 # looked fastest; inside a step, reading its weights from memory, the template was faster (a Zen 5 EPYC's
 # decode step: 5.1-5.3 ms with templates alone against 5.6-5.8 with half of them ATen's).
 FEW_ROWS_GEMM_BACKENDS = "CPP"
+
+
+def onednn_gemms(kernel: str) -> bool:
+    """Whether max-autotune may choose oneDNN's GEMMs (its ``linear`` and ``qlinear``) for a step whose W8A8
+    kernel is ``kernel``. Not for ``s8s8`` on a CPU without AMX: oneDNN's prepacked s8s8 matmul runs its
+    reference kernel there, and timing it at a 7B prompt's shapes kept a span's build busy for more than 15
+    minutes (Zen 4 EPYC, 2 cores). They then run only where no template fits."""
+    return kernel != "s8s8" or kernels.amx_int8()
+
+
+@contextlib.contextmanager
+def _onednn_gemm_choices(allowed: bool):
+    """Inside it, oneDNN's GEMMs are among max-autotune's choices as configured if ``allowed``, else only where
+    no template fits (each of inductor's oneDNN lowerings asks ``use_aten_gemm_kernels`` so)."""
+    if allowed:
+        yield
+        return
+    from torch._inductor import mkldnn_lowerings
+
+    with mock.patch.object(mkldnn_lowerings, "use_aten_gemm_kernels", lambda: False):
+        yield
 
 
 def configure_inductor() -> None:
@@ -299,12 +321,17 @@ def _unpack(package: Path, directory: Path) -> tuple[list[str], dict[str, int]]:
 
 
 def compile_program(
-    program: torch.export.ExportedProgram, directory: Path, few_rows: bool = False, stored_rows: bool = False
+    program: torch.export.ExportedProgram,
+    directory: Path,
+    few_rows: bool = False,
+    stored_rows: bool = False,
+    onednn: bool = True,
 ) -> tuple[list[str], dict[str, int]]:
     """AOT-compile ``program`` (inductor configured by ``configure_inductor``; ``few_rows``: a decode step's,
     its GEMMs from ``FEW_ROWS_GEMM_BACKENDS``; ``stored_rows``: its weight-only GEMMs by ATen's kernel,
-    ``weight_only``) into ``directory``: the library and constants a ``Container`` loads. Returns the
-    constants its wrapper does not use, and what its GEMMs run (``step_kernels``)."""
+    ``weight_only``; ``onednn``: oneDNN's GEMMs among the choices, ``onednn_gemms``) into ``directory``: the
+    library and constants a ``Container`` loads. Returns the constants its wrapper does not use, and what its
+    GEMMs run (``step_kernels``)."""
     import torch._inductor.config as inductor
 
     configure_inductor()
@@ -316,6 +343,7 @@ def compile_program(
             torch.no_grad(),  # freezing: inference only
             inductor.patch(max_autotune_gemm_backends=backends),
             weight_only.from_stored_rows(stored_rows),
+            _onednn_gemm_choices(onednn),
         ):
             torch._inductor.aoti_compile_and_package(program, package_path=str(package))
         _drop_cached_constants(package)
@@ -417,11 +445,14 @@ def _build_span(net: torch.nn.Module, step: str, directory: Path, kv_dtype: torc
     example, dynamic = _example(net, step, kv_dtype, slots)
     program = export_step(net, example, dynamic)
     stored = any(getattr(m, "stored_rows", False) for m in net.modules())
-    unused, gemms = compile_program(program, directory, few_rows=step != "prefill", stored_rows=stored)
+    kernel = net.kernel or kernels.eager_kernel()
+    unused, gemms = compile_program(
+        program, directory, few_rows=step != "prefill", stored_rows=stored, onednn=onednn_gemms(kernel)
+    )
     del program
     forget_traces()
     heap.release_garbage()  # inductor's copies of the weights, before a container loads the step's own
-    (directory / KERNELS).write_text(json.dumps({"w8a8": net.kernel or kernels.eager_kernel(), "gemms": gemms}))
+    (directory / KERNELS).write_text(json.dumps({"w8a8": kernel, "gemms": gemms}))
     if unused and not _really_unused(directory, unused, example):
         log.warning("the %s step reads constants its wrapper seems not to use; keeping them all", step)
         unused = []
