@@ -206,6 +206,7 @@ def run(args) -> dict:
         for _, runner, _ in loaded:
             runner.stop()
     bandwidth = memory_bandwidth_gb_s()
+    int8_bytes = max((size for name, _, size in loaded if name.startswith("q8chat-")), default=0)
     rows = [r.summary() for r in results.values()]
     for row in rows:
         row["roofline_tok_s"] = round(bandwidth * 1e3 / row["weight_mb"], 1)
@@ -216,7 +217,7 @@ def run(args) -> dict:
             "bandwidth_gb_s": round(bandwidth, 1),
             "isa": torch.backends.cpu.get_cpu_capability(),
             **cpu_class(),
-            "default_int8_kernels": default_kernels(),
+            "default_int8_kernels": default_kernels(weight_bytes=int8_bytes),  # this model's
         },
         "workload": {
             "model": args.model,

@@ -170,8 +170,9 @@ FEW_ROWS_GEMM_BACKENDS = "CPP"
 def onednn_gemms(kernel: str) -> bool:
     """Whether max-autotune may choose oneDNN's GEMMs (its ``linear`` and ``qlinear``) for a step whose W8A8
     kernel is ``kernel``. Not for ``s8s8`` on a CPU without AMX: oneDNN's prepacked s8s8 matmul runs its
-    reference kernel there, and timing it at a 7B prompt's shapes kept a span's build busy for more than 15
-    minutes (Zen 4 EPYC, 2 cores). They then run only where no template fits."""
+    reference kernel on AVX-512 VNNI (timing it at a 7B prompt's shapes kept a span's build busy for more than
+    15 minutes, Zen 4 EPYC, 2 cores) and a generic one on AVX2, where q8chat's micro-kernels multiply. They then
+    run only where no template fits."""
     return kernel != "s8s8" or kernels.amx_int8()
 
 
