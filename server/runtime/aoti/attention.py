@@ -13,7 +13,10 @@ memory, the weights having streamed through the caches since the last step: the 
 ``PREFETCH`` positions ahead (into the next chunk) and the chunk's values while it scores (without, it waited
 on memory and was no faster than inductor's loops), and each thread takes a contiguous run of tasks, so that
 its reads run on through a head's cache (taken one by one, dynamically, the tasks scattered them and the
-steps were slower).
+steps were slower). The kernel is bound by its instructions more than by the cache's bytes, so: on a BF16
+cache, where the CPU has AVX512_BF16, the BF16 queries score the keys as they are, two depths a lane
+(``vdpbf16ps``: each product exact in FP32, no conversions); four positions' dot products are summed in one
+set of shuffles (``_sum4``); the mask's row and each query's maximum are taken in vectors.
 
 Prompt. Flash attention's way, for CPUs where ATen's flash kernel has no AMX for its BF16 products: a task
 takes ``QUERY_BLOCK`` positions of a key head's queries and steps over the cache ``CHUNK`` positions at a time
@@ -43,9 +46,44 @@ PRELUDE = r"""
 #include <type_traits>
 
 namespace {
-inline float {{name}}_bias(bool attend) { return attend ? 0.0f : -std::numeric_limits<float>::infinity(); }
-inline float {{name}}_bias(float bias) { return bias; }
-inline float {{name}}_bias(c10::BFloat16 bias) { return static_cast<float>(bias); }
+// row[l] = the bias of mask[l * stride] for l < n; whether any of them is not masked. In vectors where the
+// mask's positions are contiguous (inductor compiles without the loop vectorizer)
+inline bool {{name}}_biases(const bool* mask, int64_t stride, int64_t n, float* row) {
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t VS = Vec::size();
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+    bool any = false;
+    int64_t l = 0;
+    if (stride == 1) {
+        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mask);
+        for (; l + VS <= n; l += VS) {
+            const auto flags = at::vec::convert<float>(
+                at::vec::convert<int32_t>(at::vec::Vectorized<uint8_t>::loadu(bytes + l, VS)));
+            Vec::blendv(Vec(NEG_INF), Vec(0.0f), flags != Vec(0.0f)).store(row + l);
+        }
+        uint64_t seen = 0;  // the bytes' OR, eight at a time
+        for (int64_t i = 0; i + 8 <= l; i += 8) {
+            uint64_t word;
+            std::memcpy(&word, bytes + i, 8);
+            seen |= word;
+        }
+        any = seen != 0;
+    }
+    for (; l < n; ++l) {
+        any |= mask[l * stride];
+        row[l] = mask[l * stride] ? 0.0f : NEG_INF;
+    }
+    return any;
+}
+template <typename T>
+inline bool {{name}}_biases(const T* bias, int64_t stride, int64_t n, float* row) {
+    bool any = false;
+    for (int64_t l = 0; l < n; ++l) {
+        row[l] = static_cast<float>(bias[l * stride]);
+        any |= row[l] != -std::numeric_limits<float>::infinity();
+    }
+    return any;
+}
 inline at::vec::Vectorized<float> {{name}}_load(const float* p) { return at::vec::Vectorized<float>::loadu(p); }
 inline at::vec::Vectorized<float> {{name}}_load(const c10::BFloat16* p) {
     return at::vec::convert<float>(at::vec::Vectorized<c10::BFloat16>::loadu(p, at::vec::Vectorized<float>::size()));
@@ -74,6 +112,26 @@ inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
     using Vec = at::vec::Vectorized<float>;
     return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
 }
+// the sums of four vectors at once: interleaved halves added level by level, a few shuffles for all four
+// instead of a reduction's each
+inline void {{name}}_sum4(const at::vec::Vectorized<float>* x, float* sums) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 a = x[0], b = x[1], c = x[2], d = x[3];
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a b a b a lane
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 abcd = _mm512_add_ps(  // a b c d, each a 128-bit lane's
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+#else
+    for (int i = 0; i < 4; ++i) sums[i] = {{name}}_sum(x[i]);
+#endif
+}
 }  // namespace
 """
 
@@ -96,6 +154,9 @@ extern "C"
 """
 
 DECODE_KERNEL = r"""
+{%- if key_pairs %}
+#define {{name}}_KEY_PAIRS  // scores from BF16 queries and keys as given: vdpbf16ps, each product exact in FP32
+{%- endif %}
     constexpr int64_t W = D / VS;
     constexpr int64_t CHUNK = {{chunk}};
     constexpr int64_t PREFETCH = {{prefetch}};  // positions
@@ -113,11 +174,12 @@ DECODE_KERNEL = r"""
             float scores[G][CHUNK];
             bool any = false;
             for (int64_t g = 0; g < G; ++g) {
-                const auto* bias = mask + b * {{mask_b}} + (kv * G + g) * {{mask_h}} + start * {{mask_l}};
-                for (int64_t l = 0; l < n; ++l) {
-                    scores[g][l] = {{name}}_bias(bias[l * {{mask_l}}]);
-                    any = any || scores[g][l] != NEG_INF;
+                if ({{mask_h}} == 0 && g > 0) {  // one row for every head
+                    std::memcpy(scores[g], scores[0], n * sizeof(float));
+                    continue;
                 }
+                const auto* bias = mask + b * {{mask_b}} + (kv * G + g) * {{mask_h}} + start * {{mask_l}};
+                any = {{name}}_biases(bias, {{mask_l}}, n, scores[g]) || any;
             }
             if (!any) {  // nothing to attend: the combination skips this chunk
                 for (int64_t g = 0; g < G; ++g) {
@@ -126,41 +188,80 @@ DECODE_KERNEL = r"""
                 }
                 continue;
             }
+#ifdef {{name}}_KEY_PAIRS
+            __m512bh query[G][D / 32];  // BF16 as given, two depths a lane; the scale taken on the sums
+            for (int64_t g = 0; g < G; ++g) {
+                for (int64_t w = 0; w < D / 32; ++w) {
+                    query[g][w] = (__m512bh)_mm512_loadu_si512(q + ((b * KV + kv) * G + g) * D + w * 32);
+                }
+            }
+#else
             Vec query[G][W];
             for (int64_t g = 0; g < G; ++g) {
                 for (int64_t w = 0; w < W; ++w) {
                     query[g][w] = {{name}}_load(q + ((b * KV + kv) * G + g) * D + w * VS) * Vec(scale);
                 }
             }
+#endif
             const auto* keys = k + b * {{k_b}} + kv * {{k_h}} + start * {{k_l}};
             const auto* values = v + b * {{v_b}} + kv * {{v_h}} + start * {{v_l}};
             const int64_t ahead = L - start;  // positions of this head from here, the next chunk's included
             for (int64_t l = 0; l < PREFETCH && l < ahead; ++l) {{name}}_prefetch(keys + l * {{k_l}});
-            for (int64_t l = 0; l < n; ++l) {
-                // the cache comes from memory (the weights streamed through since the last step): ask for the
-                // keys a few positions ahead, and for the values this chunk will weigh next
-                if (l + PREFETCH < ahead) {{name}}_prefetch(keys + (l + PREFETCH) * {{k_l}});
-                {{name}}_prefetch(values + l * {{v_l}});
-                Vec key[W];
-                for (int64_t w = 0; w < W; ++w) {
-                    key[w] = {{name}}_load(keys + l * {{k_l}} + w * VS);
-                }
-                const float key_scale = {{name}}_scale(keys + l * {{k_l}});
-                for (int64_t g = 0; g < G; ++g) {
-                    Vec dot = query[g][0] * key[0];
-                    for (int64_t w = 1; w < W; ++w) {
-                        dot = at::vec::fmadd(query[g][w], key[w], dot);
+            for (int64_t l0 = 0; l0 < n; l0 += 4) {  // four positions' products summed together (_sum4)
+                Vec dots[G][4];
+                float key_scale[4];
+                for (int64_t p = 0; p < 4; ++p) {
+                    const int64_t l = l0 + p;
+                    if (l >= n) {  // past the chunk: nothing added
+                        for (int64_t g = 0; g < G; ++g) dots[g][p] = Vec(0.0f);
+                        key_scale[p] = 0.0f;
+                        continue;
                     }
-                    scores[g][l] += key_scale * {{name}}_sum(dot);
+                    // the cache comes from memory (the weights streamed through since the last step): ask for
+                    // the keys a few positions ahead, and for the values this chunk will weigh next
+                    if (l + PREFETCH < ahead) {{name}}_prefetch(keys + (l + PREFETCH) * {{k_l}});
+                    {{name}}_prefetch(values + l * {{v_l}});
+#ifdef {{name}}_KEY_PAIRS
+                    __m512bh key[D / 32];
+                    for (int64_t w = 0; w < D / 32; ++w) {
+                        key[w] = (__m512bh)_mm512_loadu_si512(keys + l * {{k_l}} + w * 32);
+                    }
+                    key_scale[p] = scale;
+                    for (int64_t g = 0; g < G; ++g) {
+                        __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), query[g][0], key[0]);
+                        for (int64_t w = 1; w < D / 32; ++w) dot = _mm512_dpbf16_ps(dot, query[g][w], key[w]);
+                        dots[g][p] = Vec(dot);
+                    }
+#else
+                    Vec key[W];
+                    for (int64_t w = 0; w < W; ++w) {
+                        key[w] = {{name}}_load(keys + l * {{k_l}} + w * VS);
+                    }
+                    key_scale[p] = {{name}}_scale(keys + l * {{k_l}});
+                    for (int64_t g = 0; g < G; ++g) {
+                        Vec dot = query[g][0] * key[0];
+                        for (int64_t w = 1; w < W; ++w) {
+                            dot = at::vec::fmadd(query[g][w], key[w], dot);
+                        }
+                        dots[g][p] = dot;
+                    }
+#endif
+                }
+                for (int64_t g = 0; g < G; ++g) {
+                    float sums[4];
+                    {{name}}_sum4(dots[g], sums);
+                    for (int64_t p = 0; p < 4 && l0 + p < n; ++p) scores[g][l0 + p] += key_scale[p] * sums[p];
                 }
             }
             for (int64_t g = 0; g < G; ++g) {
-                float peak = NEG_INF;
-                for (int64_t l = 0; l < n; ++l) {
-                    peak = std::max(peak, scores[g][l]);
-                }
-                float total = 0.0f;
+                Vec peaks(NEG_INF);
                 int64_t l = 0;
+                for (; l + VS <= n; l += VS) peaks = at::vec::maximum(peaks, Vec::loadu(scores[g] + l));
+                float peak = at::vec::vec_reduce_all<float>(
+                    [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, peaks);
+                for (; l < n; ++l) peak = std::max(peak, scores[g][l]);
+                float total = 0.0f;
+                l = 0;
                 if (peak == NEG_INF) {
                     for (; l < n; ++l) scores[g][l] = 0.0f;
                 } else {
@@ -293,44 +394,6 @@ inline c10::BFloat16 {{name}}_bf16(const int8_t* row, int64_t i, float scale) {
 }
 #endif
 
-// row[l] = the bias of mask[l * stride] for l < n; whether any of them is not masked. In vectors where the
-// mask's positions are contiguous (inductor compiles without the loop vectorizer)
-inline bool {{name}}_biases(const bool* mask, int64_t stride, int64_t n, float* row) {
-    using Vec = at::vec::Vectorized<float>;
-    constexpr int64_t VS = Vec::size();
-    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-    bool any = false;
-    int64_t l = 0;
-    if (stride == 1) {
-        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mask);
-        for (; l + VS <= n; l += VS) {
-            const auto flags = at::vec::convert<float>(
-                at::vec::convert<int32_t>(at::vec::Vectorized<uint8_t>::loadu(bytes + l, VS)));
-            Vec::blendv(Vec(NEG_INF), Vec(0.0f), flags != Vec(0.0f)).store(row + l);
-        }
-        uint64_t seen = 0;  // the bytes' OR, eight at a time
-        for (int64_t i = 0; i + 8 <= l; i += 8) {
-            uint64_t word;
-            std::memcpy(&word, bytes + i, 8);
-            seen |= word;
-        }
-        any = seen != 0;
-    }
-    for (; l < n; ++l) {
-        any |= mask[l * stride];
-        row[l] = mask[l * stride] ? 0.0f : NEG_INF;
-    }
-    return any;
-}
-template <typename T>
-inline bool {{name}}_biases(const T* bias, int64_t stride, int64_t n, float* row) {
-    bool any = false;
-    for (int64_t l = 0; l < n; ++l) {
-        row[l] = static_cast<float>(bias[l * stride]);
-        any |= row[l] != -std::numeric_limits<float>::infinity();
-    }
-    return any;
-}
 
 // c[rows, cols] += a[rows, depth] @ b[depth, cols], MR rows at a time (then the rest); cols a multiple of NV
 // vectors
@@ -639,6 +702,8 @@ def register() -> None:
                 scale=repr(float(self.scale)),
                 num_threads=self.num_threads,
                 bf16_products=bf16_products(k.get_dtype(), v.get_dtype(), head_dim),
+                key_pairs=q.get_dtype() == k.get_dtype() == torch.bfloat16
+                and bf16_products(k.get_dtype(), v.get_dtype(), head_dim),
                 q_h=kernel.stride(q, 1),
                 mask_b=stride(mask, 0),
                 mask_h=stride(mask, 1),
