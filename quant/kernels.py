@@ -194,7 +194,7 @@ def default_kernels(
     sequence computes the same alone or batched (``bf16`` rounds each product's sum to BF16, ``s8s8`` does
     not)."""
     flags = cpu_flags() if flags is None else flags
-    if _has("AMX", flags, onednn_cap):
+    if amx_int8(flags, onednn_cap):
         return dict.fromkeys(STEPS, "s8s8")
     if _has("VNNI", flags, onednn_cap):
         if "avx512_vnni" not in flags:  # q8chat's s8s8 micro-kernel (int8_gemm) needs AVX-512's VNNI
@@ -206,7 +206,7 @@ def default_kernels(
 def eager_kernel(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> str:
     """The kernel of uncompiled layers on this CPU: ``s8s8`` where oneDNN's ``_int_mm`` is fast without
     prepacked weights (AMX, VNNI), else ``bf16``."""
-    return "s8s8" if _has("AMX", flags, onednn_cap) or _has("VNNI", flags, onednn_cap) else "bf16"
+    return "s8s8" if amx_int8(flags, onednn_cap) or _has("VNNI", flags, onednn_cap) else "bf16"
 
 
 def eager_kernels(flags: frozenset[str] | None = None, onednn_cap: str | None = None) -> dict[str, str]:
