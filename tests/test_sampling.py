@@ -4,7 +4,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.sampling import SamplingParams, apply_penalties, new_generator, sample, token_logprobs
+from server.engine.sampling import (
+    SamplingParams,
+    apply_penalties,
+    first_maximum,
+    new_generator,
+    sample,
+    token_logprobs,
+)
 
 
 def logits():
@@ -13,6 +20,20 @@ def logits():
 
 def test_greedy_takes_the_argmax():
     assert sample(logits(), SamplingParams(max_tokens=1, temperature=0), new_generator(None), [], []) == 1
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.one_of(st.sampled_from([2.0, -1.0, float("inf"), float("-inf"), float("nan")]), st.floats(width=32)),
+        min_size=1,
+        max_size=70,
+    )
+)
+def test_the_greedy_maximum_is_torchs_argmax(values):
+    """Ties, infinities and NaN (torch's argmax takes a NaN as the largest) pick the index torch picks."""
+    row = torch.tensor(values, dtype=torch.float32)
+    assert first_maximum(row) == int(row.argmax())
 
 
 def test_a_greedy_choice_among_tied_logits_leads_its_top_logprobs():
