@@ -101,6 +101,41 @@ def test_this_cpus_eager_kernel_and_the_reference_are_exact(rows):
         assert_exact(w8a8_matmul(x, w, kernel), x, w, kernel)
 
 
+class WeightOnlyProduct(nn.Module):
+    """A weight-only layer's product compiled alone: BF16 activations times INT8 weights, scale 1/2."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        linear = Int8Linear(weight.shape[1], weight.shape[0], bias=False, scheme="weight_only", smooth=False)
+        linear.weight, linear.weight_scale = weight, torch.full((weight.shape[0],), 0.5)
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_a_weight_only_layer_computes_each_row_alike_at_one_row_and_at_a_batchs_rows(tmp_path):
+    """The decode and batch steps' weight-only GEMMs: each row's sums the same bit for bit whatever the count of
+    rows (a sequence computes the same alone and batched), within rounding of the exact sums, and by
+    q8chat's BF16-pairs micro-kernel where the CPU has AVX512_BF16 without AMX (``bf16_pairs_gemm``)."""
+    _, w = operands(4, k=1536, n=576, seed=5)
+    x = torch.randn(4, 1536, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).float()
+    x[1, :7] = 300.0  # a row with outliers, as the fallback layers' inputs have
+    rows = {}
+    for count in (1, 4):
+        program = compiled_step.export_step(WeightOnlyProduct(w), (x[None, :count],), None)
+        _, gemms = compiled_step.compile_program(program, tmp_path / str(count), few_rows=True)
+        container = Container(tmp_path / str(count) / "step.so", tmp_path / str(count) / "constants.blob")
+        rows[count] = container.run([x[None, :count]])[0][0]
+        ours = "avx512_bf16" in cpu_flags() and "amx_int8" not in cpu_flags()
+        assert ("template:avx512-bf16-pairs" in gemms) == ours, gemms
+    assert torch.equal(rows[1][0], rows[4][0])
+    want = (x.double() @ w.double().t()) * 0.5
+    # FP32 sums of 1,536 exact products, rounded to BF16 as _weight_int8pack_mm returns them
+    bound = want.abs() * 2**-8 + (x.double().abs() @ w.double().abs().t()) * 0.5 * 2**-20
+    assert torch.all((rows[4].double() - want).abs() <= bound)
+
+
 class IntegerProduct(nn.Module):
     """An INT8 layer's integer product compiled alone: the layer's kernel on token rows [1, T, K] (per-token
     scale 1, so exact integers in), with its float rescale (weight scale 1/2: exact, and not a multiplication by

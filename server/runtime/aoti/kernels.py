@@ -1,7 +1,7 @@
 """What the matrix multiplies of a compiled step run, read from the C++ that AOTInductor generated for it.
 
 Each GEMM of a step is either one of inductor's own C++ templates, whose micro-kernel is told apart by the
-instructions it uses (AMX tiles, AVX-512 VNNI, vector FMA, or ``CppMicroGemmRef``: the plain loop inductor
+instructions it uses (AMX tiles, AVX-512 VNNI, BF16 pairs, vector FMA, or ``CppMicroGemmRef``: the plain loop inductor
 falls back to when no micro-kernel fits the CPU and dtypes), or a call into ATen or oneDNN through the C
 shim (``aoti_torch_cpu_<op>``). The build writes the counts next to the step, the server logs them, and the
 kernel audit fails on a reference kernel. oneDNN's own choice inside an extern call is seen only when it
@@ -19,6 +19,7 @@ _MICRO_KERNELS = (  # the first whose mark a template's code holds names it
     ("template:avx512-vnni", re.compile(r"_mm512_dpbusds?_epi32")),
     ("template:avx-vnni", re.compile(r"_mm256_dpbusds?_(avx_)?epi32")),
     ("template:avx2-int8", re.compile(r"_mm256_maddubs_epi16")),  # q8chat's (int8_gemm)
+    ("template:avx512-bf16-pairs", re.compile(r"_mm512_dpbf16_ps")),  # q8chat's (bf16_pairs_gemm)
     ("template:vector-fma", re.compile(r"at::vec::fmadd")),
     (REFERENCE, re.compile(r"result \+= \(\w+\)A\[m \* lda \+ k\]")),
 )
