@@ -15,8 +15,9 @@ on memory and was no faster than inductor's loops), and each thread takes a cont
 its reads run on through a head's cache (taken one by one, dynamically, the tasks scattered them and the
 steps were slower). The kernel is bound by its instructions more than by the cache's bytes, so: on a BF16
 cache, where the CPU has AVX512_BF16, the BF16 queries score the keys as they are, two depths a lane
-(``vdpbf16ps``: each product exact in FP32, no conversions); four positions' dot products are summed in one
-set of shuffles (``_sum4``); the mask's row and each query's maximum are taken in vectors.
+(``vdpbf16ps``: each product exact in FP32, no conversions), and the values are weighted two positions a
+lane, by the softmax weights rounded to BF16 as the prompt kernel rounds them; four positions' dot products
+are summed in one set of shuffles (``_sum4``); the mask's row and each query's maximum are taken in vectors.
 
 Prompt. Flash attention's way, for CPUs where ATen's flash kernel has no AMX for its BF16 products: a task
 takes ``QUERY_BLOCK`` positions of a key head's queries and steps over the cache ``CHUNK`` positions at a time
@@ -154,8 +155,10 @@ extern "C"
 """
 
 DECODE_KERNEL = r"""
-{%- if key_pairs %}
-#define {{name}}_KEY_PAIRS  // scores from BF16 queries and keys as given: vdpbf16ps, each product exact in FP32
+{%- if bf16_pairs %}
+// BF16 pairs (vdpbf16ps, each product exact in FP32): scores from BF16 queries and keys as given; weighted values
+// from the values as given, two positions a lane, and the softmax weights rounded to BF16
+#define {{name}}_BF16_PAIRS
 {%- endif %}
     constexpr int64_t W = D / VS;
     constexpr int64_t CHUNK = {{chunk}};
@@ -188,7 +191,7 @@ DECODE_KERNEL = r"""
                 }
                 continue;
             }
-#ifdef {{name}}_KEY_PAIRS
+#ifdef {{name}}_BF16_PAIRS
             __m512bh query[G][D / 32];  // BF16 as given, two depths a lane; the scale taken on the sums
             for (int64_t g = 0; g < G; ++g) {
                 for (int64_t w = 0; w < D / 32; ++w) {
@@ -221,7 +224,7 @@ DECODE_KERNEL = r"""
                     // the keys a few positions ahead, and for the values this chunk will weigh next
                     if (l + PREFETCH < ahead) {{name}}_prefetch(keys + (l + PREFETCH) * {{k_l}});
                     {{name}}_prefetch(values + l * {{v_l}});
-#ifdef {{name}}_KEY_PAIRS
+#ifdef {{name}}_BF16_PAIRS
                     __m512bh key[D / 32];
                     for (int64_t w = 0; w < D / 32; ++w) {
                         key[w] = (__m512bh)_mm512_loadu_si512(keys + l * {{k_l}} + w * 32);
@@ -278,6 +281,41 @@ DECODE_KERNEL = r"""
                 part[g] = peak;
                 part[G + g] = total;
             }
+#ifdef {{name}}_BF16_PAIRS
+            // a lane sums two positions' products for one depth: the two rows interleaved by unpacking, which
+            // orders the depths by 128-bit lane (a lane's 4 of the low unpack, then 4 of the high); the store
+            // puts them back in order
+            __m512 sums[G][W];
+            for (int64_t g = 0; g < G; ++g) {
+                for (int64_t w = 0; w < W; ++w) sums[g][w] = _mm512_setzero_ps();
+            }
+            for (int64_t l = 0; l < n; l += 2) {
+                const bool pair = l + 1 < n;  // an odd chunk's last position pairs with nothing
+                __m512bh rows[W];
+                for (int64_t w = 0; w < D / 32; ++w) {
+                    const __m512i first = _mm512_loadu_si512(values + l * {{v_l}} + w * 32);
+                    const __m512i second = pair ? _mm512_loadu_si512(values + (l + 1) * {{v_l}} + w * 32)
+                                                : _mm512_setzero_si512();
+                    rows[2 * w] = (__m512bh)_mm512_unpacklo_epi16(first, second);
+                    rows[2 * w + 1] = (__m512bh)_mm512_unpackhi_epi16(first, second);
+                }
+                for (int64_t g = 0; g < G; ++g) {
+                    const uint32_t weights = c10::BFloat16(scores[g][l]).x
+                        | (uint32_t)c10::BFloat16(pair ? scores[g][l + 1] : 0.0f).x << 16;
+                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int32_t)weights);
+                    for (int64_t w = 0; w < W; ++w) sums[g][w] = _mm512_dpbf16_ps(sums[g][w], rows[w], weight);
+                }
+            }
+            const __m512i low_order = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+            const __m512i high_order = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+            for (int64_t g = 0; g < G; ++g) {
+                for (int64_t w = 0; w < D / 32; ++w) {
+                    float* out = part + 2 * G + g * D + w * 32;
+                    _mm512_storeu_ps(out, _mm512_permutex2var_ps(sums[g][2 * w], low_order, sums[g][2 * w + 1]));
+                    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(sums[g][2 * w], high_order, sums[g][2 * w + 1]));
+                }
+            }
+#else
             Vec acc[G][W];
             for (int64_t g = 0; g < G; ++g) {
                 for (int64_t w = 0; w < W; ++w) acc[g][w] = Vec(0.0f);
@@ -296,6 +334,7 @@ DECODE_KERNEL = r"""
             for (int64_t g = 0; g < G; ++g) {
                 for (int64_t w = 0; w < W; ++w) acc[g][w].store(part + 2 * G + g * D + w * VS);
             }
+#endif
         }
         #pragma omp for
         for (int64_t row = 0; row < B * KV * G; ++row) {
@@ -702,7 +741,7 @@ def register() -> None:
                 scale=repr(float(self.scale)),
                 num_threads=self.num_threads,
                 bf16_products=bf16_products(k.get_dtype(), v.get_dtype(), head_dim),
-                key_pairs=q.get_dtype() == k.get_dtype() == torch.bfloat16
+                bf16_pairs=q.get_dtype() == k.get_dtype() == torch.bfloat16
                 and bf16_products(k.get_dtype(), v.get_dtype(), head_dim),
                 q_h=kernel.stride(q, 1),
                 mask_b=stride(mask, 0),
