@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 from quant.kernels import cpu_flags
+from server.runtime.aoti.micro_gemm import register_micro_kernel
 
 # inductor's few-rows blockings for weight-only layers (``check_int8_woq_small_m_dim``): the template indexes
 # the packed weights in blocks of 32 columns and 64 depths
@@ -107,9 +108,7 @@ def register() -> type:
     It ranks above inductor's FP32 kernel (an AVX-512 VNNI configuration), where it fits: few rows, a fixed
     count (a decode or batch step), a CPU with AVX512_BF16 and no AMX."""
     import torch
-    import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
     from torch._inductor.codegen import cpp_micro_gemm as micro
-    from torch._inductor.codegen.cpp_template import KernelTemplate
     from torch._inductor.cpu_vec_isa import VecAMX, VecAVX512VNNI
 
     def fits(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
@@ -120,30 +119,20 @@ def register() -> type:
             and "avx512_bf16" in cpu_flags()
         )
 
-    class CppMicroGemmBF16PairsInt8(micro.CppMicroGemmFP32Vec):
-        def codegen_define(self, kernel) -> str:
-            options = {
-                "declare_kernel": self.get_kernel_declaration(),
-                "kernel": kernel,
-                "block_m": self.register_blocking.block_m,
-                "block_n": self.register_blocking.block_n,
-                "block_k": self.register_blocking.block_k,
-                **self.get_common_options(),
-            }
-            return "".join(
-                KernelTemplate._template_from_string(source).render(options) for source in (KERNEL, TEMPLATE_ENTRY)
-            )
-
-        def get_b_layout(self):
-            return micro.LayoutType.VNNI2
-
-    configs = micro.generate_gemm_config(
+    dtypes = {
+        "input_dtype": torch.bfloat16,
+        "input2_dtype": torch.int8,
+        "output_dtype": torch.float,
+        "compute_dtype": torch.float,
+    }
+    # derived from inductor's FP32 kernel, so that the template keeps its few-rows form for it
+    return register_micro_kernel(
+        "CppMicroGemmBF16PairsInt8",
+        "CppMicroGemmFP32Vec",
+        (KERNEL, TEMPLATE_ENTRY),
+        "VNNI2",
         VecAVX512VNNI,
         BLOCKINGS,
-        input_dtype=torch.bfloat16,
-        input2_dtype=torch.int8,
-        output_dtype=torch.float,
-        compute_dtype=torch.float,
-        extra_check=fits,
+        dtypes,
+        fits,
     )
-    return micro.register_micro_gemm(*configs)(CppMicroGemmBF16PairsInt8)

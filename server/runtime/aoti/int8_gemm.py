@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 
+from server.runtime.aoti.micro_gemm import register_micro_kernel
+
 # rows, columns, depth: a few rows share each loaded column vector (prefill, batch), one row streams several.
 # The template packs the weights in blocks of the blocking's columns: AVX-512's blockings take the same 32, so
 # that every step's packed weights are alike and shared (``server.runtime.aoti.constants``).
@@ -199,41 +201,21 @@ def fits(config, m, n, k, *args, dynamic_M=False, **kwargs) -> bool:
 def register() -> dict[str, type]:
     """Add the micro-kernels to inductor's registry, once per process (registering twice is an error);
     returns their classes (the registry's keys) by the ISA they run on."""
-    import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
-    from torch._inductor.codegen import cpp_micro_gemm as micro
-    from torch._inductor.codegen.cpp_template import KernelTemplate
+    import torch
     from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512VNNI
 
+    dtypes = {
+        "input_dtype": torch.int8,
+        "input2_dtype": torch.int8,
+        "output_dtype": torch.int32,
+        "compute_dtype": torch.int32,
+    }
+
     def micro_kernel(name: str, kernel_source: str, isa, blockings, row_sums: bool) -> type:
-        class Int8MicroGemm(micro.CppMicroGemm):
-            def codegen_define(self, kernel) -> str:
-                options = {
-                    "declare_kernel": self.get_kernel_declaration(),
-                    "kernel": kernel,
-                    "block_m": self.register_blocking.block_m,
-                    "block_n": self.register_blocking.block_n,
-                    "row_sums": row_sums,
-                    **self.get_common_options(),
-                }
-                return "".join(
-                    KernelTemplate._template_from_string(source).render(options)
-                    for source in (kernel_source, TEMPLATE_ENTRY)
-                )
-
-            def get_b_layout(self):
-                return micro.LayoutType.VNNI4
-
-        Int8MicroGemm.__name__ = Int8MicroGemm.__qualname__ = name
-        configs = micro.generate_gemm_config(
-            isa,
-            blockings,
-            input_dtype=torch.int8,
-            input2_dtype=torch.int8,
-            output_dtype=torch.int32,
-            compute_dtype=torch.int32,
-            extra_check=fits,
+        sources = (kernel_source, TEMPLATE_ENTRY)
+        return register_micro_kernel(
+            name, "CppMicroGemm", sources, "VNNI4", isa, blockings, dtypes, fits, row_sums=row_sums
         )
-        return micro.register_micro_gemm(*configs)(Int8MicroGemm)
 
     return {
         "avx2": micro_kernel("CppMicroGemmAVX2Int8", AVX2_KERNEL, VecAVX2, AVX2_BLOCKINGS, row_sums=False),

@@ -45,7 +45,7 @@ from quant import int8, kernels
 from quant.kernels import bf16_prompt_gemm
 from quant.load import fingerprint
 from server.runtime import attention_op, compact, heap, static_llama, static_mpt
-from server.runtime.aoti import attention, bf16_pairs_gemm, int8_gemm, weight_only
+from server.runtime.aoti import attention, bf16_pairs_gemm, int8_gemm, micro_gemm, weight_only
 from server.runtime.aoti import constants as step_constants
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti.constants import SharedConstants, release_constants, unused_constants
@@ -65,6 +65,7 @@ _SOURCES = (
     step_kernels.__file__,
     int8_gemm.__file__,
     bf16_pairs_gemm.__file__,
+    micro_gemm.__file__,
     weight_only.__file__,
     __file__,
 )
