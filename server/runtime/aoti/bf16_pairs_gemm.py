@@ -5,11 +5,11 @@ Inductor's own (``CppMicroGemmFP32Vec``) converts each weight to FP32 and multip
 product, and reads each row's BF16 activation as a scalar at every depth. One row is bound by reading the
 weights either way; four rows (the batch step) are bound by the FMAs, 16 products an instruction. This one
 converts each pair of depths of 16 columns to BF16 once (exact: an INT8 value has 8 significant bits at most)
-and multiplies every row by it with ``vdpbf16ps``, 32 products an instruction. Each product is exact in FP32
-and is added to the row's sum in order (the odd depth's, then the even's, as the instruction does), so a row
-sums the same whatever rows it runs with: the batch step computes what the one-row step does. (The sums differ
-from inductor's kernel and ATen's ``_weight_int8pack_mm`` in their rounding, as those differ from each other.)
-The instruction treats BF16 subnormals (below 1.2e-38) as zero.
+and multiplies every row by it with ``vdpbf16ps``, 32 products an instruction. Each product is exact in FP32,
+and a row's sums take the same instructions in the same order whatever rows it runs with: the batch step
+computes what the one-row step does. (The sums differ from inductor's kernel and ATen's ``_weight_int8pack_mm``
+in their rounding, as those differ from each other.) The instruction treats BF16 subnormals (below 1.2e-38) as
+zero.
 
 It subclasses inductor's kernel so that the template keeps its few-rows form (a thread a block of 32 columns,
 the depth in blocks of 64 summed in order), and asks for the weights packed in pairs of depths (VNNI2:
