@@ -101,19 +101,6 @@ def test_this_cpus_eager_kernel_and_the_reference_are_exact(rows):
         assert_exact(w8a8_matmul(x, w, kernel), x, w, kernel)
 
 
-class WeightOnlyProduct(nn.Module):
-    """A weight-only layer's product compiled alone: BF16 activations times INT8 weights, scale 1/2."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        linear = Int8Linear(weight.shape[1], weight.shape[0], bias=False, scheme="weight_only", smooth=False)
-        linear.weight, linear.weight_scale = weight, torch.full((weight.shape[0],), 0.5)
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
-
-
 def test_a_weight_only_layer_computes_each_row_alike_at_one_row_and_at_a_batchs_rows(tmp_path):
     """The decode and batch steps' weight-only GEMMs: each row's sums the same bit for bit whatever the count of
     rows (a sequence computes the same alone and batched), within rounding of the exact sums, and by
@@ -123,7 +110,7 @@ def test_a_weight_only_layer_computes_each_row_alike_at_one_row_and_at_a_batchs_
     x[1, :7] = 300.0  # a row with outliers, as the fallback layers' inputs have
     rows = {}
     for count in (1, 4):
-        program = compiled_step.export_step(WeightOnlyProduct(w), (x[None, :count],), None)
+        program = compiled_step.export_step(IntegerProduct(w, scheme="weight_only"), (x[None, :count],), None)
         _, gemms = compiled_step.compile_program(program, tmp_path / str(count), few_rows=True)
         container = Container(tmp_path / str(count) / "step.so", tmp_path / str(count) / "constants.blob")
         rows[count] = container.run([x[None, :count]])[0][0]
@@ -139,11 +126,11 @@ def test_a_weight_only_layer_computes_each_row_alike_at_one_row_and_at_a_batchs_
 class IntegerProduct(nn.Module):
     """An INT8 layer's integer product compiled alone: the layer's kernel on token rows [1, T, K] (per-token
     scale 1, so exact integers in), with its float rescale (weight scale 1/2: exact, and not a multiplication by
-    one that inductor would drop, taking the INT8 pattern with it)."""
+    one that inductor would drop, taking the INT8 pattern with it). ``weight_only``: BF16 activations instead."""
 
-    def __init__(self, weight: torch.Tensor, kernel: str) -> None:
+    def __init__(self, weight: torch.Tensor, kernel: str | None = None, scheme: str = "dynamic") -> None:
         super().__init__()
-        linear = Int8Linear(weight.shape[1], weight.shape[0], bias=False, scheme="dynamic", smooth=False)
+        linear = Int8Linear(weight.shape[1], weight.shape[0], bias=False, scheme=scheme, smooth=False)
         linear.weight, linear.weight_scale = weight, torch.full((weight.shape[0],), 0.5)
         self.linear = linear.with_kernel(kernel)
 

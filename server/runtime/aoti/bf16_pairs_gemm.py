@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 
 from quant.kernels import cpu_flags
-from server.runtime.aoti.micro_gemm import register_micro_kernel
+from server.runtime.aoti.micro_gemm import inductor_micro_gemm, register_micro_kernel
 
 # inductor's few-rows blockings for weight-only layers (``check_int8_woq_small_m_dim``): the template indexes
 # the packed weights in blocks of 32 columns and 64 depths
@@ -108,8 +108,9 @@ def register() -> type:
     It ranks above inductor's FP32 kernel (an AVX-512 VNNI configuration), where it fits: few rows, a fixed
     count (a decode or batch step), a CPU with AVX512_BF16 and no AMX."""
     import torch
-    from torch._inductor.codegen import cpp_micro_gemm as micro
     from torch._inductor.cpu_vec_isa import VecAMX, VecAVX512VNNI
+
+    micro = inductor_micro_gemm()
 
     def fits(config, m, n, k, alpha, num_threads, **kwargs) -> bool:
         return (

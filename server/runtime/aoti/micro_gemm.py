@@ -6,6 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
+def inductor_micro_gemm():
+    """Inductor's ``cpp_micro_gemm`` module (its micro-kernel registry), imported after the GEMM template
+    machinery: imported first, it is a circular import."""
+    import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
+    from torch._inductor.codegen import cpp_micro_gemm
+
+    return cpp_micro_gemm
+
+
 def register_micro_kernel(
     name: str,
     base: str,
@@ -22,8 +31,7 @@ def register_micro_kernel(
     the weights in ``layout`` (a ``LayoutType`` name), registered for ``isa`` with ``blockings`` and ``dtypes``
     (``generate_gemm_config``'s) where ``extra_check`` passes. Registering a class twice is an error: callers
     register once a process."""
-    import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
-    from torch._inductor.codegen import cpp_micro_gemm as micro
+    micro = inductor_micro_gemm()
     from torch._inductor.codegen.cpp_template import KernelTemplate
 
     def codegen_define(self, kernel) -> str:

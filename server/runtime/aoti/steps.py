@@ -213,9 +213,9 @@ def _register_one_row_micro_kernel() -> None:
     GEMVs run: its own blockings give one row 16 columns, two FMA chains per k, and the chains' latency
     bound it; 64 columns give eight. 25-30 % faster on this model's decode GEMVs on an AVX2 EPYC
     (576x3072: 97 against 139 us). Registered once per process, beside inductor's own."""
-    import torch._inductor.kernel.mm  # noqa: F401  (imports the template machinery in its order)
-    from torch._inductor.codegen import cpp_micro_gemm as micro
     from torch._inductor.cpu_vec_isa import VecAVX2
+
+    micro = micro_gemm.inductor_micro_gemm()
 
     def one_row(config, m, *args, **kwargs) -> bool:
         return m == 1 and micro.check_int8_woq_small_m_dim(config, m, *args, **kwargs)
