@@ -26,6 +26,7 @@ from quant.kernels import default_kernels, eager_kernels
 from server.runtime.aoti import kernels as step_kernels
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.constants import SharedConstants
+from server.runtime.aoti.read_ahead import read_ahead
 from server.runtime.compact import (
     DEFAULT_KV_DTYPE,
     UnsupportedForCompile,
@@ -340,6 +341,7 @@ def make_decoder(
             ready.append(step)
         except Exception as exc:  # no C++ compiler, an inductor bug, too little memory: serve, and say why
             _not_compiled(step, exc)
+    read_ahead([packages[step] for step in ready])
     steps, shared = {}, SharedConstants()
     for step in ready:
         try:
