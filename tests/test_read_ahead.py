@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.runtime.aoti.read_ahead import WINDOW, constant_files, read_ahead
+from server.runtime.aoti.read_ahead import DEFAULT_WINDOW, constant_files, read_ahead, window
 from server.runtime.aoti.steps import CONSTANTS, SPANS
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -56,8 +56,20 @@ def test_files_come_in_load_order_and_a_package_without_spans_is_skipped(tmp_pat
     assert list(constant_files([decode, broken, prefill])) == expected
 
 
+def test_a_window_is_what_one_call_reads_on_the_files_disk(tmp_path):
+    assert window(os.makedev(0, 0)) == DEFAULT_WINDOW  # no block device: an overlay or a memory file system
+    device = os.stat(tmp_path).st_dev
+    queue = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    queue = queue / "queue" if (queue / "queue").is_dir() else queue / ".." / "queue"
+    if not queue.is_dir():
+        pytest.skip("the test's files are on no block device sysfs lists")
+    limits = [int((queue / name).read_text()) << 10 for name in ("read_ahead_kb", "max_sectors_kb")]
+    assert window(device) == max(limits)
+
+
 def test_read_ahead_brings_every_window_of_the_files_into_the_page_cache(tmp_path):
-    step = package(tmp_path, "decode", 2, 3 * WINDOW + 12345)  # more than one window, and a partial last one
+    # two windows and a partial third: past what one call for the whole file reads
+    step = package(tmp_path, "decode", 2, 2 * window(os.stat(tmp_path).st_dev) + 12345)
     files = list(constant_files([step]))
     for path in files:  # out of the page cache (clean pages, synced above)
         descriptor = os.open(path, os.O_RDONLY)
