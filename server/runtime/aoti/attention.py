@@ -57,6 +57,17 @@ inline bool {{name}}_biases(const bool* mask, int64_t stride, int64_t n, float* 
     int64_t l = 0;
     if (stride == 1) {
         const uint8_t* bytes = reinterpret_cast<const uint8_t*>(mask);
+        bool all = n > 0 && n % 8 == 0;  // every position attended (most of a long prompt's rows): zeros
+        for (int64_t i = 0; all && i < n; i += 8) {
+            uint64_t word;
+            std::memcpy(&word, bytes + i, 8);
+            all = word == 0x0101010101010101ull;
+        }
+        if (all) {
+            for (; l + VS <= n; l += VS) Vec(0.0f).store(row + l);
+            for (; l < n; ++l) row[l] = 0.0f;
+            return true;
+        }
         for (; l + VS <= n; l += VS) {
             const auto flags = at::vec::convert<float>(
                 at::vec::convert<int32_t>(at::vec::Vectorized<uint8_t>::loadu(bytes + l, VS)));
@@ -84,6 +95,12 @@ inline bool {{name}}_biases(const T* bias, int64_t stride, int64_t n, float* row
         any |= row[l] != -std::numeric_limits<float>::infinity();
     }
     return any;
+}
+// n elements for a kernel's own use, left as they are: make_unique<T[]> would zero them first, a serial pass on
+// one thread while the others wait; every element read is written first
+template <typename T>
+inline std::unique_ptr<T[]> {{name}}_scratch(int64_t n) {
+    return std::unique_ptr<T[]>(new T[n]);
 }
 inline at::vec::Vectorized<float> {{name}}_load(const float* p) { return at::vec::Vectorized<float>::loadu(p); }
 inline at::vec::Vectorized<float> {{name}}_load(const c10::BFloat16* p) {
@@ -165,7 +182,7 @@ DECODE_KERNEL = r"""
     constexpr int64_t PREFETCH = {{prefetch}};  // positions
     constexpr int64_t PART = G * (D + 2);  // a task's G maxima, G sums of weights, G weighted values
     const int64_t chunks = (L + CHUNK - 1) / CHUNK;
-    auto partials_owner = std::make_unique<float[]>(B * KV * chunks * PART);
+    auto partials_owner = {{name}}_scratch<float>(B * KV * chunks * PART);
     float* partials = partials_owner.get();
     #pragma omp parallel num_threads({{num_threads}})
     {
@@ -268,11 +285,13 @@ DECODE_KERNEL = r"""
                 if (peak == NEG_INF) {
                     for (; l < n; ++l) scores[g][l] = 0.0f;
                 } else {
+                    Vec totals(0.0f);
                     for (; l + VS <= n; l += VS) {
                         const Vec weight = (Vec::loadu(scores[g] + l) - Vec(peak)).exp();
                         weight.store(scores[g] + l);
-                        total += {{name}}_sum(weight);
+                        totals = totals + weight;
                     }
+                    total = {{name}}_sum(totals);
                     for (; l < n; ++l) {
                         scores[g][l] = std::exp(scores[g][l] - peak);
                         total += scores[g][l];
@@ -282,6 +301,17 @@ DECODE_KERNEL = r"""
                 part[G + g] = total;
             }
 #ifdef {{name}}_BF16_PAIRS
+            // the weights as BF16, two positions an element (zero past the chunk's end), converted 32 at a time
+            // and rounded to nearest even as the prompt kernel rounds them
+            static_assert(CHUNK % 32 == 0, "whole conversions");
+            uint32_t pairs[G][CHUNK / 2];
+            for (int64_t g = 0; g < G; ++g) {
+                std::fill(scores[g] + n, scores[g] + CHUNK, 0.0f);
+                for (int64_t l = 0; l < n; l += 32) {
+                    _mm512_storeu_si512(pairs[g] + l / 2, (__m512i)_mm512_cvtne2ps_pbh(
+                        _mm512_loadu_ps(scores[g] + l + 16), _mm512_loadu_ps(scores[g] + l)));
+                }
+            }
             // a lane sums two positions' products for one depth: the two rows interleaved by unpacking, which
             // orders the depths by 128-bit lane (a lane's 4 of the low unpack, then 4 of the high); the store
             // puts them back in order
@@ -300,9 +330,7 @@ DECODE_KERNEL = r"""
                     rows[2 * w + 1] = (__m512bh)_mm512_unpackhi_epi16(first, second);
                 }
                 for (int64_t g = 0; g < G; ++g) {
-                    const uint32_t weights = c10::BFloat16(scores[g][l]).x
-                        | (uint32_t)c10::BFloat16(pair ? scores[g][l + 1] : 0.0f).x << 16;
-                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int32_t)weights);
+                    const __m512bh weight = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pairs[g][l / 2]));
                     for (int64_t w = 0; w < W; ++w) sums[g][w] = _mm512_dpbf16_ps(sums[g][w], rows[w], weight);
                 }
             }
@@ -476,11 +504,11 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
     // every key head's keys (each step's transposed, [D, KC]) and values ([KC, D]) as operands, zero past the
     // cache's end (weighed by zero, they add nothing): converted once, read by all of the head's tasks
     constexpr int64_t STEP = 2 * D * KC / PAIR;  // operand elements a step of a head
-    auto converted = std::make_unique<Op[]>(B * KV * chunks * STEP);
+    auto converted = {{name}}_scratch<Op>(B * KV * chunks * STEP);
     #pragma omp parallel num_threads({{num_threads}})
     {
 #ifndef {{name}}_PAIRS
-        auto staging = std::make_unique<float[]>(KC * D);  // a step's keys before they are transposed
+        auto staging = {{name}}_scratch<float>(KC * D);  // a step's keys before they are transposed
         float* staged = staging.get();
 #endif
         #pragma omp for
@@ -535,13 +563,13 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
         // a thread's scratch: scaled queries (and with BF16 products, the softmax weights) as operands, scores,
         // the rows' running output, maximum and sum of weights
 #ifdef {{name}}_PAIRS
-        auto operands = std::make_unique<Op[]>(R * D / PAIR + R * KC / PAIR);
+        auto operands = {{name}}_scratch<Op>(R * D / PAIR + R * KC / PAIR);
         Op* weights = operands.get() + R * D / PAIR;
 #else
-        auto operands = std::make_unique<Op[]>(R * D);
+        auto operands = {{name}}_scratch<Op>(R * D);
 #endif
         Op* qs = operands.get();
-        auto scratch = std::make_unique<float[]>(R * KC + R * D + 2 * R);
+        auto scratch = {{name}}_scratch<float>(R * KC + R * D + 2 * R);
         float* s = scratch.get();
         float* o = s + R * KC;
         float* peak = o + R * D;
@@ -572,11 +600,12 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
             for (int64_t c0 = 0; c0 < L; c0 += KC) {
                 const int64_t n = std::min(KC, L - c0);
                 bool any = false;  // whether any row attends to a position of this step
-                for (int64_t r = 0; r < R; ++r) {
+                for (int64_t r = 0; r < R; ++r) {  // the first head's rows first
                     const int64_t g = r / QB, t = r % QB;
                     float* row = s + r * KC;
                     int64_t l = 0;
-                    if (g > 0 && {{mask_h}} == 0) {  // the heads share the mask: the first head's row
+                    if (g > 0 && {{mask_h}} == 0) {  // the heads share the mask: the first head's row, if any attends
+                        if (!any) break;
                         std::copy(s + t * KC, s + (t + 1) * KC, row);
                         continue;
                     }
@@ -706,9 +735,8 @@ def register() -> None:
                 # allocated here: inductor's allocation names a prompt's length by the graph's symbol, not the
                 # kernel's
                 numel = cexpr_index(kernel.rename_indexing(att.get_numel()))
-                local_buffer = (
-                    f"auto att_owner = std::make_unique<float[]>({numel}); float* att_local = att_owner.get();"
-                )
+                owner = f"auto att_owner = {kernel.kernel_name}_scratch<float>({numel});"
+                local_buffer = f"{owner} float* att_local = att_owner.get();"
                 local = kernel.local_buffers["att_local"]
                 if flag_template_buffer_has_other_users:
                     stores.append(kernel.store_output(att, local))
