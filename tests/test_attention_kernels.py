@@ -210,3 +210,14 @@ def test_the_kernels_are_right_with_avx2_vectors_too():
         text=True,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@torch.no_grad()
+def test_keys_and_values_from_one_tensor():
+    """Keys and values sliced from one tensor inside the step (a fused cache): the kernel takes each by its own
+    name, where inductor would have passed their one buffer once."""
+    q, k, v, mask = inputs(6, 2, [70, 20], 96, False)
+    kv = torch.stack([k, v])
+    expected = decode_attention(q, k, v, mask, 0.125)
+    result = compiled(lambda q, kv, mask: decode_attention(q, kv[0], kv[1], mask, 0.125), q, kv, mask)
+    torch.testing.assert_close(result, expected, atol=2e-2, rtol=1e-2)

@@ -788,6 +788,8 @@ def register() -> None:
         def lower(q, k, v, mask, scale):
             q = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(q))
             k, v, mask = (ir.ExternKernel.require_stride1(ir.ExternKernel.realize_input(x)) for x in (k, v, mask))
+            if v.get_name() == k.get_name():  # views of one buffer: the kernel's signature would name it once
+                v = ir.ExternKernel.copy_input(v)
             size = list(q.get_size())
             layout = ir.FixedLayout(q.get_device(), torch.float32, size, ir.FlexibleLayout.contiguous_strides(size))
             choices: list = []
