@@ -41,13 +41,23 @@ def alternating_chats(
 
 def cached_share(usage: list[list[dict]]) -> dict:
     """Of every prompt after each conversation's first, the share the server had cached: the smallest, and
-    over all of them."""
+    over all of them. A prompt's new question can come from no cache, so next to it the share of the history
+    (the previous turn's prompt and answer, which the server computed but for the answer's last token): what
+    a cache could have held."""
     later = [turn for conversation in usage for turn in conversation[1:]]
+    history = [
+        earlier["prompt_tokens"] + earlier["completion_tokens"]
+        for conversation in usage
+        for earlier in conversation[:-1]
+    ]
     shares = [turn["cached_tokens"] / turn["prompt_tokens"] for turn in later]
+    of_history = [turn["cached_tokens"] / held for turn, held in zip(later, history, strict=True)]
     return {
         "turns": usage,
         "min_cached_share": round(min(shares), 3),
         "cached_share": round(sum(t["cached_tokens"] for t in later) / sum(t["prompt_tokens"] for t in later), 3),
+        "min_history_share": round(min(of_history), 3),
+        "history_share": round(sum(t["cached_tokens"] for t in later) / sum(history), 3),
     }
 
 

@@ -270,5 +270,9 @@ def markdown(report: dict) -> str:
             )
     lines += ["", f"Two users alternating {CHAT_TURNS}-turn chats, prompts after each user's first from the cache:"]
     for flags, share in report.get("alternating_chats", {}).items():
-        lines.append(f"- `{flags}`: {share['cached_share']:.0%} over all, {share['min_cached_share']:.0%} at least")
+        lines.append(
+            f"- `{flags}`: {share['cached_share']:.0%} over all, {share['min_cached_share']:.0%} at least; of the "
+            f"history resent (all but the new question), {share['history_share']:.0%} over all, "
+            f"{share['min_history_share']:.0%} at least"
+        )
     return "\n".join(lines)

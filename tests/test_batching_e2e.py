@@ -84,4 +84,6 @@ def test_two_users_taking_turns_each_find_their_conversation_in_a_slot(batched):
     for turns in usage:
         for earlier, later in zip(turns, turns[1:], strict=False):
             assert later["cached_tokens"] >= earlier["prompt_tokens"] + earlier["completion_tokens"] - 1, usage
-    assert 0.5 < cached_share(usage)["min_cached_share"] <= cached_share(usage)["cached_share"] < 1
+    shares = cached_share(usage)
+    assert 0.5 < shares["min_cached_share"] <= shares["cached_share"] < 1
+    assert 0.9 < shares["min_history_share"] <= shares["history_share"] <= 1
