@@ -7,8 +7,11 @@ from hypothesis import strategies as st
 from server.engine.sampling import (
     SamplingParams,
     apply_penalties,
+    choose,
     first_maximum,
+    greedy_shortcut,
     new_generator,
+    processed_logits,
     sample,
     token_logprobs,
 )
@@ -34,6 +37,33 @@ def test_the_greedy_maximum_is_torchs_argmax(values):
     """Ties, infinities and NaN (torch's argmax takes a NaN as the largest) pick the index torch picks."""
     row = torch.tensor(values, dtype=torch.float32)
     assert first_maximum(row) == int(row.argmax())
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.one_of(st.sampled_from([2.0, -1.0, float("inf"), float("-inf"), float("nan")]), st.floats(width=32)),
+        min_size=1,
+        max_size=70,
+    )
+)
+def test_the_greedy_shortcut_picks_what_processed_logits_pick(values):
+    """Read off the raw logits where it can (their maximum finite), the shortcut takes the token the processed
+    logits give; where processing could change it (NaN, an infinity on top), it declines."""
+    row, greedy = torch.tensor(values, dtype=torch.float32), SamplingParams(max_tokens=1, temperature=0)
+    processed = choose(processed_logits(row, greedy, [], []), greedy, new_generator(0))
+    token = greedy_shortcut(row, greedy, [])
+    assert token is None or token == processed
+    top = row[int(row.argmax())]
+    assert (token is None) == bool(torch.isnan(top) or torch.isinf(top))
+
+
+def test_the_greedy_shortcut_declines_sampling_and_penalties():
+    row = logits()
+    assert greedy_shortcut(row, SamplingParams(max_tokens=1, temperature=0.7), []) is None
+    assert greedy_shortcut(row, SamplingParams(max_tokens=1, temperature=0, repetition_penalty=1.2), []) is None
+    assert greedy_shortcut(row, SamplingParams(max_tokens=1, temperature=0, presence_penalty=1.0), [1]) is None
+    assert greedy_shortcut(row, SamplingParams(max_tokens=1, temperature=0, presence_penalty=1.0), []) == 1
 
 
 def test_a_greedy_choice_among_tied_logits_leads_its_top_logprobs():

@@ -22,6 +22,7 @@ from server.engine.sampling import (
     SamplingParams,
     TokenLogprobs,
     choose,
+    greedy_shortcut,
     new_generator,
     processed_logits,
     token_logprobs,
@@ -93,9 +94,13 @@ class Sequence:
         """Sample the next token from the logits after ``pending``'s last; it becomes ``pending`` unless the
         generation ends here (a ``finish_reason``)."""
         params, matcher = self.params, self.matcher
-        processed = processed_logits(logits, params, self.prompt_ids, self.generated, matcher and matcher.allowed())
-        token = choose(processed, params, self.generator)
-        scored = token_logprobs(processed, token, self.logprobs) if self.logprobs is not None else None
+        token = None if matcher is not None or self.logprobs is not None else greedy_shortcut(logits, params, self.generated)
+        scored = None
+        if token is None:
+            allowed = matcher and matcher.allowed()
+            processed = processed_logits(logits, params, self.prompt_ids, self.generated, allowed)
+            token = choose(processed, params, self.generator)
+            scored = token_logprobs(processed, token, self.logprobs) if self.logprobs is not None else None
         self.generated.append(token)
         self.stats.completion_tokens = len(self.generated)
         self.pending = [token]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ def new_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def penalized(params: SamplingParams, generated: list[int]) -> bool:
+    """Whether ``apply_penalties`` changes any logit."""
+    return params.repetition_penalty != 1.0 or bool(generated and (params.presence_penalty or params.frequency_penalty))
+
+
 def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], generated: list[int]
 ) -> torch.Tensor:
@@ -53,7 +59,8 @@ def processed_logits(
     """The logits the sampler draws from (before temperature and truncation): penalties applied, tokens a
     grammar does not allow (``allowed`` False) at -inf. Penalties that overflow a logit to infinity leave it
     the largest finite one."""
-    logits = apply_penalties(logits.float().clone(), params, prompt_ids, generated)
+    if penalized(params, generated):  # in place, on a copy
+        logits = apply_penalties(logits.float().clone(), params, prompt_ids, generated)
     logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
     if allowed is not None:
         logits.masked_fill_(~allowed, float("-inf"))
@@ -65,6 +72,18 @@ def first_maximum(logits: torch.Tensor) -> int:
     as ``torch.argmax`` gives it: numpy's argmax scans a vocabulary's logits in vectors, torch's CPU argmax
     one value at a time (ten times longer, a per cent of a small model's decode step)."""
     return int(logits.numpy().argmax())
+
+
+def greedy_shortcut(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> int | None:
+    """The greedy token read off the model's logits where processing them (``processed_logits`` without a
+    grammar) could not change it: no penalty, and their largest value finite (not NaN nor infinite, which
+    processing replaces). None where it could: process them. It spares a decode step two passes over the
+    vocabulary's logits."""
+    if params.temperature != 0 or penalized(params, generated):
+        return None
+    values = logits.float().numpy()
+    token = int(values.argmax())  # the first maximum; the first NaN where there is one
+    return token if math.isfinite(values[token]) else None
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
@@ -96,6 +115,8 @@ def sample(
     allowed: torch.Tensor | None = None,
 ) -> int:
     """One token id from a 1-D logits vector (see ``processed_logits`` and ``choose``)."""
+    if allowed is None and (token := greedy_shortcut(logits, params, generated)) is not None:
+        return token
     return choose(processed_logits(logits, params, prompt_ids, generated, allowed), params, generator)
 
 
