@@ -94,8 +94,9 @@ class Sequence:
         """Sample the next token from the logits after ``pending``'s last; it becomes ``pending`` unless the
         generation ends here (a ``finish_reason``)."""
         params, matcher = self.params, self.matcher
-        token = None if matcher is not None or self.logprobs is not None else greedy_shortcut(logits, params, self.generated)
-        scored = None
+        token, scored = None, None
+        if matcher is None and self.logprobs is None:
+            token = greedy_shortcut(logits, params, self.generated)
         if token is None:
             allowed = matcher and matcher.allowed()
             processed = processed_logits(logits, params, self.prompt_ids, self.generated, allowed)
