@@ -221,3 +221,20 @@ def test_keys_and_values_from_one_tensor():
     expected = decode_attention(q, k, v, mask, 0.125)
     result = compiled(lambda q, kv, mask: decode_attention(q, kv[0], kv[1], mask, 0.125), q, kv, mask)
     torch.testing.assert_close(result, expected, atol=2e-2, rtol=1e-2)
+
+
+@torch.no_grad()
+def test_the_last_query_of_a_prompt():
+    """A prompt's last layer attends for its last position alone (``compact.last_query``): the query and the mask
+    row are slices that start inside their tensors, which the kernel reads from where they start."""
+    torch.manual_seed(0)
+    count, width = 40, 40
+    q = torch.randn(1, 6, count, 64).to(torch.bfloat16)
+    k, v = cache_of(torch.bfloat16, 1, 2, width + 7, 64)[:, :, :, :width]
+    mask = attention_mask(width + 7, 0, count, compiled=True)[None, None]  # [1, 1, T, L], causal
+
+    def last(q, k, v, mask):
+        return decode_attention(q[:, :, -1:], k, v, mask[..., -1:, :], 0.125)
+
+    expected = F.scaled_dot_product_attention(q[:, :, -1:].float(), k.float(), v.float(), scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(compiled(last, q, k, v, mask), expected, atol=2e-2, rtol=1e-2)

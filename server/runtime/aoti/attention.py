@@ -785,9 +785,15 @@ def register() -> None:
             )
 
     def lowering(op: str, kernel_source: str):
+        def from_start(x):  # the kernel reads an input from its buffer's start: a view that starts inside, copied
+            offset = x.get_layout().offset if isinstance(x, ir.ReinterpretView) else 0
+            return x if V.graph.sizevars.statically_known_equals(offset, 0) else ir.ExternKernel.copy_input(x)
+
         def lower(q, k, v, mask, scale):
-            q = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(q))
-            k, v, mask = (ir.ExternKernel.require_stride1(ir.ExternKernel.realize_input(x)) for x in (k, v, mask))
+            q = from_start(ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(q)))
+            k, v, mask = (
+                from_start(ir.ExternKernel.require_stride1(ir.ExternKernel.realize_input(x))) for x in (k, v, mask)
+            )
             if v.get_name() == k.get_name():  # views of one buffer: the kernel's signature would name it once
                 v = ir.ExternKernel.copy_input(v)
             size = list(q.get_size())
