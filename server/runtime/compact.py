@@ -180,6 +180,26 @@ def attention(
     )
 
 
+def prompt_logits_layer(net: nn.Module, ids: torch.Tensor) -> int | None:
+    """The block of ``net`` (a compact model or its last ``layer_span``) to run for a prompt's last position
+    alone (``last_query``): its last, where it computes the logits after a prompt (one sequence of several
+    tokens); None where every position's output is read (a decode step, an earlier span)."""
+    if net.lm_head is None or ids.shape[0] != 1 or ids.shape[1] == 1:
+        return None
+    return len(net.blocks) - 1
+
+
+def last_query(
+    q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last position's query ``[B, H, 1, D]``, hidden state ``[B, 1, hidden]`` and mask row of a prompt's
+    ``q``, ``x`` and ``mask`` (None: causal, its last row attending all ``length`` positions). A prompt's last
+    layer, once its keys and values are cached, computes the rest for the last position alone: the logits
+    read no other, and no later layer does."""
+    row = torch.ones(1, length, dtype=torch.bool) if mask is None else mask[..., -1:, :]
+    return q[:, :, -1:], x[:, -1:], row
+
+
 # A decode step attends a whole number of these blocks of cache positions, the rest masked. SDPA's CPU
 # kernel sums a partial last block of keys in another order than a whole one, so a token's attention would
 # change in its last bits with the width its batch attends (the farthest sequence's); it does not change

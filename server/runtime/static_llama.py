@@ -21,7 +21,9 @@ from server.runtime.compact import (
     choose_weight_only_kernels,
     fused_layer,
     kv_cache_shape,
+    last_query,
     own_layer,
+    prompt_logits_layer,
     write_kv,
 )
 
@@ -71,7 +73,9 @@ class StaticBlock(nn.Module):
         mask: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """The layer's output, for the last position alone if ``last_only`` (``last_query``)."""
         b, t = x.shape[:2]
         qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
         q, k, v = qkv.split(
@@ -82,6 +86,8 @@ class StaticBlock(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         write_kv(k_cache, v_cache, pos, k, v)
         length = t if mask is None else mask.shape[-1]
+        if last_only:
+            (q, x, mask), t = last_query(q, x, mask, length), 1
         att = attention(q, k_cache[:, :, :length], v_cache[:, :, :length], mask).to(x.dtype)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         gate, up = self.gate_up(_rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
@@ -125,8 +131,9 @@ class StaticLlama(nn.Module):
             cos, sin, mask = cos[:, None, None], sin[:, None, None], mask[:, None, None]
         elif mask is not None:
             mask = mask[None, None]
+        last = prompt_logits_layer(self, ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, cos, sin, mask, caches[2 * i], caches[2 * i + 1])
+            x = block(x, pos, cos, sin, mask, caches[2 * i], caches[2 * i + 1], last_only=i == last)
         if self.lm_head is None:  # a ``layer_span`` before the last
             return x
         return self.lm_head(_rms_norm(x[:, -1], self.norm, self.eps))

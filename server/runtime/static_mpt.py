@@ -20,7 +20,9 @@ from server.runtime.compact import (
     attention,
     check_head_dim,
     choose_weight_only_kernels,
+    last_query,
     own_layer,
+    prompt_logits_layer,
     write_kv,
 )
 
@@ -54,8 +56,15 @@ class MptBlock(nn.Module):
         self.down_proj = own_layer(ffn.down_proj, kernel)
 
     def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        bias: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """The block's output, for the last position alone if ``last_only`` (``last_query``)."""
         b, t = x.shape[:2]
         qkv = self.wqkv(self.norm_1(x))
         if self.clip:
@@ -63,6 +72,8 @@ class MptBlock(nn.Module):
         q, k, v = (part.view(b, t, self.heads, self.head_dim).transpose(1, 2) for part in qkv.chunk(3, dim=-1))
         write_kv(k_cache, v_cache, pos, k, v)
         length = bias.shape[-1]
+        if last_only:
+            (q, x, bias), t = last_query(q, x, bias, length), 1
         att = attention(q, k_cache[:, :, :length], v_cache[:, :, :length], bias, self.scale).to(x.dtype)
         x = x + self.out_proj(att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         h = self.up_proj(self.norm_2(x))
@@ -98,8 +109,9 @@ class StaticMPT(nn.Module):
         dtype = caches[0].dtype if caches[0].is_floating_point() else torch.float32  # an INT8 cache's: FP32
         bias = (self.slopes[:, None, None] * distance).masked_fill(~mask, float("-inf")).to(dtype)
         bias = bias[None] if ids.shape[0] == 1 else bias.transpose(0, 1)[:, :, None]  # [1, H, T, L] / [B, H, 1, L]
+        last = prompt_logits_layer(self, ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, bias, caches[2 * i], caches[2 * i + 1])
+            x = block(x, pos, bias, caches[2 * i], caches[2 * i + 1], last_only=i == last)
         if self.lm_head is None:  # a ``layer_span`` before the last
             return x
         return self.lm_head(self.norm(x[:, -1]))
