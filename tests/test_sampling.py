@@ -136,3 +136,38 @@ def test_every_parameter_the_protocol_accepts_samples_a_valid_token(
     )
     token = sample(logits() * scale, params, new_generator(0), prompt_ids=[0, 3], generated=[1, 1, 4])
     assert 0 <= token < 5
+
+
+def draws(row: torch.Tensor, params: SamplingParams, count: int) -> torch.Tensor:
+    generator = new_generator(0)
+    return torch.tensor([sample(row, params, generator, [], []) for _ in range(count)])
+
+
+def test_sampling_draws_each_token_as_often_as_its_probability():
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
+    counts = torch.bincount(draws(probs.log(), SamplingParams(max_tokens=1), 20000), minlength=5)
+    assert counts[2] == 0
+    torch.testing.assert_close(counts / 20000, probs, atol=0.015, rtol=0)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_renormalized():
+    """Each token whose likelier ones hold no more than top_p stays: here the first two of 0.5, 0.3, 0.15, 0.05."""
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    counts = torch.bincount(draws(probs.log(), SamplingParams(max_tokens=1, top_p=0.7), 8000), minlength=4)
+    assert counts[0] == counts[2] == 0
+    assert abs(counts[1] / 8000 - 0.5 / 0.8) < 0.03
+
+
+def test_a_nucleus_wider_than_the_first_guess_is_found_whole():
+    """A flat distribution over a vocabulary's size: top-p 0.5 keeps about half the tokens, far more than the
+    first ranking (``NUCLEUS_GUESS``), and draws from all of them."""
+    row = torch.linspace(0.0, 1e-3, 49152)  # the later tokens slightly likelier
+    tokens = draws(row, SamplingParams(max_tokens=1, top_p=0.5), 2000)
+    assert int(tokens.min()) >= 49152 // 2 - 100 and len(set(tokens.tolist())) > 1500
+
+
+def test_top_k_then_top_p_sees_the_top_ks_probabilities_renormalized():
+    # top-2 of 0.5, 0.3, 0.15, 0.05 renormalized: 0.625, 0.375; top-p 0.6 then keeps the first alone
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert set(draws(probs.log(), SamplingParams(max_tokens=1, top_k=2, top_p=0.6), 300).tolist()) == {0}
+    assert set(draws(probs.log(), SamplingParams(max_tokens=1, top_k=2, top_p=0.7), 300).tolist()) == {0, 1}

@@ -89,21 +89,48 @@ def greedy_shortcut(logits: torch.Tensor, params: SamplingParams, generated: lis
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from processed logits. Safe for every value the protocol accepts: logits are shifted to
     a maximum of 0 before the temperature divides them, so a tiny temperature sends the others to -inf,
-    never to NaN."""
+    never to NaN. Truncation (``top_k``, then ``top_p`` of what is left) ranks only the likeliest tokens
+    (``_candidates``), and the draw inverts the kept tokens' cumulative probabilities: a sort of the vocabulary
+    and ``torch.multinomial`` over it took several times a small model's decode step."""
     if params.temperature == 0 or not torch.isfinite(logits.max()):
         return first_maximum(logits)
     # a temperature below float32's range would divide by zero (0 / 0 at the maximum)
-    logits = (logits - logits.max()) / max(params.temperature, torch.finfo(logits.dtype).tiny)
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits[logits < kth] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    probs = torch.softmax((logits - logits.max()) / max(params.temperature, torch.finfo(logits.dtype).tiny), dim=-1)
+    if params.top_k <= 0 and params.top_p >= 1.0:
+        return _draw(probs, generator)
+    probs, ids = _candidates(probs, params.top_k, params.top_p)
+    if params.top_p < 1.0:  # keep the smallest set reaching top_p: each token whose likelier ones do not
+        before = probs.cumsum(-1) - probs
+        probs = probs[: int((before <= params.top_p).sum())]
+    return int(ids[_draw(probs, generator)])
+
+
+# Tokens ranked first for top-p: a chat model's nucleus is usually a few dozen; the rank widens until it holds it.
+NUCLEUS_GUESS = 64
+
+
+def _candidates(probs: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The likeliest tokens' probabilities, in decreasing order, and their ids: the ``top_k`` (renormalized
+    among themselves, as top-p then sees them), or enough of them that their mass exceeds ``top_p`` (no token
+    after them can be in its nucleus), or all."""
+    vocabulary = probs.shape[-1]
+    if top_k > 0:
+        values, ids = torch.topk(probs, min(top_k, vocabulary))
+        return values / values.sum(), ids
+    count = min(NUCLEUS_GUESS, vocabulary)
+    while True:
+        values, ids = torch.topk(probs, count)
+        if count == vocabulary or float(values.sum()) > top_p:
+            return values, ids
+        count = min(4 * count, vocabulary)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """An index drawn with probability proportional to ``probs``: the first whose cumulative probability (in
+    FP64, so that a large vocabulary's least likely tokens keep theirs) exceeds a uniform draw."""
+    cumulative = probs.double().cumsum(-1)
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+    return min(int(torch.searchsorted(cumulative, u, right=True)), probs.shape[-1] - 1)
 
 
 def sample(
