@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from server.engine.sampling import (
     SamplingParams,
+    _draw,
     apply_penalties,
     choose,
     first_maximum,
@@ -171,3 +172,10 @@ def test_top_k_then_top_p_sees_the_top_ks_probabilities_renormalized():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     assert set(draws(probs.log(), SamplingParams(max_tokens=1, top_k=2, top_p=0.6), 300).tolist()) == {0}
     assert set(draws(probs.log(), SamplingParams(max_tokens=1, top_k=2, top_p=0.7), 300).tolist()) == {0, 1}
+
+
+def test_a_draw_at_the_very_top_never_picks_a_token_without_probability(monkeypatch):
+    """A uniform draw times the total can round up to the total: the last token with any probability, not one
+    that a grammar or top-k left at zero."""
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1, dtype=torch.float64))
+    assert _draw(torch.tensor([0.25, 0.75, 0.0, 0.0]), new_generator(0)) == 1

@@ -130,7 +130,10 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     FP64, so that a large vocabulary's least likely tokens keep theirs) exceeds a uniform draw."""
     cumulative = probs.double().cumsum(-1)
     u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
-    return min(int(torch.searchsorted(cumulative, u, right=True)), probs.shape[-1] - 1)
+    index = int(torch.searchsorted(cumulative, u, right=True))
+    if index == len(cumulative):  # the draw rounded up to the total: the last token with any probability
+        index = int(torch.searchsorted(cumulative, cumulative[-1:]))
+    return index
 
 
 def sample(
