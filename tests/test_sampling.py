@@ -1,5 +1,6 @@
 """Sampling: greedy, seeds, top-k/top-p truncation, penalties."""
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -174,8 +175,30 @@ def test_top_k_then_top_p_sees_the_top_ks_probabilities_renormalized():
     assert set(draws(probs.log(), SamplingParams(max_tokens=1, top_k=2, top_p=0.7), 300).tolist()) == {0, 1}
 
 
-def test_a_draw_at_the_very_top_never_picks_a_token_without_probability(monkeypatch):
+class AtTheTop:
+    """A generator whose uniform draw is 1: the top of [0, 1), where a draw times a total can round to."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+def test_a_draw_at_the_very_top_never_picks_a_token_without_probability():
     """A uniform draw times the total can round up to the total: the last token with any probability, not one
     that a grammar or top-k left at zero."""
-    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1, dtype=torch.float64))
-    assert _draw(torch.tensor([0.25, 0.75, 0.0, 0.0]), new_generator(0)) == 1
+    assert _draw(np.array([0.25, 0.75, 0.0, 0.0]), AtTheTop()) == 1
+
+
+def test_draws_across_blocks_follow_the_weights():
+    """The draw finds a block, then a token in it: heavy tokens in different blocks and in the short last one."""
+    weights = np.full(1000, 1e-4, dtype=np.float32)
+    weights[[3, 300, 555, 999]] = [4.0, 3.0, 2.0, 1.0]
+    generator = new_generator(0)
+    counts = np.bincount([_draw(weights, generator) for _ in range(20000)], minlength=1000)
+    expected = weights / weights.sum()
+    np.testing.assert_allclose(counts[[3, 300, 555, 999]] / 20000, expected[[3, 300, 555, 999]], atol=0.015)
+
+
+def test_a_draw_at_the_very_top_of_several_blocks_takes_the_last_weighted_token():
+    weights = np.zeros(700, dtype=np.float32)
+    weights[[10, 400]] = 1.0
+    assert _draw(weights, AtTheTop()) == 400

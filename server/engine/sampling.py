@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -22,13 +23,9 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
-def new_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed % 2**64)  # torch takes an unsigned 64-bit seed
-    return generator
+def new_generator(seed: int | None) -> np.random.Generator:
+    """The random numbers of one generation: seeded (any integer), or from fresh entropy."""
+    return np.random.default_rng(None if seed is None else seed % 2**64)
 
 
 def penalized(params: SamplingParams, generated: list[int]) -> bool:
@@ -61,6 +58,8 @@ def processed_logits(
     the largest finite one."""
     if penalized(params, generated):  # in place, on a copy
         logits = apply_penalties(logits.float().clone(), params, prompt_ids, generated)
+    elif allowed is None and all(math.isfinite(bound) for bound in torch.aminmax(logits.float())):
+        return logits.float()  # nothing to replace (a NaN would make both bounds NaN)
     logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
     if allowed is not None:
         logits.masked_fill_(~allowed, float("-inf"))
@@ -86,22 +85,28 @@ def greedy_shortcut(logits: torch.Tensor, params: SamplingParams, generated: lis
     return token if math.isfinite(values[token]) else None
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def choose(logits: torch.Tensor, params: SamplingParams, generator: np.random.Generator) -> int:
     """One token id from processed logits. Safe for every value the protocol accepts: logits are shifted to
     a maximum of 0 before the temperature divides them, so a tiny temperature sends the others to -inf,
     never to NaN. Truncation (``top_k``, then ``top_p`` of what is left) ranks only the likeliest tokens
-    (``_candidates``), and the draw inverts the kept tokens' cumulative probabilities: a sort of the vocabulary
-    and ``torch.multinomial`` over it took several times a small model's decode step."""
-    if params.temperature == 0 or not torch.isfinite(logits.max()):
+    (``_candidates``), and the draw inverts cumulative probabilities (``_draw``). In numpy, whose operations
+    cost less to call than torch's on one vector: with ``torch.multinomial`` and a sort of the vocabulary,
+    sampling took several times a small model's decode step, and each torch operation still a few per cent."""
+    values = logits.float().numpy()
+    peak = values.max()  # NaN if any is (none after processing)
+    if params.temperature == 0 or not np.isfinite(peak):
         return first_maximum(logits)
-    # a temperature below float32's range would divide by zero (0 / 0 at the maximum)
-    probs = torch.softmax((logits - logits.max()) / max(params.temperature, torch.finfo(logits.dtype).tiny), dim=-1)
+    # the softmax's numerators (the largest 1); a temperature below float32's range would divide by zero
+    temperature = np.float32(max(params.temperature, float(np.finfo(np.float32).tiny)))
+    with np.errstate(over="ignore", under="ignore"):  # a tiny temperature's quotients go to -inf, as meant
+        weights = np.subtract(values, peak)
+        weights /= temperature
+        np.exp(weights, out=weights)
     if params.top_k <= 0 and params.top_p >= 1.0:
-        return _draw(probs, generator)
-    probs, ids = _candidates(probs, params.top_k, params.top_p)
+        return _draw(weights, generator)
+    probs, ids = _candidates(weights, params.top_k, params.top_p)
     if params.top_p < 1.0:  # keep the smallest set reaching top_p: each token whose likelier ones do not
-        before = probs.cumsum(-1) - probs
-        probs = probs[: int((before <= params.top_p).sum())]
+        probs = probs[: int(np.count_nonzero(np.cumsum(probs) - probs <= params.top_p))]
     return int(ids[_draw(probs, generator)])
 
 
@@ -109,30 +114,47 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 NUCLEUS_GUESS = 64
 
 
-def _candidates(probs: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The likeliest tokens' probabilities, in decreasing order, and their ids: the ``top_k`` (renormalized
-    among themselves, as top-p then sees them), or enough of them that their mass exceeds ``top_p`` (no token
-    after them can be in its nucleus), or all."""
-    vocabulary = probs.shape[-1]
+def _candidates(weights: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The likeliest tokens' probabilities (from the softmax's numerators ``weights``), in decreasing order, and
+    their ids: the ``top_k`` (renormalized among themselves, as top-p then sees them), or enough of them that
+    their mass exceeds ``top_p`` (no token after them can be in its nucleus), or all."""
+    ranked, vocabulary = torch.from_numpy(weights), len(weights)
     if top_k > 0:
-        values, ids = torch.topk(probs, min(top_k, vocabulary))
-        return values / values.sum(), ids
-    count = min(NUCLEUS_GUESS, vocabulary)
+        values, ids = (t.numpy() for t in torch.topk(ranked, min(top_k, vocabulary)))
+        return values / values.sum(dtype=np.float64), ids
+    total, count = weights.sum(dtype=np.float64), min(NUCLEUS_GUESS, vocabulary)
     while True:
-        values, ids = torch.topk(probs, count)
-        if count == vocabulary or float(values.sum()) > top_p:
-            return values, ids
+        values, ids = (t.numpy() for t in torch.topk(ranked, count))
+        if count == vocabulary or values.sum(dtype=np.float64) > top_p * total:
+            return values / total, ids
         count = min(4 * count, vocabulary)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """An index drawn with probability proportional to ``probs``: the first whose cumulative probability (in
-    FP64, so that a large vocabulary's least likely tokens keep theirs) exceeds a uniform draw."""
-    cumulative = probs.double().cumsum(-1)
-    u = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
-    index = int(torch.searchsorted(cumulative, u, right=True))
-    if index == len(cumulative):  # the draw rounded up to the total: the last token with any probability
-        index = int(torch.searchsorted(cumulative, cumulative[-1:]))
+DRAW_BLOCK = 256  # weights a block of the draw's first scan
+
+
+def _draw(weights: np.ndarray, generator: np.random.Generator) -> int:
+    """An index drawn with probability proportional to ``weights`` (1-D): a uniform draw over their total, found
+    among the blocks' cumulative totals, then among the cumulative weights of its block, in FP64 (a large
+    vocabulary's least likely tokens keep their chance): two short scans, not one over all."""
+    whole = len(weights) - len(weights) % DRAW_BLOCK
+    totals = weights[:whole].reshape(-1, DRAW_BLOCK).sum(-1, dtype=np.float64)
+    if whole < len(weights):
+        totals = np.append(totals, weights[whole:].sum(dtype=np.float64))
+    reach = np.cumsum(totals)
+    u = generator.random() * reach[-1]
+    block = _first_above(reach, u)
+    start = block * DRAW_BLOCK
+    inside = np.cumsum(weights[start : start + DRAW_BLOCK], dtype=np.float64)
+    return start + _first_above(inside, u - (reach[block - 1] if block else 0.0))
+
+
+def _first_above(cumulative: np.ndarray, u: float) -> int:
+    """The first index whose cumulative value exceeds ``u``; where rounding left none (``u`` at the total), the
+    last with any weight of its own, never one without."""
+    index = int(np.searchsorted(cumulative, u, side="right"))
+    if index == len(cumulative):
+        index = int(np.searchsorted(cumulative, cumulative[-1]))
     return index
 
 
