@@ -23,18 +23,20 @@ def logits():
     return torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
 
 
+# rows of logits with ties, infinities and NaN
+LOGIT_ROWS = st.lists(
+    st.one_of(st.sampled_from([2.0, -1.0, float("inf"), float("-inf"), float("nan")]), st.floats(width=32)),
+    min_size=1,
+    max_size=70,
+)
+
+
 def test_greedy_takes_the_argmax():
     assert sample(logits(), SamplingParams(max_tokens=1, temperature=0), new_generator(None), [], []) == 1
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(
-    st.lists(
-        st.one_of(st.sampled_from([2.0, -1.0, float("inf"), float("-inf"), float("nan")]), st.floats(width=32)),
-        min_size=1,
-        max_size=70,
-    )
-)
+@given(LOGIT_ROWS)
 def test_the_greedy_maximum_is_torchs_argmax(values):
     """Ties, infinities and NaN (torch's argmax takes a NaN as the largest) pick the index torch picks."""
     row = torch.tensor(values, dtype=torch.float32)
@@ -42,13 +44,7 @@ def test_the_greedy_maximum_is_torchs_argmax(values):
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(
-    st.lists(
-        st.one_of(st.sampled_from([2.0, -1.0, float("inf"), float("-inf"), float("nan")]), st.floats(width=32)),
-        min_size=1,
-        max_size=70,
-    )
-)
+@given(LOGIT_ROWS)
 def test_the_greedy_shortcut_picks_what_processed_logits_pick(values):
     """Read off the raw logits where it can (their maximum finite), the shortcut takes the token the processed
     logits give; where processing could change it (NaN, an infinity on top), it declines."""
