@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -222,9 +223,9 @@ def batch_mask(max_len: int, starts: list[int | None]) -> tuple[torch.Tensor, to
     if any(start >= max_len for start in live):
         raise ValueError(f"positions up to {max(live) + 1} do not fit a cache of {max_len}")
     width = max(decode_width(start) for start in [0, *live])
-    pos = torch.tensor([max_len if start is None else start for start in starts])
-    reach = torch.tensor([0 if start is None else start for start in starts])
-    return pos, torch.arange(width)[None, :] <= reach[:, None]
+    pos = np.array([max_len if start is None else start for start in starts], dtype=np.int64)
+    reach = np.array([0 if start is None else start for start in starts], dtype=np.int64)
+    return torch.from_numpy(pos), visible(np.arange(width), reach)
 
 
 def attention_mask(max_len: int, start: int, count: int, compiled: bool = False) -> torch.Tensor | None:
@@ -236,4 +237,11 @@ def attention_mask(max_len: int, start: int, count: int, compiled: bool = False)
     if start == 0 and count > 1 and not compiled:
         return None
     width = decode_width(start) if count == 1 else start + count
-    return torch.arange(width)[None, :] <= torch.arange(start, start + count)[:, None]
+    return visible(np.arange(width), np.arange(start, start + count))
+
+
+def visible(keys: np.ndarray, queries: np.ndarray) -> torch.Tensor:
+    """``[len(queries), len(keys)]``: whether each query position sees each key position (not after it). Built
+    in numpy, between steps, where each torch call on a small tensor costs tens of microseconds (a few per cent
+    of a small model's decode step)."""
+    return torch.from_numpy(keys[None, :] <= queries[:, None])
