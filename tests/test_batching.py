@@ -11,6 +11,7 @@ from server.engine.batching import DONE, Batcher, Job, next_chunk
 from server.engine.engine import Engine, GenerationStats
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import SamplingParams
+from server.runtime import heap
 from server.runtime.decoders import make_decoder
 from tests.harness import quantized_tiny
 
@@ -174,6 +175,29 @@ def test_an_idle_batcher_keeps_the_conversations_so_that_no_request_waits_for_th
             time.sleep(0.01)
     batcher.close()
     assert copied_while_running == [False] * 3  # each conversation once, when it was over
+
+
+def test_the_heap_is_trimmed_while_the_batcher_is_idle_never_between_a_request_s_steps(make_engine, monkeypatch):
+    """Trimming after a prompt made the next prompt fault its working buffers in again, on its clock."""
+    engine = make_engine(2)
+    batcher = Batcher(engine, prefill_chunk=16)
+    trim, trimmed_while_running = heap.trim, []
+
+    def watched():
+        trimmed_while_running.append(bool(batcher._running))
+        trim()
+
+    monkeypatch.setattr(heap, "trim", watched)
+    for seed in (1, 2):
+        first, second = Collected("first", []), Collected("second", [])
+        batcher.submit(job(random_ids(40, seed), greedy(6), first))
+        batcher.submit(job(random_ids(40, seed + 10), greedy(6), second))
+        assert first.done.wait(60) and second.done.wait(60)
+        deadline = time.monotonic() + 60
+        while trimmed_while_running.count(False) < seed and time.monotonic() < deadline:
+            time.sleep(0.01)
+    batcher.close()
+    assert trimmed_while_running and not any(trimmed_while_running)
 
 
 def test_a_failing_step_fails_its_requests_and_the_batcher_keeps_serving(make_engine):

@@ -28,7 +28,6 @@ from server.engine.sampling import (
     token_logprobs,
 )
 from server.engine.textstream import IncrementalDetokenizer, StopStrings
-from server.runtime import heap
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +238,6 @@ class Engine:
             raise
         self._cached[sequence.slot].extend(ids)
         sequence.ran(count)
-        if not sequence.prefilling:
-            heap.trim()  # the prefill's working buffers: decoding needs none of them
 
     @torch.no_grad()
     def decode(self, sequences: list[Sequence]) -> torch.Tensor:

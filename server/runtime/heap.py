@@ -2,8 +2,9 @@
 
 glibc keeps freed memory mapped for reuse, and raises its mmap threshold to the largest block freed, so
 after a first long prompt a prefill's working buffers (hundreds of MB at 1B) come from the heap and stay
-resident when the prefill is done. ``malloc_trim`` returns them; the next long prefill faults them in
-again, a few milliseconds against its hundreds.
+resident when the prefill is done. ``malloc_trim`` returns them, and the next prefill faults them in again
+(page by page: a twentieth of a 512-token prompt's time on the default model), so the batcher trims when it
+is idle, not after each prompt.
 """
 
 from __future__ import annotations
