@@ -181,23 +181,25 @@ def test_the_heap_is_trimmed_while_the_batcher_is_idle_never_between_a_request_s
     """Trimming after a prompt made the next prompt fault its working buffers in again, on its clock."""
     engine = make_engine(2)
     batcher = Batcher(engine, prefill_chunk=16)
-    trim, trimmed_while_running = heap.trim, []
+    trim, trims, requests = heap.trim, [], []
 
     def watched():
-        trimmed_while_running.append(bool(batcher._running))
+        trims.append((bool(batcher._running), sum(r.done.is_set() for r in requests)))  # (running, done)
         trim()
 
     monkeypatch.setattr(heap, "trim", watched)
     for seed in (1, 2):
-        first, second = Collected("first", []), Collected("second", [])
-        batcher.submit(job(random_ids(40, seed), greedy(6), first))
-        batcher.submit(job(random_ids(40, seed + 10), greedy(6), second))
-        assert first.done.wait(60) and second.done.wait(60)
-        deadline = time.monotonic() + 60
-        while trimmed_while_running.count(False) < seed and time.monotonic() < deadline:
+        pair = [Collected("first", []), Collected("second", [])]
+        requests += pair
+        for index, collected in enumerate(pair):
+            batcher.submit(job(random_ids(40, 10 * index + seed), greedy(6), collected))
+        assert all(collected.done.wait(60) for collected in pair)
+        deadline = time.monotonic() + 60  # the idle batcher trims once this pair is done
+        while not any(done == len(requests) for _, done in trims) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert any(done == len(requests) for _, done in trims)
     batcher.close()
-    assert trimmed_while_running and not any(trimmed_while_running)
+    assert not any(running for running, _ in trims)
 
 
 def test_a_failing_step_fails_its_requests_and_the_batcher_keeps_serving(make_engine):
