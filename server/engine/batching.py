@@ -11,8 +11,7 @@ depend on the others.
 A request's ``choices`` run one after another on its slot (the prompt stays in the slot's cache). A request
 whose client went away (``cancelled``) leaves at the next round and frees its slot. When none runs, the
 slots' conversations are copied to the prefix cache (``Engine.keep_live``) and the prompts' freed working
-buffers go back to the OS (``heap.trim``), off any request's clock: trimmed after each prompt instead, the
-next one faulted its buffers in again, which cost a 512-token prompt about a twentieth of its time.
+buffers go back to the OS (``heap.trim``), off any request's clock (why not after each prompt: ``heap``).
 
 The batcher's thread is the only one of a serving process that computes (the model loads on a thread that
 ends): libgomp spins at the steps' barriers only while it manages no more threads than there are CPUs, and
