@@ -21,7 +21,8 @@ are summed in one set of shuffles (``_sum4``); the mask's row and each query's m
 
 Prompt. Flash attention's way, for CPUs where ATen's flash kernel has no AMX for its BF16 products: a task
 takes ``QUERY_BLOCK`` positions of a key head's queries and steps over the cache ``CHUNK`` positions at a time
-(those the mask hides entirely skipped), with an online softmax; the products are register-tiled
+(those the mask hides entirely skipped, a step's positions past the last one it lets any row see left out: a
+causal mask's diagonal), with an online softmax; the products are register-tiled
 micro-kernels, in BF16 pairs where the CPU has AVX512_BF16 (``bf16_products``), in FP32 elsewhere.
 
 Vectors are ATen's ``Vectorized``: the same source runs on AVX2 and AVX-512.
@@ -466,6 +467,27 @@ inline c10::BFloat16 {{name}}_bf16(const int8_t* row, int64_t i, float scale) {
 // vectors
 template <int64_t MR, int64_t NV, typename T>
 inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
+                          int64_t rows, int64_t cols, int64_t depth);
+
+// the same for cols a multiple of one vector, the widest micro-tile that divides them
+template <int64_t MR, typename T>
+inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
+                              int64_t rows, int64_t cols, int64_t depth) {
+    constexpr int64_t VS = at::vec::Vectorized<float>::size();
+    const int64_t vectors = cols / VS;
+    if (vectors % 4 == 0) {
+        {{name}}_gemm<MR, 4>(a, lda, b, ldb, c, ldc, rows, cols, depth);
+    } else if (vectors % 3 == 0) {
+        {{name}}_gemm<MR, 3>(a, lda, b, ldb, c, ldc, rows, cols, depth);
+    } else if (vectors % 2 == 0) {
+        {{name}}_gemm<MR, 2>(a, lda, b, ldb, c, ldc, rows, cols, depth);
+    } else {
+        {{name}}_gemm<MR, 1>(a, lda, b, ldb, c, ldc, rows, cols, depth);
+    }
+}
+
+template <int64_t MR, int64_t NV, typename T>
+inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
                           int64_t rows, int64_t cols, int64_t depth) {
     constexpr int64_t VS = at::vec::Vectorized<float>::size();
     int64_t r = 0;
@@ -618,13 +640,27 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
                     for (; l < KC; ++l) row[l] = NEG_INF;
                 }
                 if (!any) continue;
+                // the step's positions up to the last one any row attends, in whole vectors (a causal mask's
+                // diagonal step: the block's last position); past them every row's bias stays -inf
+                int64_t width = 0;
+                for (int64_t r = 0; r < ({{mask_h}} == 0 ? QB : R); ++r) {
+                    const float* row = s + r * KC;
+                    int64_t l = KC;
+                    while (l > width && row[l - 1] == NEG_INF) --l;
+                    width = std::max(width, l);
+                }
+                const int64_t cols = (width + VS - 1) / VS * VS;
                 const Op* kt = converted.get() + ((b * KV + kv) * chunks + c0 / KC) * STEP;
                 const Op* vals = kt + STEP / 2;
-                {{name}}_gemm<MR, NVK>(qs, D / PAIR, kt, KC, s, KC, R, KC, D / PAIR);  // scores, onto the bias
+                if (cols == KC) {
+                    {{name}}_gemm<MR, NVK>(qs, D / PAIR, kt, KC, s, KC, R, KC, D / PAIR);  // scores, onto the bias
+                } else {
+                    {{name}}_gemm_any<MR>(qs, D / PAIR, kt, KC, s, KC, R, cols, D / PAIR);
+                }
                 for (int64_t r = 0; r < R; ++r) {
                     float* row = s + r * KC;
                     Vec top(NEG_INF);
-                    for (int64_t l = 0; l < KC; l += VS) top = at::vec::maximum(top, Vec::loadu(row + l));
+                    for (int64_t l = 0; l < cols; l += VS) top = at::vec::maximum(top, Vec::loadu(row + l));
                     const float here =
                         at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, top);
                     if (here == NEG_INF) {  // this row attends to none of the step's positions
@@ -638,14 +674,14 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
                     // 0 at the row's first step, 1 while its maximum holds
                     const float rescale = now == peak[r] ? 1.0f : std::exp(peak[r] - now);
                     Vec sum(0.0f);
-                    for (int64_t l = 0; l < KC; l += VS) {
+                    for (int64_t l = 0; l < cols; l += VS) {
                         const Vec weight = (Vec::loadu(row + l) - Vec(now)).exp_u20();  // as ATen's flash kernel
                         weight.store(row + l);
                         sum = sum + weight;
                     }
                     total[r] = total[r] * rescale + {{name}}_sum(sum);
 #ifdef {{name}}_PAIRS
-                    for (int64_t l = 0; l < KC; l += 32) {{name}}_pairs(row + l, weights + (r * KC + l) / 2);
+                    for (int64_t l = 0; l < cols; l += 32) {{name}}_pairs(row + l, weights + (r * KC + l) / 2);
 #endif
                     peak[r] = now;
                     if (rescale != 1.0f) {
@@ -655,9 +691,9 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
                     }
                 }
 #ifdef {{name}}_PAIRS
-                {{name}}_gemm<MR, NVD>(weights, KC / 2, vals, D, o, D, R, D, KC / 2);  // weighted values
+                {{name}}_gemm<MR, NVD>(weights, KC / 2, vals, D, o, D, R, D, cols / 2);  // weighted values: cols'
 #else
-                {{name}}_gemm<MR, NVD>(s, KC, vals, D, o, D, R, D, KC);  // weighted values
+                {{name}}_gemm<MR, NVD>(s, KC, vals, D, o, D, R, D, cols);  // weighted values: cols'
 #endif
             }
             for (int64_t r = 0; r < R; ++r) {
