@@ -469,7 +469,7 @@ template <int64_t MR, int64_t NV, typename T>
 inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
                           int64_t rows, int64_t cols, int64_t depth);
 
-// the same for cols a multiple of one vector, the widest micro-tile that divides them
+// the same for cols a multiple of one vector, by the widest micro-tile (up to 4 vectors) that divides them
 template <int64_t MR, typename T>
 inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
                               int64_t rows, int64_t cols, int64_t depth) {
@@ -510,7 +510,6 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
     constexpr int64_t R = G * QB;  // a task's rows: its positions' queries of each of the key head's G heads
     constexpr int64_t KC = {{chunk}};  // key positions a step
     constexpr int64_t MR = VS == 16 ? 6 : 2;  // rows a micro-tile: its accumulators fit the vector registers
-    constexpr int64_t NVK = {{name}}_tile(KC / VS);
     constexpr int64_t NVD = {{name}}_tile(D / VS);
 #ifdef {{name}}_PAIRS
     using Op = uint32_t;  // an operand element: two BF16 along the depth of the products
@@ -652,11 +651,7 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
                 const int64_t cols = (width + VS - 1) / VS * VS;
                 const Op* kt = converted.get() + ((b * KV + kv) * chunks + c0 / KC) * STEP;
                 const Op* vals = kt + STEP / 2;
-                if (cols == KC) {
-                    {{name}}_gemm<MR, NVK>(qs, D / PAIR, kt, KC, s, KC, R, KC, D / PAIR);  // scores, onto the bias
-                } else {
-                    {{name}}_gemm_any<MR>(qs, D / PAIR, kt, KC, s, KC, R, cols, D / PAIR);
-                }
+                {{name}}_gemm_any<MR>(qs, D / PAIR, kt, KC, s, KC, R, cols, D / PAIR);  // scores, onto the bias
                 for (int64_t r = 0; r < R; ++r) {
                     float* row = s + r * KC;
                     Vec top(NEG_INF);
@@ -691,9 +686,9 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
                     }
                 }
 #ifdef {{name}}_PAIRS
-                {{name}}_gemm<MR, NVD>(weights, KC / 2, vals, D, o, D, R, D, cols / 2);  // weighted values: cols'
+                {{name}}_gemm<MR, NVD>(weights, KC / 2, vals, D, o, D, R, D, cols / 2);  // weighted values
 #else
-                {{name}}_gemm<MR, NVD>(s, KC, vals, D, o, D, R, D, cols);  // weighted values: cols'
+                {{name}}_gemm<MR, NVD>(s, KC, vals, D, o, D, R, D, cols);  // weighted values
 #endif
             }
             for (int64_t r = 0; r < R; ++r) {
