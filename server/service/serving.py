@@ -154,8 +154,14 @@ class ChatService:
 
     async def prepare_completion(self, request: CompletionRequest) -> Generation:
         return await self._prepare(
-            "cmpl", lambda: self.prompter.completion_ids(request.prompt), request, (), logprobs=request.logprobs
+            "cmpl", lambda: self._completion_ids(request.prompt), request, (), logprobs=request.logprobs
         )
+
+    def _completion_ids(self, prompt: str) -> list[int]:
+        """A raw prompt's ids; some text (control characters) makes no token, which no model can continue."""
+        if ids := self.prompter.completion_ids(prompt):
+            return ids
+        raise InvalidParameter("prompt", "the prompt makes no tokens: write some text the tokenizer keeps")
 
     def _grammar(self, request: ChatCompletionRequest) -> str:
         """The grammar of a response format, or of the tool calls a tool choice requires."""
