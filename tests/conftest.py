@@ -83,10 +83,7 @@ def server(start_server):
     return start_server("--max-queue", "2", "--keepalive-s", "0.5")
 
 
-@pytest.fixture(scope="session")
-def tiny_server(start_server, tokenizer, tmp_path_factory):
-    """A real server on a tiny random INT8 model: the whole HTTP surface at thousands of tokens a second (what
-    the fuzz and robustness tests need; its answers are noise). Bodies time out after 1 s."""
+def _start_tiny(start_server, tokenizer, tmp_path_factory, *flags: str):
     checkpoint = tiny_checkpoint(tokenizer, tmp_path_factory.mktemp("tiny") / "tiny")
     return start_server(
         "--model",
@@ -97,5 +94,19 @@ def tiny_server(start_server, tokenizer, tmp_path_factory):
         "1",
         "--max-queue",
         "64",
+        *flags,
         env={"Q8CHAT_CACHE_DIR": str(tmp_path_factory.mktemp("tiny-cache"))},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_server(start_server, tokenizer, tmp_path_factory):
+    """A real server on a tiny random INT8 model: the whole HTTP surface at thousands of tokens a second (what
+    the fuzz and robustness tests need; its answers are noise). Bodies time out after 1 s."""
+    return _start_tiny(start_server, tokenizer, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def batched_tiny_server(start_server, tokenizer, tmp_path_factory):
+    """``tiny_server`` decoding up to four generations together, with a prefix cache small enough to evict."""
+    return _start_tiny(start_server, tokenizer, tmp_path_factory, "--max-batch", "4", "--kv-cache-mb", "1")
