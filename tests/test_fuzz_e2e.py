@@ -67,7 +67,6 @@ def test_generated_requests_sent_together_to_a_batching_server_get_no_5xx(batche
     """Generated bodies (valid and schema-breaking) for the generating operations, eight at a time, so that
     the batcher runs mixed sampling, grammars, log probabilities, choices and stops together; every third
     stream is cut after its first bytes. No 5xx, no error in the server's log, and it keeps serving."""
-    load_all_checks()
     spec = schemathesis.openapi.from_url(batched_tiny_server.base_url + "/openapi.json")
     bodies = st.one_of(
         *(

@@ -467,27 +467,6 @@ inline c10::BFloat16 {{name}}_bf16(const int8_t* row, int64_t i, float scale) {
 // vectors
 template <int64_t MR, int64_t NV, typename T>
 inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
-                          int64_t rows, int64_t cols, int64_t depth);
-
-// the same for cols a multiple of one vector, by the widest micro-tile (up to 4 vectors) that divides them
-template <int64_t MR, typename T>
-inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
-                              int64_t rows, int64_t cols, int64_t depth) {
-    constexpr int64_t VS = at::vec::Vectorized<float>::size();
-    const int64_t vectors = cols / VS;
-    if (vectors % 4 == 0) {
-        {{name}}_gemm<MR, 4>(a, lda, b, ldb, c, ldc, rows, cols, depth);
-    } else if (vectors % 3 == 0) {
-        {{name}}_gemm<MR, 3>(a, lda, b, ldb, c, ldc, rows, cols, depth);
-    } else if (vectors % 2 == 0) {
-        {{name}}_gemm<MR, 2>(a, lda, b, ldb, c, ldc, rows, cols, depth);
-    } else {
-        {{name}}_gemm<MR, 1>(a, lda, b, ldb, c, ldc, rows, cols, depth);
-    }
-}
-
-template <int64_t MR, int64_t NV, typename T>
-inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
                           int64_t rows, int64_t cols, int64_t depth) {
     constexpr int64_t VS = at::vec::Vectorized<float>::size();
     int64_t r = 0;
@@ -500,6 +479,19 @@ inline void {{name}}_gemm(const T* a, int64_t lda, const T* b, int64_t ldb, floa
         for (int64_t j = 0; j < cols; j += NV * VS) {
             {{name}}_micro<1, NV>(a + r * lda, lda, b + j, ldb, c + r * ldc + j, ldc, depth);
         }
+    }
+}
+
+// the same for cols a multiple of one vector (known when the kernel runs), by ``_tile``'s micro-tile for them
+template <int64_t MR, typename T>
+inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
+                              int64_t rows, int64_t cols, int64_t depth) {
+    constexpr int64_t VS = at::vec::Vectorized<float>::size();
+    switch ({{name}}_tile(cols / VS)) {
+        case 4: return {{name}}_gemm<MR, 4>(a, lda, b, ldb, c, ldc, rows, cols, depth);
+        case 3: return {{name}}_gemm<MR, 3>(a, lda, b, ldb, c, ldc, rows, cols, depth);
+        case 2: return {{name}}_gemm<MR, 2>(a, lda, b, ldb, c, ldc, rows, cols, depth);
+        default: return {{name}}_gemm<MR, 1>(a, lda, b, ldb, c, ldc, rows, cols, depth);
     }
 }
 }  // namespace
