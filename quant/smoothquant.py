@@ -24,9 +24,10 @@ from quant.int8 import QMAX, WEIGHT_ROUNDING, Int8Embedding, Int8Linear
 from quant.kernels import REFERENCE
 
 DEFAULT_ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 .. 0.95
-# Relative output error above which a group's activations stay BF16. On SmolLM2-135M the typical group
-# errs by 1e-4 to 4e-4; most down_proj groups (inputs silu(gate) * up, the largest outliers) by 8e-4.
-DEFAULT_FALLBACK_ERROR = 5e-4
+# Relative output error above which a group's activations stay BF16. On SmolLM2-135M the typical group errs by
+# 1e-4 to 4e-4, most down_proj groups (inputs silu(gate) * up, the largest outliers) by 5.6e-4 to 1.2e-3; with all
+# of those W8A8 the model measured inside the accuracy target (README), so the threshold only catches worse.
+DEFAULT_FALLBACK_ERROR = 2e-3
 HEAD_SCHEMES = ("weight_only", "dynamic")
 _FLOOR = 1e-5
 
