@@ -17,13 +17,16 @@ steps were slower). The kernel is bound by its instructions more than by the cac
 cache, where the CPU has AVX512_BF16, the BF16 queries score the keys as they are, two depths a lane
 (``vdpbf16ps``: each product exact in FP32, no conversions), and the values are weighted two positions a
 lane, by the softmax weights rounded to BF16 as the prompt kernel rounds them; four positions' dot products
-are summed in one set of shuffles (``_sum4``); the mask's row and each query's maximum are taken in vectors.
+are summed in one set of shuffles (``_fold4``); the mask's row and each query's maximum are taken in vectors.
 
 Prompt. Flash attention's way, for CPUs where ATen's flash kernel has no AMX for its BF16 products: a task
 takes ``QUERY_BLOCK`` positions of a key head's queries and steps over the cache ``CHUNK`` positions at a time
 (those the mask hides entirely skipped, a step's positions past the last one it lets any row see left out: a
 causal mask's diagonal), with an online softmax; the products are register-tiled
-micro-kernels, in BF16 pairs where the CPU has AVX512_BF16 (``bf16_products``), in FP32 elsewhere.
+micro-kernels, in BF16 pairs where the CPU has AVX512_BF16 (``bf16_products``), in FP32 elsewhere. Between them,
+the rows' maxima are taken four rows at a time (``_fold4``), each row's sum of weights stays a vector until the
+task ends, and BF16 weights are rounded as they are computed: one reduction per row and step and a pass over
+the scores fewer.
 
 Vectors are ATen's ``Vectorized``: the same source runs on AVX2 and AVX-512.
 """
@@ -131,24 +134,44 @@ inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
     using Vec = at::vec::Vectorized<float>;
     return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
 }
-// the sums of four vectors at once: interleaved halves added level by level, a few shuffles for all four
-// instead of a reduction's each
-inline void {{name}}_sum4(const at::vec::Vectorized<float>* x, float* sums) {
+template <bool MAX>
+inline float {{name}}_combine(float a, float b) { return MAX ? std::max(a, b) : a + b; }
 #if defined(CPU_CAPABILITY_AVX512)
+template <bool MAX>
+inline __m512 {{name}}_combine(__m512 a, __m512 b) { return MAX ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b); }
+template <bool MAX>
+inline __m256 {{name}}_combine(__m256 a, __m256 b) { return MAX ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b); }
+template <bool MAX>
+inline __m128 {{name}}_combine(__m128 a, __m128 b) { return MAX ? _mm_max_ps(a, b) : _mm_add_ps(a, b); }
+#endif
+// the sums (or the maxima) of four vectors at once: interleaved halves combined level by level, a few shuffles
+// for all four instead of a reduction's each (a NaN need not survive a maximum: its weights carry it on)
+template <bool MAX>
+inline void {{name}}_fold4(const at::vec::Vectorized<float>* x, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const auto op = [](auto p, auto q) { return {{name}}_combine<MAX>(p, q); };
     const __m512 a = x[0], b = x[1], c = x[2], d = x[3];
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a b a b a lane
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512 abcd = _mm512_add_ps(  // a b c d, each a 128-bit lane's
+    const __m512 ab = op(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a b a b a lane
+    const __m512 cd = op(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 abcd = op(  // a b c d, each a 128-bit lane's
         _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
-#elif defined(CPU_CAPABILITY_AVX2)
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
-    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+    const __m256 half =
+        op(_mm512_castps512_ps256(abcd), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    _mm_storeu_ps(out, op(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
 #else
-    for (int i = 0; i < 4; ++i) sums[i] = {{name}}_sum(x[i]);
+#if defined(CPU_CAPABILITY_AVX2)
+    if (!MAX) {
+        const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+        return;
+    }
+#endif
+    using Vec = at::vec::Vectorized<float>;
+    for (int i = 0; i < 4; ++i) {
+        out[i] = at::vec::vec_reduce_all<float>(
+            [](Vec& p, Vec& q) { return MAX ? at::vec::maximum(p, q) : p + q; }, x[i]);
+    }
 #endif
 }
 }  // namespace
@@ -228,7 +251,7 @@ DECODE_KERNEL = r"""
             const auto* values = v + b * {{v_b}} + kv * {{v_h}} + start * {{v_l}};
             const int64_t ahead = L - start;  // positions of this head from here, the next chunk's included
             for (int64_t l = 0; l < PREFETCH && l < ahead; ++l) {{name}}_prefetch(keys + l * {{k_l}});
-            for (int64_t l0 = 0; l0 < n; l0 += 4) {  // four positions' products summed together (_sum4)
+            for (int64_t l0 = 0; l0 < n; l0 += 4) {  // four positions' products summed together (_fold4)
                 Vec dots[G][4];
                 float key_scale[4];
                 for (int64_t p = 0; p < 4; ++p) {
@@ -270,7 +293,7 @@ DECODE_KERNEL = r"""
                 }
                 for (int64_t g = 0; g < G; ++g) {
                     float sums[4];
-                    {{name}}_sum4(dots[g], sums);
+                    {{name}}_fold4<false>(dots[g], sums);
                     for (int64_t p = 0; p < 4 && l0 + p < n; ++p) scores[g][l0 + p] += key_scale[p] * sums[p];
                 }
             }
@@ -510,7 +533,7 @@ inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, 
     using Op = float;  // an operand element
     constexpr int64_t PAIR = 1;
 #endif
-    static_assert(KC % VS == 0 && D % VS == 0, "blocking");
+    static_assert(KC % VS == 0 && D % VS == 0 && R % 4 == 0, "blocking");
     const int64_t T = {{queries}};
     const int64_t blocks = (T + QB - 1) / QB;
     const int64_t chunks = (L + KC - 1) / KC;
@@ -582,11 +605,11 @@ inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, 
         auto operands = {{name}}_scratch<Op>(R * D);
 #endif
         Op* qs = operands.get();
-        auto scratch = {{name}}_scratch<float>(R * KC + R * D + 2 * R);
+        auto scratch = {{name}}_scratch<float>(R * KC + R * D + R + R * VS);
         float* s = scratch.get();
         float* o = s + R * KC;
         float* peak = o + R * D;
-        float* total = peak + R;
+        float* totals = peak + R;  // each row's sums of weights, a vector's lanes apart
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = B * KV * blocks - 1; task >= 0; --task) {  // the longest (last positions) first
             const int64_t b = task / (KV * blocks), kv = task / blocks % KV, t0 = task % blocks * QB;
@@ -608,7 +631,7 @@ inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, 
                     Vec(0.0f).store(o + r * D + d);
                 }
                 peak[r] = NEG_INF;
-                total[r] = 0.0f;
+                Vec(0.0f).store(totals + r * VS);
             }
             for (int64_t c0 = 0; c0 < L; c0 += KC) {
                 const int64_t n = std::min(KC, L - c0);
@@ -644,36 +667,52 @@ inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, 
                 const Op* kt = converted.get() + ((b * KV + kv) * chunks + c0 / KC) * STEP;
                 const Op* vals = kt + STEP / 2;
                 {{name}}_gemm_any<MR>(qs, D / PAIR, kt, KC, s, KC, R, cols, D / PAIR);  // scores, onto the bias
-                for (int64_t r = 0; r < R; ++r) {
-                    float* row = s + r * KC;
-                    Vec top(NEG_INF);
-                    for (int64_t l = 0; l < cols; l += VS) top = at::vec::maximum(top, Vec::loadu(row + l));
-                    const float here =
-                        at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, top);
-                    if (here == NEG_INF) {  // this row attends to none of the step's positions
-                        for (int64_t l = 0; l < KC; l += VS) Vec(0.0f).store(row + l);
-#ifdef {{name}}_PAIRS
-                        std::fill(weights + r * KC / 2, weights + (r + 1) * KC / 2, 0u);
-#endif
-                        continue;
+                for (int64_t r0 = 0; r0 < R; r0 += 4) {  // four rows' maxima in one set of shuffles
+                    Vec tops[4];
+                    for (int64_t i = 0; i < 4; ++i) {
+                        const float* row = s + (r0 + i) * KC;
+                        Vec top(NEG_INF);
+                        for (int64_t l = 0; l < cols; l += VS) top = at::vec::maximum(top, Vec::loadu(row + l));
+                        tops[i] = top;
                     }
-                    const float now = std::max(peak[r], here);
-                    // 0 at the row's first step, 1 while its maximum holds
-                    const float rescale = now == peak[r] ? 1.0f : std::exp(peak[r] - now);
-                    Vec sum(0.0f);
-                    for (int64_t l = 0; l < cols; l += VS) {
-                        const Vec weight = (Vec::loadu(row + l) - Vec(now)).exp_u20();  // as ATen's flash kernel
-                        weight.store(row + l);
-                        sum = sum + weight;
-                    }
-                    total[r] = total[r] * rescale + {{name}}_sum(sum);
+                    float heres[4];
+                    {{name}}_fold4<true>(tops, heres);
+                    for (int64_t i = 0; i < 4; ++i) {
+                        const int64_t r = r0 + i;
+                        float* row = s + r * KC;
+                        const float here = heres[i];
+                        if (here == NEG_INF) {  // this row attends to none of the step's positions
+                            for (int64_t l = 0; l < KC; l += VS) Vec(0.0f).store(row + l);
 #ifdef {{name}}_PAIRS
-                    for (int64_t l = 0; l < cols; l += 32) {{name}}_pairs(row + l, weights + (r * KC + l) / 2);
+                            std::fill(weights + r * KC / 2, weights + (r + 1) * KC / 2, 0u);
 #endif
-                    peak[r] = now;
-                    if (rescale != 1.0f) {
-                        for (int64_t d = 0; d < D; d += VS) {
-                            (Vec::loadu(o + r * D + d) * Vec(rescale)).store(o + r * D + d);
+                            continue;
+                        }
+                        const float now = std::max(peak[r], here);
+                        // 0 at the row's first step, 1 while its maximum holds
+                        const float rescale = now == peak[r] ? 1.0f : std::exp(peak[r] - now);
+                        Vec sum(0.0f);
+#ifdef {{name}}_PAIRS
+                        for (int64_t l = 0; l < cols; l += 2 * VS) {  // past ``cols`` the bias's -inf: weight 0
+                            const Vec low = (Vec::loadu(row + l) - Vec(now)).exp_u20();  // as ATen's flash kernel
+                            const Vec high = (Vec::loadu(row + l + VS) - Vec(now)).exp_u20();
+                            sum = sum + low + high;
+                            _mm512_storeu_si512(weights + (r * KC + l) / 2,
+                                                (__m512i)_mm512_cvtne2ps_pbh(high, low));
+                        }
+#else
+                        for (int64_t l = 0; l < cols; l += VS) {
+                            const Vec weight = (Vec::loadu(row + l) - Vec(now)).exp_u20();  // as ATen's flash kernel
+                            weight.store(row + l);
+                            sum = sum + weight;
+                        }
+#endif
+                        (Vec::loadu(totals + r * VS) * Vec(rescale) + sum).store(totals + r * VS);
+                        peak[r] = now;
+                        if (rescale != 1.0f) {
+                            for (int64_t d = 0; d < D; d += VS) {
+                                (Vec::loadu(o + r * D + d) * Vec(rescale)).store(o + r * D + d);
+                            }
                         }
                     }
                 }
@@ -686,7 +725,8 @@ inline void {{name}}_gemm_any(const T* a, int64_t lda, const T* b, int64_t ldb, 
             for (int64_t r = 0; r < R; ++r) {
                 const int64_t g = r / QB, t = r % QB;
                 if (t >= n_t) continue;
-                const Vec inverse(total[r] > 0.0f ? 1.0f / total[r] : 0.0f);
+                const float total = {{name}}_sum(Vec::loadu(totals + r * VS));
+                const Vec inverse(total > 0.0f ? 1.0f / total : 0.0f);
                 float* out = att_local + ((b * KV + kv) * G + g) * T * D + (t0 + t) * D;
                 for (int64_t d = 0; d < D; d += VS) (Vec::loadu(o + r * D + d) * inverse).store(out + d);
             }
