@@ -134,8 +134,6 @@ inline float {{name}}_sum(const at::vec::Vectorized<float>& x) {
     using Vec = at::vec::Vectorized<float>;
     return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
 }
-template <bool MAX>
-inline float {{name}}_combine(float a, float b) { return MAX ? std::max(a, b) : a + b; }
 #if defined(CPU_CAPABILITY_AVX512)
 template <bool MAX>
 inline __m512 {{name}}_combine(__m512 a, __m512 b) { return MAX ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b); }
