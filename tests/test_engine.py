@@ -79,6 +79,39 @@ def test_a_resent_answer_comes_from_the_cache_as_the_model_wrote_it(make_engine,
     assert resync(decode, answered, other, live) == (other, live)
 
 
+def test_of_two_kept_states_of_a_conversation_the_one_its_resent_text_goes_on_with_comes_back(tokenizer):
+    """A client's tokens part from the model's at the first answer the tokenizer splits otherwise, so every later
+    state of that conversation shares only that much with the next prompt: the engine brings back the state whose
+    text the prompt goes on with the furthest (``resync``), not the least recently used of the two."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(ids) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    written = encode("<|im_start|>user\nWho is it?<|im_end|>\n<|im_start|>assistant\n") + encode("Hel") + encode("lo")
+    earlier = written + encode(" there, fri") + encode("end")  # a turn, its answer's last token not yet computed
+    later = written + encode(
+        " there, friend<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\nFine"
+    )
+    assert later[: len(earlier)] != earlier and decode(later).startswith(decode(earlier))
+    prompt = encode(decode(later) + "<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n")  # the history resent as text
+    shared = common_prefix_length(earlier, prompt)
+    assert shared == common_prefix_length(later, prompt) < len(written)
+    cache = PrefixCache(budget_bytes=100)
+    cache.keep(tuple(earlier), "earlier", 1)
+    cache.keep(tuple(later), "later", 1)
+    assert cache.longest(prompt, better_than=0)[0].kv == "earlier"  # by shared tokens alone: a tie, the older
+
+    def reach(ids, shared: int) -> int:
+        return resync(decode, list(ids), prompt, shared)[1]
+
+    assert reach(later, shared) > reach(earlier, shared) >= len(earlier) - 1
+    kept, length = cache.longest(prompt, better_than=0, reach=reach)
+    assert kept.kv == "later" and length == shared
+
+
 def random_ids(count: int, seed: int) -> list[int]:
     return torch.randint(0, 2000, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 

@@ -196,9 +196,14 @@ class Engine:
 
     def _switch_conversation(self, prompt_ids: list[int], live: int, slot: int) -> int:
         """Keep the slot's conversation if the prompt leaves much of it behind, and bring back a kept one that
-        the prompt continues further (all of it: the prompt may go on with its text, ``resync``); how many
-        prompt tokens the slot's cache then holds."""
-        kept, length = self.prefix_cache.longest(prompt_ids, live)
+        the prompt continues further, counting the text it goes on with (``resync``): a client's tokens part
+        from the model's at the first answer the tokenizer splits otherwise, and every later state of that
+        conversation shares only that much; how many prompt tokens the slot's cache then holds."""
+
+        def reach(cached, shared: int) -> int:
+            return resync(self._decode, list(cached), prompt_ids, shared)[1]
+
+        kept, length = self.prefix_cache.longest(prompt_ids, reach(self._cached[slot], live), reach)
         if len(self._cached[slot]) - live >= KEEP_AFTER:
             self._keep(slot)
         if kept is None:

@@ -7,6 +7,7 @@ fraction of recomputing them). Least recently used conversations go first."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,20 +40,28 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def longest(self, prompt_ids: list[int], better_than: int) -> tuple[Kept | None, int]:
-        """The kept conversation sharing the longest prefix with ``prompt_ids``, if longer than
-        ``better_than`` tokens (what the live cache offers), and that length; it becomes the most recent."""
-        best, length = None, better_than
+    def longest(
+        self, prompt_ids: list[int], better_than: int, reach: Callable[[tuple[int, ...], int], int] | None = None
+    ) -> tuple[Kept | None, int]:
+        """The kept conversation that ``prompt_ids`` goes on with the furthest, if further than ``better_than``
+        (what the live cache offers), and how many leading tokens the two share; it becomes the most recent.
+        How far a conversation goes on is ``reach(ids, shared)``, by default the shared tokens alone: the
+        engine's counts a resent answer's text as the kept tokens that wrote it (``resync``), so that of two
+        conversations the prompt parts from at the same answer, the later one is taken."""
+        best, shared_best, furthest = None, better_than, better_than
         for kept in self._kept.values():
+            if len(kept.ids) <= furthest:  # it cannot go further than that
+                continue
             shared = common_prefix_length(kept.ids, prompt_ids)
-            if shared > length:
-                best, length = kept, shared
+            far = shared if reach is None else reach(kept.ids, shared)
+            if far > furthest:
+                best, shared_best, furthest = kept, shared, far
         if best is None:
             self.misses += 1
             return None, better_than
         self.hits += 1
         self._kept.move_to_end(best.ids)
-        return best, length
+        return best, shared_best
 
     def covers(self, ids: tuple[int, ...]) -> bool:
         """Whether a kept conversation already holds all of ``ids``."""
