@@ -47,16 +47,24 @@ def test_reused_prefix_gives_the_same_tokens_as_a_fresh_cache(make_engine):
     assert run(warm, diverged)[1].cached_tokens == len(diverged) - 1
 
 
-def test_a_resent_answer_comes_from_the_cache_as_the_model_wrote_it(make_engine, tokenizer):
-    """A model may write "Hel" + "lo" where the tokenizer has "Hello": the client's next prompt, the answer
-    resent as text, then reuses the answer's cached tokens, and computes what a fresh cache computes for them."""
+@pytest.fixture
+def text_codec(tokenizer):
+    """Text to the default tokenizer's ids, as a client's prompt is tokenized, and ids back to text, as ``resync``
+    decodes them."""
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    def decode(ids) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    return encode, decode
+
+
+def test_a_resent_answer_comes_from_the_cache_as_the_model_wrote_it(make_engine, text_codec):
+    """A model may write "Hel" + "lo" where the tokenizer has "Hello": the client's next prompt, the answer
+    resent as text, then reuses the answer's cached tokens, and computes what a fresh cache computes for them."""
+    encode, decode = text_codec
     written = encode("Hel") + encode("lo") + encode(" there, friend")
     assert decode(written) == "Hello there, friend" and written != encode("Hello there, friend")
     answered = encode("<|im_start|>user\nWho is it?<|im_end|>\n<|im_start|>assistant\n") + written
@@ -79,17 +87,11 @@ def test_a_resent_answer_comes_from_the_cache_as_the_model_wrote_it(make_engine,
     assert resync(decode, answered, other, live) == (other, live)
 
 
-def test_of_two_kept_states_of_a_conversation_the_one_its_resent_text_goes_on_with_comes_back(tokenizer):
+def test_of_two_kept_states_of_a_conversation_the_one_its_resent_text_goes_on_with_comes_back(text_codec):
     """A client's tokens part from the model's at the first answer the tokenizer splits otherwise, so every later
     state of that conversation shares only that much with the next prompt: the engine brings back the state whose
     text the prompt goes on with the furthest (``resync``), not the least recently used of the two."""
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode(ids) -> str:
-        return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
+    encode, decode = text_codec
     written = encode("<|im_start|>user\nWho is it?<|im_end|>\n<|im_start|>assistant\n") + encode("Hel") + encode("lo")
     earlier = written + encode(" there, fri") + encode("end")  # a turn, its answer's last token not yet computed
     later = written + encode(
