@@ -181,9 +181,10 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         self._used[slot] = max(self._used) + 1
         live = common_prefix_length(self._cached[slot], prompt_ids)
-        if self.prefix_cache is not None:
-            live = self._switch_conversation(prompt_ids, live, slot)
-        resent, held = resync(self._decode, self._cached[slot], prompt_ids, live)
+        if self.prefix_cache is None:
+            resent, held = resync(self._decode, self._cached[slot], prompt_ids, live)
+        else:
+            resent, held = self._switch_conversation(prompt_ids, live, slot)
         if len(resent) < self.context_length:
             prompt_ids, live = resent, held
         stats.prompt_tokens = len(prompt_ids)
@@ -194,23 +195,26 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _switch_conversation(self, prompt_ids: list[int], live: int, slot: int) -> int:
+    def _switch_conversation(self, prompt_ids: list[int], live: int, slot: int) -> tuple[list[int], int]:
         """Keep the slot's conversation if the prompt leaves much of it behind, and bring back a kept one that
         the prompt continues further, counting the text it goes on with (``resync``): a client's tokens part
         from the model's at the first answer the tokenizer splits otherwise, and every later state of that
-        conversation shares only that much; how many prompt tokens the slot's cache then holds."""
+        conversation shares only that much. ``resync``'s prompt and held tokens for the slot's cache then."""
+        resynced: dict[tuple[int, ...], tuple[list[int], int]] = {}  # each conversation's, computed once
 
-        def reach(cached, shared: int) -> int:
-            return resync(self._decode, list(cached), prompt_ids, shared)[1]
+        def reach(cached: tuple[int, ...], shared: int) -> int:
+            resynced[cached] = resync(self._decode, list(cached), prompt_ids, shared)
+            return resynced[cached][1]
 
-        kept, length = self.prefix_cache.longest(prompt_ids, reach(self._cached[slot], live), reach)
+        here = tuple(self._cached[slot])
+        kept, _ = self.prefix_cache.longest(prompt_ids, reach(here, live), reach)
         if len(self._cached[slot]) - live >= KEEP_AFTER:
             self._keep(slot)
         if kept is None:
-            return live
+            return resynced[here]
         self.decoder.restore(kept.kv, len(kept.ids), slot)
         self._cached[slot] = list(kept.ids)
-        return length
+        return resynced[kept.ids]
 
     def keep_live(self) -> None:
         """Copy every slot's conversation to the prefix cache (if it has one) now: called while no sequence
