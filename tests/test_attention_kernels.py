@@ -51,27 +51,47 @@ def compiled(fn, *args, mark: str = MARK):
     return result
 
 
+BATCH = (6, 2, [3 * ATTENTION_BLOCK - 8, 3, ATTENTION_BLOCK + 5], False)  # slots reaching apart, grouped heads
+ALIBI = (4, 4, [90, 40], True)  # an additive bias
+
+
+def width_of(reach: list[int]) -> int:
+    return max(r // ATTENTION_BLOCK + 1 for r in reach) * ATTENTION_BLOCK
+
+
 @torch.no_grad()
 @pytest.mark.parametrize(
-    "heads, kv_heads, reach, bias, dtype",
-    [
-        (9, 3, [600], False, torch.bfloat16),
-        (6, 2, [3 * ATTENTION_BLOCK - 8, 3, ATTENTION_BLOCK + 5], False, torch.bfloat16),
-        (4, 4, [90, 40], True, torch.bfloat16),
-        (6, 2, [3 * ATTENTION_BLOCK - 8, 3, ATTENTION_BLOCK + 5], False, torch.int8),
-        (4, 4, [90, 40], True, torch.int8),
-    ],
-    ids=["gqa", "batch", "alibi", "batch-int8", "alibi-int8"],
+    "heads, kv_heads, reach, bias", [(9, 3, [600], False), BATCH, ALIBI], ids=["gqa", "batch", "alibi"]
 )
-def test_the_kernel_computes_sdpas_attention(heads, kv_heads, reach, bias, dtype):
-    width = max(r // ATTENTION_BLOCK + 1 for r in reach) * ATTENTION_BLOCK
-    q, k, v, mask = inputs(heads, kv_heads, reach, width, bias, dtype=dtype)
-    expected = decode_attention(q, k, v, mask, 0.125)  # eagerly: SDPA (an INT8 cache's rows unpacked)
+def test_the_kernel_computes_sdpas_attention(heads, kv_heads, reach, bias):
+    q, k, v, mask = inputs(heads, kv_heads, reach, width_of(reach), bias)
+    expected = decode_attention(q, k, v, mask, 0.125)  # eagerly: SDPA
     result = compiled(lambda *a: attention(*a, 0.125), q, k, v, mask)
     assert result.shape == expected.shape and result.dtype == torch.float32
-    # SDPA rounds its BF16 output, the kernel keeps FP32; from INT8 rows, both compute in FP32
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(result, expected, atol=tolerance, rtol=tolerance)
+    # SDPA rounds its BF16 output, the kernel keeps FP32
+    torch.testing.assert_close(result, expected, atol=1e-2, rtol=1e-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("heads, kv_heads, reach, bias", [BATCH, ALIBI], ids=["batch", "alibi"])
+def test_decode_attention_on_an_int8_cache_is_fp32_attention_to_the_rounding_of_query_and_weights(
+    heads, kv_heads, reach, bias
+):
+    """Where inductor writes AVX-512 code, each head's scaled query and each chunk's softmax weights (times their
+    values' scales) are rounded to INT16 of their largest magnitude, and the products summed exactly
+    (``int16_dots``); elsewhere all in FP32. Against SDPA on the rows unpacked, in FP32."""
+    q, k, v, mask = inputs(heads, kv_heads, reach, width_of(reach), bias, dtype=torch.int8)
+    expected = decode_attention(q, k, v, mask, 0.125)
+    attention_kernel.register()
+    torch._dynamo.reset()
+    step = torch.compile(lambda *a: attention(*a, 0.125), fullgraph=True, dynamic=False)
+    result, sources = run_and_get_code(step, q, k, v, mask)
+    int16 = any(MARK in source and re.search(r"#define \w+_INT16_DOTS", source) for source in sources)
+    assert int16 == attention_kernel.int16_dots(q.dtype, k.dtype, v.dtype, 64)
+    if int16:  # each weight within 2**-16 of the chunk's largest, each query element of the head's
+        torch.testing.assert_close(result, expected, atol=2**-12 * as_float(v).abs().max(), rtol=0)
+    else:
+        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -94,10 +114,12 @@ def test_decode_attention_on_a_bf16_cache_is_fp32_attention_to_the_rounding_of_i
 
 
 @torch.no_grad()
-def test_a_sequences_attention_does_not_depend_on_its_batch():
-    """Bit for bit: a sequence alone (its own width) and batched with a farther one (a wider mask)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_a_sequences_attention_does_not_depend_on_its_batch(dtype):
+    """Bit for bit: a sequence alone (its own width) and batched with a farther one (a wider mask). (An INT8
+    cache's weights are rounded by each chunk's largest: a chunk's positions do not depend on the width.)"""
     reach = [70, 500]
-    q, k, v, mask = inputs(9, 3, reach, 512, False)
+    q, k, v, mask = inputs(9, 3, reach, 512, False, dtype=dtype)
     together = compiled(lambda *a: attention(*a, 0.125), q, k, v, mask)
     width = (reach[0] // ATTENTION_BLOCK + 1) * ATTENTION_BLOCK
     alone = compiled(lambda *a: attention(*a, 0.125), q[:1], k[:1, :, :width], v[:1, :, :width], mask[:1, ..., :width])

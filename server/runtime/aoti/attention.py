@@ -16,8 +16,9 @@ its reads run on through a head's cache (taken one by one, dynamically, the task
 steps were slower). The kernel is bound by its instructions more than by the cache's bytes, so: on a BF16
 cache, where the CPU has AVX512_BF16, the BF16 queries score the keys as they are, two depths a lane
 (``vdpbf16ps``: each product exact in FP32, no conversions), and the values are weighted two positions a
-lane, by the softmax weights rounded to BF16 as the prompt kernel rounds them; four positions' dot products
-are summed in one set of shuffles (``_fold4``); the mask's row and each query's maximum are taken in vectors.
+lane, by the softmax weights rounded to BF16 as the prompt kernel rounds them; on an INT8 cache, with AVX-512,
+the same pairs in INT16 (``int16_dots``); four positions' dot products are summed in one set of shuffles
+(``_fold4``); the mask's row and each query's maximum are taken in vectors.
 
 Prompt. Flash attention's way, for CPUs where ATen's flash kernel has no AMX for its BF16 products: a task
 takes ``QUERY_BLOCK`` positions of a key head's queries and steps over the cache ``CHUNK`` positions at a time
@@ -141,6 +142,25 @@ template <bool MAX>
 inline __m256 {{name}}_combine(__m256 a, __m256 b) { return MAX ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b); }
 template <bool MAX>
 inline __m128 {{name}}_combine(__m128 a, __m128 b) { return MAX ? _mm_max_ps(a, b) : _mm_add_ps(a, b); }
+// acc + the sums of adjacent pairs of INT16 products, exact in INT32 (``vpdpwssd`` where the CPU has VNNI)
+inline __m512i {{name}}_dot16(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+// 32 INT8 values as INT16
+inline __m512i {{name}}_widen(const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// 32 floats times ``factor``, rounded to nearest INT16 (in range: the caller's factor sees to it), in order
+inline __m512i {{name}}_round16(const float* p, float factor) {
+    const __m512 f = _mm512_set1_ps(factor);
+    const __m256i low = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p), f)));
+    const __m256i high = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + 16), f)));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
 #endif
 // the sums (or the maxima) of four vectors at once: interleaved halves combined level by level, a few shuffles
 // for all four instead of a reduction's each (a NaN need not survive a maximum: its weights carry it on)
@@ -199,6 +219,11 @@ DECODE_KERNEL = r"""
 // from the values as given, two positions a lane, and the softmax weights rounded to BF16
 #define {{name}}_BF16_PAIRS
 {%- endif %}
+{%- if int16_dots %}
+// INT16 pairs (VNNI's pair products, exact in INT32): FP32 queries and softmax weights rounded to INT16, INT8 keys
+// and values widened to it
+#define {{name}}_INT16_DOTS
+{%- endif %}
     constexpr int64_t W = D / VS;
     constexpr int64_t CHUNK = {{chunk}};
     constexpr int64_t PREFETCH = {{prefetch}};  // positions
@@ -230,16 +255,31 @@ DECODE_KERNEL = r"""
                 }
                 continue;
             }
+            float query_scale[G];  // what a head's dot products are multiplied by besides a key's scale
 #ifdef {{name}}_BF16_PAIRS
             __m512bh query[G][D / 32];  // BF16 as given, two depths a lane; the scale taken on the sums
             for (int64_t g = 0; g < G; ++g) {
+                query_scale[g] = 1.0f;
                 for (int64_t w = 0; w < D / 32; ++w) {
                     query[g][w] = (__m512bh)_mm512_loadu_si512(q + ((b * KV + kv) * G + g) * D + w * 32);
+                }
+            }
+#elif defined({{name}}_INT16_DOTS)
+            __m512i query[G][D / 32];  // INT16 of each head's largest magnitude, two depths a lane
+            for (int64_t g = 0; g < G; ++g) {
+                const float* row = q + ((b * KV + kv) * G + g) * D;
+                Vec peaks(0.0f);
+                for (int64_t w = 0; w < W; ++w) peaks = at::vec::maximum(peaks, Vec::loadu(row + w * VS).abs());
+                const float peak = _mm512_reduce_max_ps(peaks);
+                query_scale[g] = scale * peak / 32767.0f;
+                for (int64_t w = 0; w < D / 32; ++w) {
+                    query[g][w] = {{name}}_round16(row + w * 32, peak > 0.0f ? 32767.0f / peak : 0.0f);
                 }
             }
 #else
             Vec query[G][W];
             for (int64_t g = 0; g < G; ++g) {
+                query_scale[g] = 1.0f;
                 for (int64_t w = 0; w < W; ++w) {
                     query[g][w] = {{name}}_load(q + ((b * KV + kv) * G + g) * D + w * VS) * Vec(scale);
                 }
@@ -274,6 +314,15 @@ DECODE_KERNEL = r"""
                         for (int64_t w = 1; w < D / 32; ++w) dot = _mm512_dpbf16_ps(dot, query[g][w], key[w]);
                         dots[g][p] = Vec(dot);
                     }
+#elif defined({{name}}_INT16_DOTS)
+                    __m512i key[D / 32];
+                    for (int64_t w = 0; w < D / 32; ++w) key[w] = {{name}}_widen(keys + l * {{k_l}} + w * 32);
+                    key_scale[p] = {{name}}_scale(keys + l * {{k_l}});
+                    for (int64_t g = 0; g < G; ++g) {
+                        __m512i dot = {{name}}_dot16(_mm512_setzero_si512(), query[g][0], key[0]);
+                        for (int64_t w = 1; w < D / 32; ++w) dot = {{name}}_dot16(dot, query[g][w], key[w]);
+                        dots[g][p] = Vec(_mm512_cvtepi32_ps(dot));
+                    }
 #else
                     Vec key[W];
                     for (int64_t w = 0; w < W; ++w) {
@@ -292,7 +341,9 @@ DECODE_KERNEL = r"""
                 for (int64_t g = 0; g < G; ++g) {
                     float sums[4];
                     {{name}}_fold4<false>(dots[g], sums);
-                    for (int64_t p = 0; p < 4 && l0 + p < n; ++p) scores[g][l0 + p] += key_scale[p] * sums[p];
+                    for (int64_t p = 0; p < 4 && l0 + p < n; ++p) {
+                        scores[g][l0 + p] += key_scale[p] * query_scale[g] * sums[p];
+                    }
                 }
             }
             for (int64_t g = 0; g < G; ++g) {
@@ -322,38 +373,71 @@ DECODE_KERNEL = r"""
                 part[g] = peak;
                 part[G + g] = total;
             }
-#ifdef {{name}}_BF16_PAIRS
-            // the weights as BF16, two positions an element (zero past the chunk's end), converted 32 at a time
-            // and rounded to nearest even as the prompt kernel rounds them
+#if defined({{name}}_BF16_PAIRS) || defined({{name}}_INT16_DOTS)
+            // the weights two positions an element (zero past the chunk's end), times two values rows interleaved
+            // by unpacking, which orders the depths by 128-bit lane (a lane's 4 of the low unpack, then 4 of the
+            // high); the store puts them back in order
             static_assert(CHUNK % 32 == 0, "whole conversions");
             uint32_t pairs[G][CHUNK / 2];
+            for (int64_t g = 0; g < G; ++g) std::fill(scores[g] + n, scores[g] + CHUNK, 0.0f);
+#ifdef {{name}}_BF16_PAIRS
+            // BF16 weights, rounded to nearest even as the prompt kernel rounds them, by the values as given
             for (int64_t g = 0; g < G; ++g) {
-                std::fill(scores[g] + n, scores[g] + CHUNK, 0.0f);
                 for (int64_t l = 0; l < n; l += 32) {
                     _mm512_storeu_si512(pairs[g] + l / 2, (__m512i)_mm512_cvtne2ps_pbh(
                         _mm512_loadu_ps(scores[g] + l + 16), _mm512_loadu_ps(scores[g] + l)));
                 }
             }
-            // a lane sums two positions' products for one depth: the two rows interleaved by unpacking, which
-            // orders the depths by 128-bit lane (a lane's 4 of the low unpack, then 4 of the high); the store
-            // puts them back in order
-            __m512 sums[G][W];
+            using Sum = __m512;
+            const auto zero = [] { return _mm512_setzero_ps(); };
+            const auto row = [](const auto* p) { return _mm512_loadu_si512(p); };
+            const auto add = [](__m512 sum, __m512i a, __m512i b) {
+                return _mm512_dpbf16_ps(sum, (__m512bh)a, (__m512bh)b);
+            };
+            const auto result = [](__m512 sum, int64_t) { return sum; };
+#else
+            // INT16 weights, times their rows' value scales, of each head's largest, by the INT8 values widened:
+            // INT32 sums (127 * 32767 * CHUNK fits), times the weights' scale
+            float value_scale[CHUNK] = {};
+            for (int64_t l = 0; l < n; ++l) value_scale[l] = {{name}}_scale(values + l * {{v_l}});
+            float weight_scale[G];
             for (int64_t g = 0; g < G; ++g) {
-                for (int64_t w = 0; w < W; ++w) sums[g][w] = _mm512_setzero_ps();
+                Vec peaks(0.0f);
+                for (int64_t l = 0; l < CHUNK; l += VS) {
+                    const Vec weight = Vec::loadu(scores[g] + l) * Vec::loadu(value_scale + l);
+                    weight.store(scores[g] + l);
+                    peaks = at::vec::maximum(peaks, weight);
+                }
+                const float peak = _mm512_reduce_max_ps(peaks);
+                weight_scale[g] = peak / 32767.0f;
+                for (int64_t l = 0; l < CHUNK; l += 32) {
+                    _mm512_storeu_si512(pairs[g] + l / 2, {{name}}_round16(scores[g] + l, peak > 0.0f ? 32767.0f / peak : 0.0f));
+                }
+            }
+            using Sum = __m512i;
+            const auto zero = [] { return _mm512_setzero_si512(); };
+            const auto row = [](const int8_t* p) { return {{name}}_widen(p); };
+            const auto add = [](__m512i sum, __m512i a, __m512i b) { return {{name}}_dot16(sum, a, b); };
+            const auto result = [&](__m512i sum, int64_t g) {
+                return _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(weight_scale[g]));
+            };
+#endif
+            Sum sums[G][W];
+            for (int64_t g = 0; g < G; ++g) {
+                for (int64_t w = 0; w < W; ++w) sums[g][w] = zero();
             }
             for (int64_t l = 0; l < n; l += 2) {
                 const bool pair = l + 1 < n;  // an odd chunk's last position pairs with nothing
-                __m512bh rows[W];
+                __m512i rows[W];
                 for (int64_t w = 0; w < D / 32; ++w) {
-                    const __m512i first = _mm512_loadu_si512(values + l * {{v_l}} + w * 32);
-                    const __m512i second = pair ? _mm512_loadu_si512(values + (l + 1) * {{v_l}} + w * 32)
-                                                : _mm512_setzero_si512();
-                    rows[2 * w] = (__m512bh)_mm512_unpacklo_epi16(first, second);
-                    rows[2 * w + 1] = (__m512bh)_mm512_unpackhi_epi16(first, second);
+                    const __m512i first = row(values + l * {{v_l}} + w * 32);
+                    const __m512i second = pair ? row(values + (l + 1) * {{v_l}} + w * 32) : _mm512_setzero_si512();
+                    rows[2 * w] = _mm512_unpacklo_epi16(first, second);
+                    rows[2 * w + 1] = _mm512_unpackhi_epi16(first, second);
                 }
                 for (int64_t g = 0; g < G; ++g) {
-                    const __m512bh weight = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pairs[g][l / 2]));
-                    for (int64_t w = 0; w < W; ++w) sums[g][w] = _mm512_dpbf16_ps(sums[g][w], rows[w], weight);
+                    const __m512i weight = _mm512_set1_epi32(static_cast<int32_t>(pairs[g][l / 2]));
+                    for (int64_t w = 0; w < W; ++w) sums[g][w] = add(sums[g][w], rows[w], weight);
                 }
             }
             const __m512i low_order = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -361,8 +445,9 @@ DECODE_KERNEL = r"""
             for (int64_t g = 0; g < G; ++g) {
                 for (int64_t w = 0; w < D / 32; ++w) {
                     float* out = part + 2 * G + g * D + w * 32;
-                    _mm512_storeu_ps(out, _mm512_permutex2var_ps(sums[g][2 * w], low_order, sums[g][2 * w + 1]));
-                    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(sums[g][2 * w], high_order, sums[g][2 * w + 1]));
+                    const __m512 low = result(sums[g][2 * w], g), high = result(sums[g][2 * w + 1], g);
+                    _mm512_storeu_ps(out, _mm512_permutex2var_ps(low, low_order, high));
+                    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(low, high_order, high));
                 }
             }
 #else
@@ -749,6 +834,19 @@ def bf16_products(k_dtype: torch.dtype, v_dtype: torch.dtype, head_dim: int) -> 
     return bf16 and head_dim % 32 == 0 and str(pick_vec_isa()).startswith("avx512") and "avx512_bf16" in cpu_flags()
 
 
+def int16_dots(q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the decode kernel attends an INT8 cache in INT16 pairs (VNNI's ``vpdpwssd``, or AVX-512BW's
+    ``vpmaddwd``): where inductor writes AVX-512 code, for FP32 queries and a head's depths in whole vectors of 32.
+    Each head's scaled query and each task's softmax weights (times their values' scales) are rounded to INT16
+    of their largest magnitude, the INT8 keys and values widened to INT16, and the products summed exactly in
+    INT32: a quarter of the FP32 path's conversions and half its multiplications, so that the kernel reads the
+    cache's half of BF16's bytes about as fast as it computes."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    int8 = k_dtype == v_dtype == torch.int8 and q_dtype == torch.float32
+    return int8 and head_dim % 32 == 0 and str(pick_vec_isa()).startswith("avx512")
+
+
 @functools.cache
 def register() -> None:
     """Lower ``q8chat::decode_attention`` and ``q8chat::prompt_attention`` to the kernels in every step compiled
@@ -832,6 +930,7 @@ def register() -> None:
                 bf16_products=bf16_products(k.get_dtype(), v.get_dtype(), head_dim),
                 bf16_pairs=q.get_dtype() == k.get_dtype() == torch.bfloat16
                 and bf16_products(k.get_dtype(), v.get_dtype(), head_dim),
+                int16_dots=int16_dots(q.get_dtype(), k.get_dtype(), v.get_dtype(), head_dim),
                 q_h=kernel.stride(q, 1),
                 mask_b=stride(mask, 0),
                 mask_h=stride(mask, 1),
