@@ -410,8 +410,9 @@ DECODE_KERNEL = r"""
                 }
                 const float peak = _mm512_reduce_max_ps(peaks);
                 weight_scale[g] = peak / 32767.0f;
+                const float factor = peak > 0.0f ? 32767.0f / peak : 0.0f;
                 for (int64_t l = 0; l < CHUNK; l += 32) {
-                    _mm512_storeu_si512(pairs[g] + l / 2, {{name}}_round16(scores[g] + l, peak > 0.0f ? 32767.0f / peak : 0.0f));
+                    _mm512_storeu_si512(pairs[g] + l / 2, {{name}}_round16(scores[g] + l, factor));
                 }
             }
             using Sum = __m512i;
