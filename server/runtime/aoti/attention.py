@@ -154,6 +154,8 @@ inline __m512i {{name}}_dot16(__m512i acc, __m512i a, __m512i b) {
 inline __m512i {{name}}_widen(const int8_t* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// what rounds values of largest magnitude ``peak`` to INT16 (that largest to 32767); zeros stay zeros
+inline float {{name}}_int16_factor(float peak) { return peak > 0.0f ? 32767.0f / peak : 0.0f; }
 // 32 floats times ``factor``, rounded to nearest INT16 (in range: the caller's factor sees to it), in order
 inline __m512i {{name}}_round16(const float* p, float factor) {
     const __m512 f = _mm512_set1_ps(factor);
@@ -273,7 +275,7 @@ DECODE_KERNEL = r"""
                 const float peak = _mm512_reduce_max_ps(peaks);
                 query_scale[g] = scale * peak / 32767.0f;
                 for (int64_t w = 0; w < D / 32; ++w) {
-                    query[g][w] = {{name}}_round16(row + w * 32, peak > 0.0f ? 32767.0f / peak : 0.0f);
+                    query[g][w] = {{name}}_round16(row + w * 32, {{name}}_int16_factor(peak));
                 }
             }
 #else
@@ -410,7 +412,7 @@ DECODE_KERNEL = r"""
                 }
                 const float peak = _mm512_reduce_max_ps(peaks);
                 weight_scale[g] = peak / 32767.0f;
-                const float factor = peak > 0.0f ? 32767.0f / peak : 0.0f;
+                const float factor = {{name}}_int16_factor(peak);
                 for (int64_t l = 0; l < CHUNK; l += 32) {
                     _mm512_storeu_si512(pairs[g] + l / 2, {{name}}_round16(scores[g] + l, factor));
                 }
@@ -829,10 +831,8 @@ def bf16_products(k_dtype: torch.dtype, v_dtype: torch.dtype, head_dim: int) -> 
     queries and the softmax weights are rounded to BF16, as ATen's BF16 flash kernel rounds them (which also
     rounds its output). Twice the products an instruction: the 512-token prompt's attention took 1.0 ms a
     layer against 1.4 in FP32 (Zen 5, 2 threads)."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
     bf16 = k_dtype == v_dtype and k_dtype in (torch.bfloat16, torch.int8)
-    return bf16 and head_dim % 32 == 0 and str(pick_vec_isa()).startswith("avx512") and "avx512_bf16" in cpu_flags()
+    return bf16 and head_dim % 32 == 0 and _avx512_code() and "avx512_bf16" in cpu_flags()
 
 
 def int16_dots(q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype, head_dim: int) -> bool:
@@ -842,10 +842,15 @@ def int16_dots(q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype,
     of their largest magnitude, the INT8 keys and values widened to INT16, and the products summed exactly in
     INT32: a quarter of the FP32 path's conversions and half its multiplications, so that the kernel reads the
     cache's half of BF16's bytes about as fast as it computes."""
+    int8 = k_dtype == v_dtype == torch.int8 and q_dtype == torch.float32
+    return int8 and head_dim % 32 == 0 and _avx512_code()
+
+
+def _avx512_code() -> bool:
+    """Whether inductor writes AVX-512 code on this CPU (the kernels' 512-bit paths compile)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    int8 = k_dtype == v_dtype == torch.int8 and q_dtype == torch.float32
-    return int8 and head_dim % 32 == 0 and str(pick_vec_isa()).startswith("avx512")
+    return str(pick_vec_isa()).startswith("avx512")
 
 
 @functools.cache
