@@ -165,15 +165,23 @@ class Container:
             raise ContainerError(f"AOTInductor {what}: {(message.value or b'no message').decode(errors='replace')}")
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The step's outputs; the GIL is free meanwhile. The container takes over the input handles."""
+        """The step's outputs; the GIL is free meanwhile. The container takes over the input handles and frees
+        each after its last use, mid-step. A tensor's references falling to its Python object's alone make
+        torch release that object, which takes the GIL: the step would stop there until the event loop let
+        go of it. So each input has a second handle, ``held`` until the step is over and then freed here,
+        with the GIL."""
         handles = (c_void_p * len(inputs))(*_handles(inputs))
+        held = _handles(inputs)
         outputs = (c_void_p * self._outputs)()
-        self._check(
-            self._lib.AOTInductorModelContainerRun(
-                self._handle, handles, len(inputs), outputs, self._outputs, None, None
-            ),
-            "run",
-        )
+        try:
+            self._check(
+                self._lib.AOTInductorModelContainerRun(
+                    self._handle, handles, len(inputs), outputs, self._outputs, None, None
+                ),
+                "run",
+            )
+        finally:
+            _tensors(held)  # the inputs' own tensors again: their extra references go without a wait
         return _tensors(list(outputs))
 
     def constant_names(self) -> list[tuple[str, str]]:
