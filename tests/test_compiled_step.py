@@ -1,7 +1,10 @@
 """Where compiled steps are kept, the static scheme compiled, and what a start does when a step cannot be built."""
 
+import ctypes
 import os
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from quant import kernels
 from quant.smoothquant import Recipe
 from server.runtime.aoti import steps as compiled_step
 from server.runtime.aoti.steps import package_paths, prune_stale, source_digest
-from server.runtime.compact import new_kv_caches
+from server.runtime.compact import attention_mask, new_kv_caches
 from server.runtime.decoders import StaticDecoder, make_decoder
 from server.runtime.static_llama import StaticLlama
 from tests.harness import quantized_tiny, tiny_checkpoint, tiny_llama, tiny_mpt
@@ -142,6 +145,45 @@ def test_the_batched_decode_step_compiles_to_what_each_sequence_computes_alone(t
         assert (row - alone).abs().max() < 0.05 * alone.std()
         eager.forward(prompt, 0)
         assert (alone - eager.forward([token], len(prompt))).abs().max() < 0.05 * alone.std()
+
+
+@torch.no_grad()
+def test_a_compiled_step_runs_to_its_end_while_another_thread_holds_the_gil(tmp_path, tokenizer):
+    """The server's event loop holds the GIL while it streams: a step on the batcher's thread must not wait for
+    it midway. Here another thread takes the GIL as the step lets it go, and keeps it for two seconds (a C call
+    through ``PyDLL``, which does not release it): by then the step has written its token's values to the last
+    layer's cache, the last thing it writes."""
+    model = tiny_llama(len(tokenizer))
+    quantized_tiny(model)
+    kernels = dict.fromkeys(compiled_step.STEPS, "s8s8")
+    paths = package_paths(tmp_path, tmp_path, 64, kernels, torch.bfloat16)
+    make_decoder(lambda: model, model.config, 64, paths, kernels, torch.bfloat16)  # builds the steps
+    container = compiled_step.load(paths["decode"]).spans[0].container
+    caches = new_kv_caches(model.config, 64, torch.bfloat16)
+    inputs = [torch.tensor([[8]]), torch.tensor([3]), attention_mask(64, 3, 1, compiled=True), *caches]
+    row = caches[-1][0, 0, 3]
+    address, size = row.data_ptr(), row.nbytes
+    before = ctypes.string_at(address, size)  # string_at keeps the GIL (torch's reads may let it go)
+    stepping, seen = [], {}
+
+    def hold() -> None:  # waits for the GIL while the main thread runs Python, gets it where the step begins
+        while not stepping:
+            pass
+        ctypes.PyDLL(None).usleep(2_000_000)
+        seen["written"] = ctypes.string_at(address, size) != before
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # no thread is made to let the GIL go before it does so itself
+    try:
+        holder = threading.Thread(target=hold)
+        holder.start()
+        stepping.append(True)
+        container.run(inputs)
+    finally:
+        sys.setswitchinterval(switch)
+    holder.join()
+    assert ctypes.string_at(address, size) != before  # the step writes there
+    assert seen["written"]  # and had done so while the other thread held the GIL
 
 
 @pytest.mark.e2e
