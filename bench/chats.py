@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
+import aiohttp
 
-from bench.served import SERVED_NAME, ServerProcess, stream_chat
+from bench.served import SERVED_NAME, ServerProcess, stream_chat, with_session
 from prompts import heldout_text
 
 
@@ -23,11 +23,12 @@ def alternating_chats(
     histories = [[{"role": "system", "content": f"User {user}. {system}"}] for user in range(users)]
     asked = iter(questions)
     usage: list[list[dict]] = [[] for _ in range(users)]
-    with httpx.Client() as client:
+
+    async def chat(session: aiohttp.ClientSession) -> None:
         for _ in range(turns):
             for user, history in enumerate(histories):
                 history.append({"role": "user", "content": next(asked)})
-                reply = stream_chat(client, base_url, model, history, max_tokens, ignore_eos=False)
+                reply = await stream_chat(session, base_url, model, history, max_tokens, ignore_eos=False)
                 history.append({"role": "assistant", "content": reply.text})
                 usage[user].append(
                     {
@@ -36,6 +37,8 @@ def alternating_chats(
                         "completion_tokens": reply.tokens,
                     }
                 )
+
+    with_session(chat)
     return usage
 
 

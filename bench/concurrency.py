@@ -6,22 +6,23 @@ p95 over all gaps) and time to first token, next to the one-stream figures."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-import httpx
+import aiohttp
 import torch
 
 from bench import llamacpp, llamaserver
 from bench.chats import CHAT_TURNS, chats_served
-from bench.served import SERVED_NAME, ServerProcess, StreamTiming, served_args, stream_chat
+from bench.served import SERVED_NAME, ServerProcess, StreamTiming, served_args, stream_chat, with_session
 from prompts import heldout_text
 from quant.checkpoint import load_checkpoint, read_checkpoint_info, stored_weight_bytes
 from quant.kernels import cpu_class, kernels_by_step
@@ -51,21 +52,20 @@ def _percentile(values: list[float], q: float) -> float:
 def concurrent_streams(
     base_url: str, model: str, prompts: list[str], max_tokens: int, first: int = 0
 ) -> list[StreamTiming]:
-    """One stream per prompt, all sent at once, each from its own client; stream ``i`` is conversation
+    """One stream per prompt, all sent at once, each on a connection of its own; stream ``i`` is conversation
     ``first + i`` (its system message says so: numbers not used before make new conversations)."""
-    ready = threading.Barrier(len(prompts))
 
-    def one(index: int) -> StreamTiming:
-        with httpx.Client() as client:
-            messages = [
-                {"role": "system", "content": f"Conversation {first + index}."},
-                {"role": "user", "content": prompts[index]},
-            ]
-            ready.wait()
-            return stream_chat(client, base_url, model, messages, max_tokens)
+    def one(session: aiohttp.ClientSession, index: int) -> Awaitable[StreamTiming]:
+        messages = [
+            {"role": "system", "content": f"Conversation {first + index}."},
+            {"role": "user", "content": prompts[index]},
+        ]
+        return stream_chat(session, base_url, model, messages, max_tokens)
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        return list(pool.map(one, range(len(prompts))))
+    async def streams(session: aiohttp.ClientSession) -> list[StreamTiming]:
+        return list(await asyncio.gather(*(one(session, index) for index in range(len(prompts)))))
+
+    return with_session(streams)
 
 
 def summarize(streams: list[StreamTiming]) -> dict:

@@ -6,15 +6,19 @@ chat completions over HTTP (SSE), and read the server process's resident memory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import aiohttp
 import httpx
 
 from bench.results import Sample
@@ -117,8 +121,25 @@ class StreamTiming:
         return [later - earlier for earlier, later in zip(self.times_s, self.times_s[1:], strict=False)]
 
 
-def stream_chat(
-    client: httpx.Client,
+T = TypeVar("T")
+
+
+def with_session(requests: Callable[[aiohttp.ClientSession], Awaitable[T]], keep_alive: bool = True) -> T:
+    """What ``requests(session)`` returns, run in an event loop of its own on a new client session. One loop
+    reads all the streams of a run, with aiohttp's C parser: the client shares the CPUs the server runs on,
+    and a thread and an httpx client a stream took twice its CPU time a token. ``keep_alive``: False opens a
+    connection a request (``llama-server`` closes kept-alive ones on its own schedule, and a request sent on
+    one it is closing fails)."""
+
+    async def run() -> T:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=not keep_alive)) as session:
+            return await requests(session)
+
+    return asyncio.run(run())
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession,
     base_url: str,
     model: str,
     messages: list[dict],
@@ -127,9 +148,8 @@ def stream_chat(
     ignore_eos: bool = True,
 ) -> StreamTiming:
     """One greedy streamed chat completion, timed per chunk: exactly ``max_tokens`` tokens, EOS ignored, unless
-    ``ignore_eos`` is false. ``client`` is made once: a new httpx client costs 15-25 ms (it builds an SSL
-    context), which is not the server's time. ``response_format``: the answer is held to it (its grammar must
-    not end before ``max_tokens``: a grammar's end stops the answer)."""
+    ``ignore_eos`` is false. ``response_format``: the answer is held to it (its grammar must not end before
+    ``max_tokens``: a grammar's end stops the answer)."""
     body = {
         "model": model,
         "messages": messages,
@@ -142,12 +162,14 @@ def stream_chat(
     }
     chunk_times, text, usage = [], [], None
     start = time.perf_counter()
-    with client.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=600) as response:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with session.post(base_url + "/v1/chat/completions", json=body, timeout=timeout) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in response.content:  # SSE lines
+            line = line.rstrip(b"\r\n")
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            chunk = json.loads(line.removeprefix("data: "))
+            chunk = json.loads(line.removeprefix(b"data: "))
             usage = chunk.get("usage") or usage
             choice = chunk["choices"][0] if chunk["choices"] else {}
             if choice.get("delta", {}).get("content") or (choice.get("finish_reason") and not chunk_times):
@@ -184,9 +206,6 @@ class Served:
         self.server.stop()
         self.extra["restart_s"] = self._start(server_args, log_dir / f"{name}.log", timeout_s)
         self._conversations = 0
-        # a new connection a request: llama-server (cpp-httplib) closes kept-alive connections on its own
-        # schedule, and a request sent on one it is closing fails
-        self._client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
     def _start(self, server_args: list[str], log_path: Path, timeout_s: float) -> float:
         self.server = ServerProcess(server_args, {}, log_path, command=self.command)
@@ -200,16 +219,14 @@ class Served:
         self._conversations += 1  # a new system message each time: the server cannot reuse the last one
         system = {"role": "system", "content": f"Conversation {self._conversations}."}
         user = {"role": "user", "content": self.tokenizer.decode(prompt)}
-        first = stream_chat(
-            self._client, self.server.base_url, self.model_name, [system, user], decode_tokens, self.response_format
-        )
+        first = self._stream([system, user], decode_tokens)
         follow_up = [
             system,
             user,
             {"role": "assistant", "content": first.text},
             {"role": "user", "content": self.tokenizer.decode(prompt[:new_tokens])},
         ]
-        second = stream_chat(self._client, self.server.base_url, self.model_name, follow_up, 1, self.response_format)
+        second = self._stream(follow_up, 1)
         self.extra.update(
             prompt_tokens=first.prompt_tokens,
             first_turn_cached_tokens=first.cached_tokens,
@@ -218,12 +235,19 @@ class Served:
         )
         return Sample(ttft_s=first.ttft_s, decode_tok_s=first.decode_tok_s, second_turn_ttft_s=second.ttft_s)
 
+    def _stream(self, messages: list[dict], max_tokens: int) -> StreamTiming:
+        return with_session(
+            lambda session: stream_chat(
+                session, self.server.base_url, self.model_name, messages, max_tokens, self.response_format
+            ),
+            keep_alive=False,
+        )
+
     def figures(self) -> dict:
         memory = self.server.resident_bytes()
         return {**self.extra, "rss_mb": round(memory["VmRSS"] / 1e6, 1), "peak_rss_mb": round(memory["VmHWM"] / 1e6, 1)}
 
     def stop(self) -> None:
-        self._client.close()
         self.server.stop()
 
 
