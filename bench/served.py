@@ -126,8 +126,8 @@ T = TypeVar("T")
 
 def with_session(requests: Callable[[aiohttp.ClientSession], Awaitable[T]], keep_alive: bool = True) -> T:
     """What ``requests(session)`` returns, run in an event loop of its own on a new client session. One loop
-    reads all the streams of a run, with aiohttp's C parser: the client shares the CPUs the server runs on,
-    and a thread and an httpx client a stream took twice its CPU time a token. ``keep_alive``: False opens a
+    reads all the streams of a run, with aiohttp's C parser: the client runs on the CPUs the server runs on,
+    and a thread and an httpx client a stream took twice the CPU time a token. ``keep_alive``: False opens a
     connection a request (``llama-server`` closes kept-alive ones on its own schedule, and a request sent on
     one it is closing fails)."""
 
