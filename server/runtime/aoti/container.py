@@ -169,9 +169,9 @@ class Container:
         each after its last use, mid-step. A tensor's references falling to its Python object's alone make
         torch release that object, which takes the GIL: the step would stop there until the event loop let
         go of it. So each input has a second handle, ``held`` until the step is over and then freed here,
-        with the GIL."""
+        with the GIL (kept in the capsules torch makes them in: no pointer is read out of them or put back)."""
         handles = (c_void_p * len(inputs))(*_handles(inputs))
-        held = _handles(inputs)
+        held = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(inputs)
         outputs = (c_void_p * self._outputs)()
         try:
             self._check(
@@ -180,8 +180,8 @@ class Container:
                 ),
                 "run",
             )
-        finally:
-            _tensors(held)  # the inputs' own tensors again: their extra references go without a wait
+        finally:  # taken back as the inputs' own tensors: their extra references go without a wait
+            torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(held)
         return _tensors(list(outputs))
 
     def constant_names(self) -> list[tuple[str, str]]:
