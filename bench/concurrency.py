@@ -33,7 +33,7 @@ from server.engine.batching import DONE, Batcher, Job
 from server.engine.engine import Engine, GenerationStats
 from server.engine.sampling import SamplingParams
 from server.runtime.aoti.steps import package_paths
-from server.runtime.compact import DEFAULT_KV_DTYPE, KV_DTYPES
+from server.runtime.compact import kv_dtype_for
 from server.runtime.decoders import make_decoder
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,17 @@ def _gguf(args, checkpoint_path: Path) -> Path | None:
     return llamacpp.q8_0_gguf(resolve_model_path(args.model), args.cache_dir, threads, args.llama_cpp_converter)
 
 
+def kv_cache_dtype(kv: str | None, checkpoint, slots: int) -> torch.dtype:
+    """The KV cache type of q8chat's compiled steps with ``slots`` sequences, as ``--kv-cache-dtype kv`` makes it
+    (None: serve's default)."""
+    return kv_dtype_for(kv or "auto", checkpoint.config, slots, compiled=True)
+
+
 def _engines(checkpoint, cache_dir: Path, context: int, slots: int, gguf: Path | None, kv: str | None):
-    """(name, engine) of each in-process competitor: q8chat's compiled decoder (its KV cache of type ``kv``, None:
-    the default) and llama.cpp's on ``gguf`` (the same weights as Q8_0), each with ``slots`` sequences."""
+    """(name, engine) of each in-process competitor: q8chat's compiled decoder (its KV cache as ``kv_cache_dtype``
+    gives it) and llama.cpp's on ``gguf`` (the same weights as Q8_0), each with ``slots`` sequences."""
     kernels = kernels_by_step(weight_bytes=stored_weight_bytes(checkpoint.path))
-    kv_dtype = KV_DTYPES[kv] if kv else DEFAULT_KV_DTYPE
+    kv_dtype = kv_cache_dtype(kv, checkpoint, slots)
     packages = package_paths(cache_dir, checkpoint.path, context, kernels, kv_dtype, slots)
     decoder = make_decoder(
         lambda: load_checkpoint(checkpoint.path).model, checkpoint.config, context, packages, kernels, kv_dtype, slots
@@ -238,7 +244,8 @@ def run(args) -> dict:
             "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens,
             "max_batch": slots,
-            "kv_cache_dtype": args.kv_cache_dtype or "default",
+            "kv_cache_dtype": str(kv_cache_dtype(args.kv_cache_dtype, checkpoint, slots)).removeprefix("torch.")
+            + ("" if args.kv_cache_dtype else " (serve's default)"),
             "server_logs": str(log_dir),
         },
         "concurrency": results,

@@ -31,7 +31,7 @@ def build_service(settings: Settings, metrics, placement):
     from server.engine.grammar import Grammars
     from server.engine.prefix_cache import PrefixCache
     from server.runtime.aoti.steps import package_paths
-    from server.runtime.compact import KV_DTYPES
+    from server.runtime.compact import kv_dtype_for
     from server.runtime.decoders import make_decoder
     from server.runtime.placement import cpu_isa
     from server.service.prompter import Prompter
@@ -58,7 +58,7 @@ def build_service(settings: Settings, metrics, placement):
     context = settings.context_length or context_window(config)
     weights = stored_weight_bytes(checkpoint.path)
     kernels = kernels_by_step(settings.int8_kernel, weights)
-    kv_dtype = KV_DTYPES[settings.kv_cache_dtype]
+    kv_dtype = kv_dtype_for(settings.kv_cache_dtype, config, settings.max_batch, settings.compile)
     packages = (
         package_paths(settings.cache_dir, checkpoint.path, context, kernels, kv_dtype, settings.max_batch)
         if settings.compile

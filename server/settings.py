@@ -45,11 +45,12 @@ class Settings(BaseSettings):
         "chunk takes a rest of up to an eighth more)",
     )
     context_length: int | None = Field(None, ge=2, description="token limit of prompt + completion (default: model's)")
-    kv_cache_dtype: Literal["bf16", "fp32", "int8"] = Field(
-        "bf16",
+    kv_cache_dtype: Literal["auto", "bf16", "fp32", "int8"] = Field(
+        "auto",
         description="element type of the static KV cache (Llama and MPT): bf16 takes half the memory and half "
         "the bytes a decode step reads from it; fp32 computes attention as the float model does; int8 (a "
-        "scale a key or value) takes about half of bf16's",
+        "scale a key or value) takes about half of bf16's; auto: int8 for --max-batch above 1 where the "
+        "compiled kernels read it as stored (AVX-512 without AMX), bf16 otherwise",
     )
     kv_cache_mb: float = Field(
         256.0,

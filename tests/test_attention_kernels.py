@@ -13,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch._inductor.cpu_vec_isa import pick_vec_isa
 from torch._inductor.utils import run_and_get_code
+from transformers import LlamaConfig
 
+from quant.kernels import packed_bf16_attention
 from server.runtime.aoti import attention as attention_kernel
 from server.runtime.attention_op import decode_attention, prompt_attention
-from server.runtime.compact import ATTENTION_BLOCK, attention, attention_mask
+from server.runtime.compact import ATTENTION_BLOCK, attention, attention_mask, kv_dtype_for
 from server.runtime.kv_int8 import as_float, stored
 
 MARK = "q8chat::decode_attention"  # a comment in each kernel's source
@@ -92,6 +95,22 @@ def test_decode_attention_on_an_int8_cache_is_fp32_attention_to_the_rounding_of_
         torch.testing.assert_close(result, expected, atol=2**-12 * as_float(v).abs().max(), rtol=0)
     else:
         torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_default_kv_cache_is_int8_only_for_compiled_batches_the_int16_kernel_reads():
+    """``--kv-cache-dtype auto``: INT8 where several slots decode in compiled steps and q8chat's kernels read INT8
+    rows as stored (the decode kernel's INT16 pairs: inductor's AVX-512 code, whole vectors of 32 depths; the
+    prompt kernel: no AMX); BF16 for one slot, eager steps, other head sizes and CPUs. A name given is the type
+    used."""
+    llama = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3)  # the default model's heads
+    odd = LlamaConfig(hidden_size=432, num_attention_heads=9, num_key_value_heads=3)  # 48 depths a head
+    int8_read = str(pick_vec_isa()).startswith("avx512") and not packed_bf16_attention()
+    assert kv_dtype_for("auto", llama, 4, compiled=True) == (torch.int8 if int8_read else torch.bfloat16)
+    assert kv_dtype_for("auto", llama, 1, compiled=True) == torch.bfloat16
+    assert kv_dtype_for("auto", llama, 4, compiled=False) == torch.bfloat16
+    assert kv_dtype_for("auto", odd, 4, compiled=True) == torch.bfloat16
+    assert kv_dtype_for("fp32", llama, 4, compiled=True) == torch.float32
+    assert kv_dtype_for("int8", llama, 1, compiled=False) == torch.int8
 
 
 @torch.no_grad()

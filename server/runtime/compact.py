@@ -110,6 +110,23 @@ KV_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 DEFAULT_KV_DTYPE = torch.bfloat16
 
 
+def kv_dtype_for(name: str, config, slots: int, compiled: bool) -> torch.dtype:
+    """The KV cache's element type that ``--kv-cache-dtype`` names. ``auto``: INT8 where several sequences
+    decode together in compiled steps whose kernels read INT8 rows as stored (the decode kernel's INT16 pairs,
+    with AVX-512; q8chat's prompt kernel, without AMX, where prompts attend through ATen's kernel on the rows
+    unpacked), BF16 elsewhere. A batched step reads every sequence's cache beside the weights, and halving
+    the caches' bytes sped four streams up; one stream decoded no faster, so it keeps BF16's accuracy (INT8
+    rows cost a little)."""
+    if name != "auto":
+        return KV_DTYPES[name]
+    from server.runtime.aoti.attention import int16_dots
+
+    head_dim = kv_cache_shape(config, 2)[3]
+    int8_kernels = PROMPT_KERNEL and int16_dots(torch.float32, torch.int8, torch.int8, head_dim)
+    batched = slots > 1 and compiled and int8_kernels
+    return torch.int8 if batched else DEFAULT_KV_DTYPE
+
+
 def stored_cache_shape(config, max_len: int, dtype: torch.dtype, slots: int) -> tuple[int, int, int, int]:
     """One layer's key (or value) cache as a tensor: ``slots`` sequences' regions of ``kv_cache_shape``, each
     row as ``dtype`` stores it (``kv_int8.row_length``)."""
