@@ -17,13 +17,13 @@ from quant.smoothquant import Recipe, linear_names, quantize_model
 from server.engine.engine import ContextLengthExceeded, StepOutput
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, head_dim: int = 16):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=4 * head_dim,
+        intermediate_size=8 * head_dim,
         num_attention_heads=4,
         num_key_value_heads=2,
         num_hidden_layers=layers,
@@ -60,10 +60,11 @@ def quantized_tiny(model, recipe=Recipe(alpha=None)):
     return {"name": "tiny", "recipe": recipe.to_dict(), "alphas": report.alphas(), "fallback": report.fallback}
 
 
-def tiny_checkpoint(tokenizer, directory: Path, recipe: Recipe = Recipe(alpha=None)) -> Path:
-    """A tiny random Llama, quantized and saved as an INT8 checkpoint named "tiny" (with the default model's
-    tokenizer): a server on it starts in seconds and decodes thousands of tokens a second."""
-    model = tiny_llama(len(tokenizer))
+def tiny_checkpoint(tokenizer, directory: Path, recipe: Recipe = Recipe(alpha=None), head_dim: int = 16) -> Path:
+    """A tiny random Llama (four heads of ``head_dim``), quantized and saved as an INT8 checkpoint named "tiny"
+    (with the default model's tokenizer): a server on it starts in seconds and decodes thousands of tokens a
+    second."""
+    model = tiny_llama(len(tokenizer), head_dim=head_dim)
     return save_checkpoint(model, tokenizer, directory, quantized_tiny(model, recipe))
 
 

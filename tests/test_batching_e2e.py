@@ -13,6 +13,9 @@ import pytest
 
 from bench.chats import alternating_chats, cached_share
 from bench.concurrency import concurrent_streams
+from quant.checkpoint import read_checkpoint_info
+from server.runtime.compact import kv_dtype_for
+from tests.harness import tiny_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -38,25 +41,30 @@ def gauge(server, name: str) -> float:
     raise AssertionError(f"no {name} in /metrics")
 
 
-def test_concurrent_greedy_streams_each_get_their_answer_alone(batched):
-    alone = [concurrent_streams(batched.base_url, MODEL, [p], 24, first=i)[0].text for i, p in enumerate(PROMPTS)]
+def streamed_together(server, model: str, prompts: list[str], max_tokens: int):
+    """``concurrent_streams``, and the most requests the server's gauge showed running meanwhile."""
     running, stop = [], threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
-            running.append(gauge(batched, "vllm:num_requests_running"))
+            running.append(gauge(server, "vllm:num_requests_running"))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        together = concurrent_streams(batched.base_url, MODEL, PROMPTS, 24)
+        return concurrent_streams(server.base_url, model, prompts, max_tokens), max(running)
     finally:
         stop.set()
         watcher.join()
+
+
+def test_concurrent_greedy_streams_each_get_their_answer_alone(batched):
+    alone = [concurrent_streams(batched.base_url, MODEL, [p], 24, first=i)[0].text for i, p in enumerate(PROMPTS)]
+    together, running = streamed_together(batched, MODEL, PROMPTS, 24)
     assert [s.text for s in together] == alone
     assert all(s.tokens == 24 for s in together)
-    assert max(running) == 3  # three decoded together, the fourth waited for a slot
+    assert running == 3  # three decoded together, the fourth waited for a slot
     assert gauge(batched, "vllm:num_requests_running") == 0
 
 
@@ -87,3 +95,28 @@ def test_two_users_taking_turns_each_find_their_conversation_in_a_slot(batched):
     shares = cached_share(usage)
     assert 0.5 < shares["min_cached_share"] <= shares["cached_share"] < 1
     assert 0.9 < shares["min_history_share"] <= shares["history_share"] <= 1
+
+
+@pytest.mark.timeout(1800)  # compiles three steps of a tiny model
+def test_a_compiled_batched_server_serves_on_the_cache_its_defaults_pick(start_server, tokenizer, tmp_path_factory):
+    """``q8chat serve --max-batch 2`` as a user starts it (compiled steps, the default ``--kv-cache-dtype auto``)
+    on a tiny model whose heads q8chat's kernels read in whole vectors: its slots' cache is the type the defaults
+    pick on this CPU (INT8 with AVX-512 and no AMX), and streams decode together in the batch step to their end."""
+    checkpoint = tiny_checkpoint(tokenizer, tmp_path_factory.mktemp("tiny-32") / "tiny", head_dim=32)
+    cache = tmp_path_factory.mktemp("tiny-32-cache")
+    server = start_server(
+        "--model",
+        str(checkpoint),
+        "--context-length",
+        "256",
+        "--max-batch",
+        "2",
+        env={"Q8CHAT_COMPILE": "true", "Q8CHAT_CACHE_DIR": str(cache)},
+    )
+    log = server.log()
+    assert "batch step compiled in" in log, log[-3000:]
+    picked = kv_dtype_for("auto", read_checkpoint_info(checkpoint).config, 2, compiled=True)
+    assert f"static {str(picked).removeprefix('torch.')} KV cache" in log
+    together, running = streamed_together(server, "tiny", PROMPTS[:2] * 2, 24)
+    assert [s.tokens for s in together] == [24] * 4 and running == 2
+    assert gauge(server, "vllm:num_requests_running") == 0
