@@ -210,7 +210,7 @@ def run(args) -> dict:
     log_dir = Path(tempfile.mkdtemp(prefix="q8chat-bench-"))
     servers = _servers(args, checkpoint, context, slots, gguf, log_dir)
     conversations = iter(range(10**6))  # every stream a prompt of its own: nothing comes from a cache
-    results: dict[str, dict[int, dict]] = {name: {} for name in [*engines, *servers]}
+    rounds: list[dict[str, dict[int, dict]]] = []
     try:
         text = checkpoint.tokenizer.decode(base)
         for name, engine in engines.items():  # warm-up
@@ -218,17 +218,22 @@ def run(args) -> dict:
         for server in servers.values():
             server.wait_ready(3600)
             concurrent_streams(server.base_url, SERVED_NAME, [text[:200]], 4, next(conversations))
-        for level in levels:
-            for name, engine in engines.items():
-                prompts = [[next(conversations)] + base for _ in range(level)]
-                results[name][level] = summarize(batched_streams(engine, prompts, args.decode_tokens))
-            for name, server in servers.items():
-                first = next(conversations)
-                [next(conversations) for _ in range(level)]
-                streams = concurrent_streams(server.base_url, SERVED_NAME, [text] * level, args.decode_tokens, first)
-                results[name][level] = summarize(streams)
-            for name, rows in results.items():
-                print(f"{name} at {level}: {rows[level]}", flush=True)
+        for rep in range(args.reps):
+            results: dict[str, dict[int, dict]] = {name: {} for name in [*engines, *servers]}
+            for level in levels:
+                for name, engine in engines.items():
+                    prompts = [[next(conversations)] + base for _ in range(level)]
+                    results[name][level] = summarize(batched_streams(engine, prompts, args.decode_tokens))
+                for name, server in servers.items():
+                    first = next(conversations)
+                    [next(conversations) for _ in range(level)]
+                    streams = concurrent_streams(
+                        server.base_url, SERVED_NAME, [text] * level, args.decode_tokens, first
+                    )
+                    results[name][level] = summarize(streams)
+                for name, rows in results.items():
+                    print(f"round {rep + 1}/{args.reps}, {name} at {level}: {rows[level]}", flush=True)
+            rounds.append(results)
     finally:
         for server in servers.values():
             server.stop()
@@ -244,36 +249,79 @@ def run(args) -> dict:
             "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens,
             "max_batch": slots,
+            "rounds": args.reps,
             "kv_cache_dtype": str(kv_cache_dtype(args.kv_cache_dtype, checkpoint, slots)).removeprefix("torch.")
             + ("" if args.kv_cache_dtype else " (serve's default)"),
             "server_logs": str(log_dir),
         },
-        "concurrency": results,
+        "concurrency": over_rounds(rounds),
+        "rounds": rounds,
         "alternating_chats": chats,
     }
+
+
+def _ratios(rounds: list[dict[str, dict[int, dict]]], name: str, level: int, base: str, base_level: int) -> dict:
+    """The median and range over the rounds of ``name``'s aggregate rate at ``level`` against ``base``'s at
+    ``base_level`` in the same round; a round where ``base`` measured no rate (no stream decoded while all did)
+    is left out, and with none left, all three are None."""
+    pairs = [(r[name][level]["aggregate_decode_tok_s"], r[base][base_level]["aggregate_decode_tok_s"]) for r in rounds]
+    ratios = [rate / against for rate, against in pairs if against]
+    if not ratios:
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+
+
+def over_rounds(rounds: list[dict[str, dict[int, dict]]]) -> dict[str, dict[int, dict]]:
+    """Each competitor's figures at each level over the rounds: medians of the rounds' figures, and its rate
+    against its own single stream and against its rival's at the same level as ratios within each round
+    (paired: measured minutes apart, under the same machine weather), their median and range."""
+    combined: dict[str, dict[int, dict]] = {}
+    for name, levels in rounds[0].items():
+        one, rival = min(levels), RIVALS.get(name)
+        combined[name] = {}
+        for level in levels:
+            rows = [r[name][level] for r in rounds]
+            itl = [row["itl_p50_ms"] / r[name][one]["itl_p50_ms"] for row, r in zip(rows, rounds, strict=True)]
+            combined[name][level] = {
+                **{
+                    key: round(statistics.median(row[key] for row in rows), 3)
+                    for key in ("aggregate_decode_tok_s", "itl_p50_ms", "itl_p95_ms", "ttft_mean_s", "ttft_max_s")
+                },
+                "completion_tokens": [row["completion_tokens"] for row in rows],
+                "vs_one_stream": _ratios(rounds, name, level, name, one),
+                "itl_p50_vs_one_stream": round(statistics.median(itl), 3),
+                "vs_rival": _ratios(rounds, name, level, rival, level) if rival in rounds[0] else None,
+            }
+    return combined
+
+
+def _cell(ratio: dict | None) -> str:
+    if ratio is None or ratio["median"] is None:
+        return "-"
+    spread = f" ({ratio['min']:.2f}–{ratio['max']:.2f})" if ratio["min"] != ratio["max"] else ""
+    return f"{ratio['median']:.2f}x{spread}"
 
 
 def markdown(report: dict) -> str:
     """One row per competitor and level: aggregate decode against the competitor's own single stream, and
     q8chat's against llama.cpp's at the same level (in process against in process, served against
-    served)."""
+    served), as medians over the rounds of ratios within each round."""
     results = report["concurrency"]
     lines = [
         f"CPU: {report['machine']['model_name']} ({' '.join(report['machine']['flags'])}), "
-        f"{report['machine']['threads']} threads; q8chat's KV cache: {report['workload']['kv_cache_dtype']}",
+        f"{report['machine']['threads']} threads; q8chat's KV cache: {report['workload']['kv_cache_dtype']}; "
+        f"medians of {report['workload']['rounds']} rounds, each ratio taken within a round (range)",
         "",
-        "| competitor | streams | aggregate tok/s | vs 1 stream | vs llama.cpp | ITL p50 / p95 ms | TTFT mean s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| competitor | streams | aggregate tok/s | vs 1 stream | vs llama.cpp | ITL p50 / p95 ms "
+        "| ITL p50 vs 1 stream | TTFT mean s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, rows in results.items():
-        one = rows[min(rows)]["aggregate_decode_tok_s"]
-        rival = results.get(RIVALS.get(name), {})
         for level, row in rows.items():
-            rate = row["aggregate_decode_tok_s"]
-            versus = f"{rate / rival[level]['aggregate_decode_tok_s']:.2f}x" if level in rival else "-"
             lines.append(
-                f"| {name} | {level} | {rate} | {rate / one:.2f}x | {versus} | "
-                f"{row['itl_p50_ms']} / {row['itl_p95_ms']} | {row['ttft_mean_s']} |"
+                f"| {name} | {level} | {row['aggregate_decode_tok_s']} | {_cell(row['vs_one_stream'])} | "
+                f"{_cell(row['vs_rival'])} | {row['itl_p50_ms']} / {row['itl_p95_ms']} | "
+                f"{row['itl_p50_vs_one_stream']:.2f}x | {row['ttft_mean_s']} |"
             )
     lines += ["", f"Two users alternating {CHAT_TURNS}-turn chats, prompts after each user's first from the cache:"]
     for flags, share in report.get("alternating_chats", {}).items():

@@ -311,7 +311,13 @@ def configure_bench(p) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the second turn")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="repetitions of each variant; with --concurrency, rounds of every level for every competitor "
+        "(ratios taken within each round, medians reported)",
+    )
     p.add_argument("--cache-dir", type=Path, default=defaults.CACHE_DIR, help="INT8 checkpoints (as serve uses)")
     p.add_argument("--calib-samples", type=int, default=defaults.CALIB_SAMPLES)
     p.add_argument(
