@@ -119,12 +119,12 @@ def kv_dtype_for(name: str, config, slots: int, compiled: bool) -> torch.dtype:
     rows cost a little)."""
     if name != "auto":
         return KV_DTYPES[name]
+    if slots == 1 or not compiled or not PROMPT_KERNEL:
+        return DEFAULT_KV_DTYPE
     from server.runtime.aoti.attention import int16_dots
 
     head_dim = kv_cache_shape(config, 2)[3]
-    int8_kernels = PROMPT_KERNEL and int16_dots(torch.float32, torch.int8, torch.int8, head_dim)
-    batched = slots > 1 and compiled and int8_kernels
-    return torch.int8 if batched else DEFAULT_KV_DTYPE
+    return torch.int8 if int16_dots(torch.float32, torch.int8, torch.int8, head_dim) else DEFAULT_KV_DTYPE
 
 
 def stored_cache_shape(config, max_len: int, dtype: torch.dtype, slots: int) -> tuple[int, int, int, int]:
