@@ -203,6 +203,8 @@ def run(args) -> dict:
     engine loop and batcher; only the batched forward differs) and over HTTP for ``q8chat serve
     --max-batch`` and llama.cpp's server, levels interleaved across competitors; then two users alternating
     chats with ``q8chat serve``."""
+    if args.decode_tokens < 2:
+        raise SystemExit("q8chat bench --concurrency: --decode-tokens must be 2 or more (each stream's token gaps)")
     levels = sorted({int(level) for level in args.concurrency.split(",")})
     slots, context = max(levels), args.prompt_tokens + args.decode_tokens + 64
     checkpoint, gguf, engines = on_a_passing_thread(lambda: _prepare(args, context, slots))

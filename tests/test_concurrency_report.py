@@ -1,8 +1,10 @@
-"""``q8chat bench --concurrency``'s report over several rounds: ratios taken within each round (the machine's
-speed drifts between rounds), their median and range; the figures themselves as medians."""
+"""``q8chat bench --concurrency``'s figures: a round's streams summarized (the aggregate rate counted while every
+stream decodes), and the report over several rounds: ratios taken within each round (the machine's speed drifts
+between rounds), their median and range; the figures themselves as medians."""
 
 from bench import llamaserver
-from bench.concurrency import markdown, over_rounds
+from bench.concurrency import markdown, over_rounds, summarize
+from bench.served import StreamTiming
 
 
 def row(rate: float, itl_ms: float) -> dict:
@@ -55,3 +57,22 @@ def test_the_markdown_table_gives_each_ratio_with_its_range():
     assert "int8 (serve's default); medians of 3 rounds" in table
     assert "| q8chat-served | 4 | 372.0 | 3.00x (2.80–3.10) | 5.25x (4.00–5.31) | 10.0 / 20.0 | 1.30x | 0.2 |" in table
     assert f"| {llamaserver.NAME} | 1 | 55.0 | 1.00x | - |" in table
+
+
+def stream(start: float, times: list[float]) -> StreamTiming:
+    return StreamTiming(start, times, len(times), "", 10, 0)
+
+
+def test_the_aggregate_rate_counts_tokens_while_every_stream_decodes():
+    """Two streams: one decodes from 1.0 s, the other waits for its prompt until 2.0 s and then outlasts it. Only
+    the tokens after 2.0 s (the last first token) and up to 3.0 s (the first last token) count; the gaps and
+    first-token times are every stream's."""
+    early = stream(0.0, [1.0, 1.5, 2.0, 2.5, 3.0])
+    late = stream(0.0, [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5])
+    summary = summarize([early, late])
+    assert summary["aggregate_decode_tok_s"] == 6.0  # 2.5 and 3.0 of one, 2.25 to 3.0 of the other: 6 in 1 s
+    assert summary["itl_p50_ms"] == 250.0 and summary["itl_p95_ms"] == 500.0
+    assert summary["ttft_mean_s"] == 1.5 and summary["ttft_max_s"] == 2.0
+    assert summary["completion_tokens"] == [5, 7]
+    apart = summarize([stream(0.0, [1.0, 1.5]), stream(0.0, [2.0, 2.5])])
+    assert apart["aggregate_decode_tok_s"] == 0.0  # never decoding together: no rate, not a division by zero
