@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench import concurrency, llamacpp, llamaserver
+from bench import concurrency, concurrency_report, llamacpp, llamaserver
 from bench.results import Result, Sample
 from bench.served import SERVED_NAME, Served, served_args
 from prompts import heldout_text
@@ -347,5 +347,5 @@ def configure_bench(p) -> None:
 def run_bench(args) -> int:
     report = concurrency.run(args) if args.concurrency else run(args)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(concurrency.markdown(report) if args.concurrency else markdown(report))
+    print(concurrency_report.markdown(report) if args.concurrency else markdown(report))
     return 0

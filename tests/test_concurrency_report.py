@@ -3,7 +3,8 @@ stream decodes), and the report over several rounds: ratios taken within each ro
 between rounds), their median and range; the figures themselves as medians."""
 
 from bench import llamaserver
-from bench.concurrency import markdown, over_rounds, summarize
+from bench.concurrency import summarize
+from bench.concurrency_report import markdown, over_rounds
 from bench.served import StreamTiming
 
 
