@@ -6,7 +6,6 @@ chat completions over HTTP (SSE), and read the server process's resident memory.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -20,6 +19,7 @@ from typing import TypeVar
 
 import aiohttp
 import httpx
+import uvloop
 
 from bench.results import Sample
 
@@ -125,17 +125,17 @@ T = TypeVar("T")
 
 
 def with_session(requests: Callable[[aiohttp.ClientSession], Awaitable[T]], keep_alive: bool = True) -> T:
-    """What ``requests(session)`` returns, run in an event loop of its own on a new client session. One loop
-    reads all the streams of a run, with aiohttp's C parser: the client runs on the CPUs the server runs on,
-    and a thread and an httpx client a stream took twice the CPU time a token. ``keep_alive``: False opens a
-    connection a request (``llama-server`` closes kept-alive ones on its own schedule, and a request sent on
-    one it is closing fails)."""
+    """What ``requests(session)`` returns, run in an event loop of its own (uvloop, as the server's) on a new
+    client session. One loop reads all the streams of a run, with aiohttp's C parser: the client runs on the
+    CPUs the server runs on, and a thread and an httpx client a stream took twice the CPU time a token.
+    ``keep_alive``: False opens a connection a request (``llama-server`` closes kept-alive ones on its own
+    schedule, and a request sent on one it is closing fails)."""
 
     async def run() -> T:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=not keep_alive)) as session:
             return await requests(session)
 
-    return asyncio.run(run())
+    return uvloop.run(run())
 
 
 async def stream_chat(

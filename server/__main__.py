@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             log_config=None,
+            loop="uvloop",
             http=JsonErrorsH11Protocol,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
         )

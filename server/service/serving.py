@@ -230,8 +230,9 @@ class ChatService:
         last = None
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(steps.get(), self.heartbeat_s)
+                try:  # a timeout scope, not wait_for: no task of its own for every token
+                    async with asyncio.timeout(self.heartbeat_s):
+                        item = await steps.get()
                 except TimeoutError:
                     yield None
                     continue
