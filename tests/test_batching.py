@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.batching import DONE, Batcher, Job, next_chunk
-from server.engine.engine import Engine, GenerationStats
+from server.engine.engine import Engine, GenerationStats, Sequence
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import SamplingParams
 from server.runtime import heap
@@ -113,6 +113,28 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_tokens
 
 def test_a_prompt_s_last_chunk_takes_a_short_rest_with_it():
     assert [next_chunk(n, 512) for n in (100, 512, 531, 576, 577, 1100)] == [100, 512, 531, 576, 512, 512]
+
+
+def test_a_rounds_tokens_are_handed_over_together_once_all_are_sampled(make_engine, monkeypatch):
+    """So that the event loop wakes once a round to stream them all, not once for each."""
+    log: list = []
+    for cls, name in ((Engine, "decode"), (Sequence, "take")):
+        original = getattr(cls, name)
+
+        def logged(self, *args, _original=original, _name=name):
+            log.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(cls, name, logged)
+    batcher = Batcher(make_engine(2), prefill_chunk=16)
+    collected = [Collected("emit", log), Collected("emit", log)]
+    for index, c in enumerate(collected):
+        batcher.submit(job(random_ids(6, index), greedy(5), c))
+    assert all(c.done.wait(60) for c in collected)
+    batcher.close()
+    rounds = " ".join(log).split("decode")[1:]
+    assert any(r.split() == ["take", "take", "emit", "emit"] for r in rounds)
+    assert all("emit take" not in r for r in rounds)
 
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(make_engine):

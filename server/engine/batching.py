@@ -144,11 +144,16 @@ class Batcher:
             for running in ready:
                 self._finish(running, exc)
             return
+        taken = []
         for running, row in zip(ready, rows, strict=True):
             try:
-                out = running.sequence.take(row)
+                taken.append((running, running.sequence.take(row)))
             except Exception as exc:
-                self._finish(running, exc)
+                taken.append((running, exc))
+        # handed over together once all are sampled: the event loop wakes once a round to stream them all
+        for running, out in taken:
+            if isinstance(out, Exception):
+                self._finish(running, out)
                 continue
             self._emit(running, (running.index, out))
             if out.finish_reason is None:
